@@ -1,0 +1,3 @@
+from medveil.cli import app
+
+app()

@@ -1,0 +1,13 @@
+"""Registered analyses; each module holds one LOCAL + GLOBAL pair."""
+
+from __future__ import annotations
+
+import importlib
+
+BUILTIN_MODULES = ("medveil.analyses.describe", "medveil.analyses.crosstab", "medveil.analyses.histogram")
+
+
+def load_builtin() -> None:
+    """Import the built-in analysis modules so they register (no work at package import)."""
+    for module in BUILTIN_MODULES:
+        importlib.import_module(module)

@@ -1,0 +1,138 @@
+"""The analysis framework: a LOCAL step at each site and a GLOBAL step over the aggregates.
+
+An analysis runs in rounds. In each round every site's LOCAL step turns its data (plus what
+the previous GLOBAL step broadcast) into a `Release`: arrays to be summed across sites through
+the `aggregate` seam, and a few public per-site facts (rows used, levels that passed the
+disclosure rules). The GLOBAL step sees only the cross-site sums and those public facts, and
+either broadcasts the next round or finishes with a result. Both steps are pure.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Generic, TypeVar
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, ConfigDict
+
+from medveil.privacy.disclosure import DisclosurePolicy
+
+
+class AnalysisError(Exception):
+    """The data or the parameters do not allow this analysis (not a disclosure refusal)."""
+
+
+class UnknownAnalysis(AnalysisError):
+    pass
+
+
+class Params(BaseModel):
+    """Base class of every analysis' typed parameters."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+P = TypeVar("P", bound=Params)
+
+
+@dataclass
+class Release:
+    """What one site lets out in one round."""
+
+    sums: dict[str, np.ndarray] = field(default_factory=dict)
+    public: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Aggregated:
+    """The global step's view of a round: cross-site sums and each site's public facts."""
+
+    sums: dict[str, np.ndarray]
+    public: dict[str, dict[str, Any]]
+
+    @property
+    def sites(self) -> list[str]:
+        return sorted(self.public)
+
+
+@dataclass
+class NextRound:
+    broadcast: dict[str, Any]
+    state: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Finished:
+    result: Any
+
+
+class Analysis(ABC, Generic[P]):
+    """One registered analysis; subclasses set `name` and `Params` and the two steps."""
+
+    name: ClassVar[str]
+    Params: ClassVar[type[Params]]
+
+    def parse_params(self, raw: dict[str, Any]) -> P:
+        return self.Params.model_validate(raw)  # type: ignore[return-value]
+
+    @abstractmethod
+    def variables(self, params: P) -> list[str]:
+        """Columns the analysis reads; the node checks them against the approved list."""
+
+    @abstractmethod
+    def local(
+        self, params: P, round_no: int, broadcast: dict[str, Any], data: pd.DataFrame, policy: DisclosurePolicy
+    ) -> Release:
+        """Site step: data -> release, applying the site's disclosure policy."""
+
+    @abstractmethod
+    def global_step(
+        self, params: P, round_no: int, aggregated: Aggregated, state: dict[str, Any]
+    ) -> NextRound | Finished:
+        """Researcher-side step: sums -> next broadcast or the final result."""
+
+
+_REGISTRY: dict[str, Analysis] = {}
+
+
+def register(cls: type[Analysis]) -> type[Analysis]:
+    """Class decorator adding an analysis to the registry under its `name`."""
+    if cls.name in _REGISTRY:
+        raise ValueError(f"analysis {cls.name!r} is registered twice")
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def get_analysis(name: str) -> Analysis:
+    from medveil.analyses import load_builtin
+
+    load_builtin()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise UnknownAnalysis(f"analysis {name!r} is not registered") from None
+
+
+def registered_names() -> list[str]:
+    from medveil.analyses import load_builtin
+
+    load_builtin()
+    return sorted(_REGISTRY)
+
+
+def numeric_column(data: pd.DataFrame, column: str) -> pd.Series:
+    """The non-missing numeric values of a column, or a clear error."""
+    series = data[column]
+    if not (pd.api.types.is_numeric_dtype(series) or pd.api.types.is_bool_dtype(series)):
+        raise AnalysisError(f"variable {column!r} is not numeric (dtype {series.dtype})")
+    return series.dropna().astype(np.float64)
+
+
+def categorical_column(data: pd.DataFrame, column: str) -> pd.Series:
+    """The non-missing values of a column as level labels (strings)."""
+    series = data[column].dropna()
+    if pd.api.types.is_float_dtype(series) and (series == series.round()).all():
+        series = series.astype(np.int64)
+    return series.astype(str)

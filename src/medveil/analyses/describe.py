@@ -1,0 +1,132 @@
+"""describe: pooled n, mean, standard deviation and protected quantiles of numeric variables.
+
+Round 0 sums n and the sum; round 1 sums squared deviations from the pooled mean (two-pass,
+as pandas, so sd matches to rounding); round 2 sums empirical-CDF counts on a grid around the
+mean, tails clamped at each site, and quantiles are interpolated on that grid. No minimum,
+maximum or row value is released. A site with fewer than min_cell_count values of a variable
+sits that variable out and says so.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from pydantic import Field, field_validator
+
+from medveil.analyses.base import (
+    Aggregated,
+    Analysis,
+    AnalysisError,
+    Finished,
+    NextRound,
+    Params,
+    Release,
+    numeric_column,
+    register,
+)
+from medveil.privacy.disclosure import DisclosurePolicy, clamp_cumulative_counts
+
+GRID_POINTS = 401
+GRID_HALF_WIDTH_SD = 4.0
+
+
+class DescribeParams(Params):
+    variables: list[str] = Field(min_length=1)
+    quantiles: list[float] = Field(default_factory=lambda: [0.05, 0.25, 0.5, 0.75, 0.95])
+
+    @field_validator("quantiles")
+    @classmethod
+    def _in_unit_interval(cls, values: list[float]) -> list[float]:
+        if any(not 0 < q < 1 for q in values):
+            raise ValueError("quantiles must lie strictly between 0 and 1")
+        return values
+
+
+def quantile_label(q: float) -> str:
+    return f"{q * 100:g}%"
+
+
+@register
+class Describe(Analysis[DescribeParams]):
+    name = "describe"
+    Params = DescribeParams
+
+    def variables(self, params: DescribeParams) -> list[str]:
+        return list(params.variables)
+
+    def local(
+        self, params: DescribeParams, round_no: int, broadcast: dict[str, Any], data: pd.DataFrame,
+        policy: DisclosurePolicy,
+    ) -> Release:
+        columns = {name: numeric_column(data, name).to_numpy() for name in params.variables}
+        included = {name: len(values) >= policy.min_cell_count for name, values in columns.items()}
+        k = len(params.variables)
+        if round_no == 0:
+            n = np.array([len(v) if included[c] else 0 for c, v in columns.items()], dtype=np.float64)
+            total = np.array([v.sum() if included[c] else 0.0 for c, v in columns.items()])
+            return Release(
+                sums={"n": n, "sum": total},
+                public={
+                    "rows": len(data),
+                    "min_cell_count": policy.min_cell_count,
+                    "excluded_variables": [c for c, ok in included.items() if not ok],
+                },
+            )
+        if round_no == 1:
+            mean = np.asarray(broadcast["mean"], dtype=np.float64)
+            ss = np.zeros(k)
+            for i, (c, v) in enumerate(columns.items()):
+                if included[c]:
+                    ss[i] = np.sum((v - mean[i]) ** 2)
+            return Release(sums={"ssd": ss})
+        grid = np.asarray(broadcast["grid"], dtype=np.float64)
+        cumulative = np.zeros((k, grid.shape[1]))
+        for i, (c, v) in enumerate(columns.items()):
+            if included[c]:
+                counts = np.searchsorted(np.sort(v), grid[i], side="right")
+                cumulative[i] = clamp_cumulative_counts(counts, len(v), policy)
+        return Release(sums={"cdf": cumulative})
+
+    def global_step(
+        self, params: DescribeParams, round_no: int, aggregated: Aggregated, state: dict[str, Any]
+    ) -> NextRound | Finished:
+        sums = aggregated.sums
+        if round_no == 0:
+            n = sums["n"]
+            if np.any(n < 2):
+                missing = [v for v, count in zip(params.variables, n) if count < 2]
+                raise AnalysisError(f"too few values across sites for {missing}")
+            mean = sums["sum"] / n
+            min_count = max(p["min_cell_count"] for p in aggregated.public.values())
+            return NextRound({"mean": mean}, {"n": n, "mean": mean, "min_count": min_count})
+        if round_no == 1:
+            sd = np.sqrt(sums["ssd"] / (state["n"] - 1))
+            offsets = np.linspace(-GRID_HALF_WIDTH_SD, GRID_HALF_WIDTH_SD, GRID_POINTS)
+            grid = state["mean"][:, None] + np.outer(np.where(sd > 0, sd, 1.0), offsets)
+            return NextRound({"grid": grid}, dict(state, sd=sd, grid=grid))
+        return Finished(self._table(params, state, sums["cdf"]))
+
+    def _table(self, params: DescribeParams, state: dict[str, Any], cdf: np.ndarray) -> pd.DataFrame:
+        n, mean, sd, grid, min_count = state["n"], state["mean"], state["sd"], state["grid"], state["min_count"]
+        table = pd.DataFrame(
+            {"n": n.astype(np.int64), "mean": mean, "sd": sd}, index=pd.Index(params.variables, name="variable")
+        )
+        for q in params.quantiles:
+            table[quantile_label(q)] = [
+                _grid_quantile(grid[i], cdf[i], n[i], q, min_count) for i in range(len(params.variables))
+            ]
+        return table
+
+
+def _grid_quantile(grid: np.ndarray, cdf: np.ndarray, n: float, q: float, min_count: int) -> float:
+    """Quantile read off a pooled empirical CDF on a grid; NaN where a tail is too thin."""
+    target = q * n
+    if target < min_count or n - target < min_count:
+        return float("nan")
+    j = int(np.searchsorted(cdf, target, side="left"))
+    if j == 0 or j >= len(grid):
+        return float("nan")
+    lo, hi = cdf[j - 1], cdf[j]
+    return float(grid[j - 1] + (grid[j] - grid[j - 1]) * (target - lo) / (hi - lo))

@@ -1,0 +1,118 @@
+"""The researcher's Python API: `Federation` and `connect`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import pandas as pd
+
+from medveil.crypto.signing import SigningKey, VerifyKey
+from medveil.privacy.disclosure import DisclosurePolicy
+from medveil.runtime.client import HubClient
+from medveil.runtime.session import ResearcherSession, RunOutcome
+from medveil.runtime.simulation import LocalNetwork, SiteData, start_local_network
+from medveil.runtime.study import StudySpec
+
+
+class Federation:
+    """A study across sites, run from Python; every method returns pooled-equivalent results.
+
+    Results are pandas DataFrames whose `attrs["provenance"]` records the sites that took part,
+    rows used per site, whether secure aggregation was on and the sites' audit entry ids.
+    """
+
+    def __init__(self, session: ResearcherSession, network: LocalNetwork | None = None):
+        self.session = session
+        self.network = network
+
+    @classmethod
+    def simulate(cls, sites: Mapping[str, SiteData], *, record_hub_traffic: bool = False,
+                 policy: DisclosurePolicy | None = None, timeout: float = 60.0, processes: bool = False,
+                 workdir: str | Path | None = None) -> "Federation":
+        """Start a real hub and one real node per site on loopback HTTP (threads, or processes)."""
+        network = start_local_network(sites, workdir=workdir, record_hub_traffic=record_hub_traffic,
+                                      policy=policy, processes=processes)
+        return cls(ResearcherSession(network.researcher, network.study, timeout=timeout), network)
+
+    @property
+    def study(self) -> StudySpec:
+        return self.session.study
+
+    @property
+    def sites(self) -> list[str]:
+        return list(self.study.sites)
+
+    def close(self) -> None:
+        if self.network is not None:
+            self.network.close()
+            self.network = None
+        else:
+            self.session.client.close()
+
+    def __enter__(self) -> "Federation":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _dataset(self, data: str | None) -> str:
+        if data is not None:
+            return data
+        if len(self.study.datasets) == 1:
+            return next(iter(self.study.datasets))
+        raise ValueError(f"the study has several datasets {sorted(self.study.datasets)}: say which with data=")
+
+    def run(self, analysis: str, data: str | None = None, **params: Any) -> RunOutcome:
+        """Run any registered analysis by name; returns its result and provenance."""
+        return self.session.run(analysis, params, self._dataset(data))
+
+    def _frame(self, analysis: str, data: str | None, **params: Any) -> pd.DataFrame:
+        outcome = self.run(analysis, data, **params)
+        outcome.result.attrs["provenance"] = outcome.provenance
+        return outcome.result
+
+    def describe(self, variables: str | Sequence[str], data: str | None = None,
+                 quantiles: Sequence[float] | None = None) -> pd.DataFrame:
+        """n, mean, sd and protected quantiles per numeric variable; never minima or maxima."""
+        names = [variables] if isinstance(variables, str) else list(variables)
+        extra = {} if quantiles is None else {"quantiles": list(quantiles)}
+        return self._frame("describe", data, variables=names, **extra)
+
+    def crosstab(self, row: str, col: str | None = None, data: str | None = None) -> pd.DataFrame:
+        """Pooled frequency table; small cells are missing and marked in `attrs["suppressed"]`."""
+        return self._frame("crosstab", data, row=row, col=col)
+
+    def histogram(self, variable: str, edges: Sequence[float], data: str | None = None) -> pd.DataFrame:
+        """Pooled counts over bin edges fixed up front; small bins suppressed and marked."""
+        return self._frame("histogram", data, variable=variable, edges=[float(e) for e in edges])
+
+    def hub_traffic(self) -> pd.DataFrame:
+        """Every message the hub relayed, decoded: exactly what the operator can see."""
+        rows = []
+        for envelope in self.session.client.traffic():
+            header = envelope.header
+            rows.append({
+                "kind": header["kind"], "sender": header["sender"], "task": header.get("task"),
+                "round": header.get("round"), "analysis": header.get("analysis"), "status": header.get("status"),
+                "bytes": len(envelope.body_bytes), "body": envelope.body(),
+            })
+        return pd.DataFrame(rows)
+
+
+def connect(url: str, identity: str | Path | SigningKey, study: str, *, timeout: float = 60.0) -> Federation:
+    """Reach a deployed hub as the researcher who owns `study` (identity: PEM key file or key)."""
+    key = identity if isinstance(identity, SigningKey) else SigningKey.from_pem(Path(identity).read_bytes())
+    client = HubClient(url, "", key)
+    try:
+        envelope = client.study_envelope(study)
+        spec = StudySpec.model_validate(envelope.body()["spec"])
+        envelope.verify(VerifyKey.from_text(spec.researcher_key))
+    except BaseException:
+        client.close()
+        raise
+    if spec.researcher_key != key.verify_key.to_text():
+        client.close()
+        raise PermissionError(f"this identity is not the researcher of study {study!r} ({spec.researcher})")
+    client.party = spec.researcher
+    return Federation(ResearcherSession(client, spec, timeout=timeout))

@@ -1,0 +1,1 @@
+"""Dataset adapters: CSV, Parquet and SQL (through SQLAlchemy), with clear errors."""

@@ -1,0 +1,1 @@
+"""Disclosure control and (later) differential privacy, applied at the node before release."""

@@ -1,0 +1,58 @@
+"""Statistical disclosure control applied by a node before anything leaves it.
+
+What it protects: small counts (a cell of 1-4 patients can identify them), row values,
+minima and maxima. Each rule has a stable name that refusals quote, so a researcher and a
+steward can see exactly which rule stopped a query.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class DisclosurePolicy(BaseModel):
+    """A site's disclosure rules, set in its YAML config; never weakened silently."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_cell_count: int = Field(5, ge=1, description="smallest count released for any cell, bin or group")
+    max_levels: int = Field(50, ge=2, description="most distinct levels a categorical variable may have")
+
+
+class DisclosureRefused(Exception):
+    """A release would break a named disclosure rule."""
+
+    def __init__(self, rule: str, message: str):
+        super().__init__(f"[{rule}] {message}")
+        self.rule = rule
+        self.detail = message
+
+
+def suppress_small_counts(counts: np.ndarray, policy: DisclosurePolicy) -> tuple[np.ndarray, np.ndarray]:
+    """Zero every count in 1..min_cell_count-1; return (released counts, suppressed mask).
+
+    Zero cells are released as zero: an empty cell identifies nobody.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    suppressed = (counts > 0) & (counts < policy.min_cell_count)
+    return np.where(suppressed, 0, counts), suppressed
+
+
+def require_min_count(n: int, policy: DisclosurePolicy, what: str) -> None:
+    """Refuse when fewer than min_cell_count rows would stand behind a released statistic."""
+    if n < policy.min_cell_count:
+        raise DisclosureRefused(
+            "min_cell_count", f"{what} has {n} rows, fewer than the minimum of {policy.min_cell_count}"
+        )
+
+
+def clamp_cumulative_counts(cumulative: np.ndarray, n: int, policy: DisclosurePolicy) -> np.ndarray:
+    """Hide the tails of an empirical CDF so no minimum or maximum can be read from it.
+
+    Counts of rows at or below a threshold are released only where at least min_cell_count rows
+    lie on each side; below that they read 0 (lower tail) or n (upper tail).
+    """
+    cumulative = np.asarray(cumulative, dtype=np.int64)
+    clamped = np.where(cumulative < policy.min_cell_count, 0, cumulative)
+    return np.where(n - cumulative < policy.min_cell_count, n, clamped)

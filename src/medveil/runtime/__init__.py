@@ -1,0 +1,1 @@
+"""I/O layer: hub, node agent, transport, stores and audit ledger."""

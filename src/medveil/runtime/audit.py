@@ -1,0 +1,69 @@
+"""A node's tamper-evident audit log: hash-chained JSON lines.
+
+Each entry carries the SHA-256 of the previous entry, and its own hash covers its content and
+that link, so editing, dropping or reordering any past line breaks `verify_audit_log`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from medveil.runtime.wire import canonical_json
+
+GENESIS = "0" * 64
+
+
+class AuditError(ValueError):
+    """The audit log has been altered."""
+
+
+def _entry_hash(entry: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical_json({k: v for k, v in entry.items() if k != "hash"})).hexdigest()
+
+
+class AuditLog:
+    """Append-only; `append` returns the entry id that results quote as provenance."""
+
+    def __init__(self, path: Path, party: str):
+        self.path = Path(path)
+        self.party = party
+        self._lock = threading.Lock()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._seq, self._last = 0, GENESIS
+        if self.path.exists():
+            for entry in read_audit_log(self.path):
+                self._seq, self._last = entry["seq"], entry["hash"]
+
+    def append(self, kind: str, **fields: Any) -> str:
+        with self._lock:
+            entry = {"seq": self._seq + 1, "id": f"{self.party}:{self._seq + 1}", "at": time.time(),
+                     "kind": kind, "prev": self._last, **fields}
+            entry["hash"] = _entry_hash(entry)
+            with self.path.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(entry, sort_keys=True, default=str) + "\n")
+                handle.flush()
+            self._seq, self._last = entry["seq"], entry["hash"]
+            return entry["id"]
+
+
+def read_audit_log(path: Path) -> list[dict[str, Any]]:
+    with Path(path).open(encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def verify_audit_log(path: Path) -> int:
+    """Check every link and hash; return the number of entries or raise AuditError."""
+    previous = GENESIS
+    entries = read_audit_log(path)
+    for number, entry in enumerate(entries, start=1):
+        if entry.get("seq") != number or entry.get("prev") != previous:
+            raise AuditError(f"{path}: entry {number} is out of sequence or its link is broken")
+        if _entry_hash(entry) != entry.get("hash"):
+            raise AuditError(f"{path}: entry {number} was altered")
+        previous = entry["hash"]
+    return len(entries)

@@ -1,0 +1,96 @@
+"""HubClient: a party's view of the hub over any httpx transport (real HTTP or in-process)."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any
+
+import httpx
+import msgpack
+
+from medveil.crypto.signing import SigningKey, VerifyKey
+from medveil.runtime.auth import HEADER, make_token
+from medveil.runtime.hub import BINARY
+from medveil.runtime.wire import DEFAULT_MAX_BYTES, Envelope, open_envelope, seal
+
+
+class HubError(RuntimeError):
+    """The hub refused a request or could not be reached."""
+
+    def __init__(self, status: int, detail: str):
+        super().__init__(f"hub answered {status}: {detail}" if status else detail)
+        self.status = status
+        self.detail = detail
+
+
+def new_nonce() -> str:
+    return secrets.token_hex(16)
+
+
+class HubClient:
+    """Signs what it sends and authenticates what it reads, as one party."""
+
+    def __init__(self, base_url: str, party: str, key: SigningKey, *, http: httpx.Client | None = None,
+                 max_bytes: int = DEFAULT_MAX_BYTES, timeout: float = 60.0):
+        self.party = party
+        self.key = key
+        self.max_bytes = max_bytes
+        self.http = http or httpx.Client(base_url=base_url, timeout=timeout)
+        self._keys: dict[str, VerifyKey] = {}
+
+    def close(self) -> None:
+        self.http.close()
+
+    def seal(self, kind: str, body: dict[str, Any] | None = None, **header: Any) -> Envelope:
+        return seal(self.key, {"kind": kind, "sender": self.party, "nonce": new_nonce(),
+                               "issued_at": time.time(), **header}, body)
+
+    def _request(self, method: str, path: str, *, content: bytes | None = None, params: dict | None = None,
+                 timeout: float | None = None) -> httpx.Response:
+        headers = {HEADER: make_token(self.party, self.key, method, path)}
+        if content is not None:
+            headers["Content-Type"] = BINARY
+        try:
+            response = self.http.request(method, path, content=content, params=params, headers=headers,
+                                         timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT)
+        except httpx.TransportError as exc:
+            raise HubError(0, f"cannot reach the hub: {exc}") from exc
+        if response.status_code >= 400:
+            try:
+                detail = response.json().get("detail", response.text)
+            except ValueError:
+                detail = response.text
+            raise HubError(response.status_code, str(detail))
+        return response
+
+    def post(self, path: str, envelope: Envelope) -> dict[str, Any]:
+        return self._request("POST", path, content=envelope.encode()).json()
+
+    def get_json(self, path: str) -> Any:
+        return self._request("GET", path).json()
+
+    def register(self, role: str) -> dict[str, Any]:
+        body = {"role": role, "public_key": self.key.verify_key.to_text()}
+        return self.post("/v1/parties", self.seal("register", body))
+
+    def public_key(self, party: str) -> VerifyKey:
+        if party not in self._keys:
+            self._keys[party] = VerifyKey.from_text(self.get_json(f"/v1/parties/{party}")["public_key"])
+        return self._keys[party]
+
+    def study_envelope(self, study_id: str) -> Envelope:
+        return open_envelope(self._request("GET", f"/v1/studies/{study_id}").content, self.max_bytes)
+
+    def inbox(self, after: int, wait: float) -> list[tuple[int, bytes]]:
+        response = self._request("GET", "/v1/inbox", params={"after": after, "wait": wait}, timeout=wait + 30)
+        return [(int(seq), bytes(env)) for seq, env in msgpack.unpackb(response.content, raw=False)]
+
+    def replies(self, task: str, round_no: int, wait: float) -> list[Envelope]:
+        response = self._request("GET", f"/v1/tasks/{task}/rounds/{round_no}/replies", params={"wait": wait},
+                                 timeout=wait + 30)
+        return [open_envelope(item, self.max_bytes) for item in msgpack.unpackb(response.content, raw=False)]
+
+    def traffic(self) -> list[Envelope]:
+        response = self._request("GET", "/v1/traffic")
+        return [open_envelope(item, self.max_bytes) for item in msgpack.unpackb(response.content, raw=False)]

@@ -1,0 +1,279 @@
+"""The hub's durable state through SQLAlchemy: SQLite file by default, PostgreSQL by URL.
+
+Everything the hub knows lives here (parties, studies, approvals, tasks, rounds, relayed
+messages, results), so a restarted hub resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Float,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    select,
+)
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Party(Base):
+    __tablename__ = "parties"
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    role: Mapped[str] = mapped_column(String(16))
+    public_key: Mapped[str] = mapped_column(String(64))
+    registered_at: Mapped[float] = mapped_column(Float)
+
+
+class Study(Base):
+    __tablename__ = "studies"
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    researcher: Mapped[str] = mapped_column(ForeignKey("parties.id"))
+    spec: Mapped[dict] = mapped_column(JSON)
+    envelope: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class Approval(Base):
+    __tablename__ = "approvals"
+    study: Mapped[str] = mapped_column(ForeignKey("studies.id"), primary_key=True)
+    site: Mapped[str] = mapped_column(ForeignKey("parties.id"), primary_key=True)
+    envelope: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class Task(Base):
+    __tablename__ = "tasks"
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    study: Mapped[str] = mapped_column(ForeignKey("studies.id"))
+    researcher: Mapped[str] = mapped_column(ForeignKey("parties.id"))
+    analysis: Mapped[str] = mapped_column(String(64))
+    status: Mapped[str] = mapped_column(String(16), default="running")
+    result: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class Round(Base):
+    __tablename__ = "rounds"
+    task: Mapped[str] = mapped_column(ForeignKey("tasks.id"), primary_key=True)
+    number: Mapped[int] = mapped_column(Integer, primary_key=True)
+    recipients: Mapped[list] = mapped_column(JSON)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class Message(Base):
+    __tablename__ = "messages"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(16))
+    sender: Mapped[str] = mapped_column(String(128))
+    task: Mapped[str] = mapped_column(String(64), index=True)
+    round: Mapped[int] = mapped_column(Integer)
+    nonce: Mapped[str] = mapped_column(String(64), unique=True)
+    envelope: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class Delivery(Base):
+    """One row per recipient of a relayed message: a site's inbox is its deliveries in order."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (UniqueConstraint("message", "recipient"),)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    message: Mapped[int] = mapped_column(ForeignKey("messages.seq"))
+    recipient: Mapped[str] = mapped_column(String(128), index=True)
+
+
+class HubEvent(Base):
+    """Refused requests and other notable events, for the operator."""
+
+    __tablename__ = "hub_events"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[float] = mapped_column(Float)
+    kind: Mapped[str] = mapped_column(String(32))
+    detail: Mapped[str] = mapped_column(Text)
+
+
+class Conflict(ValueError):
+    """A write collides with what is stored (replayed nonce, re-registered key)."""
+
+
+@dataclass
+class StoredMessage:
+    seq: int
+    envelope: bytes
+
+
+class HubStore:
+    """Thread-safe access to the hub's tables."""
+
+    def __init__(self, url: str):
+        connect_args = {"check_same_thread": False} if url.startswith("sqlite") else {}
+        self.engine = create_engine(url, connect_args=connect_args, pool_pre_ping=True)
+        if url.startswith("sqlite"):
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        Base.metadata.create_all(self.engine)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def _session(self) -> Session:
+        return self._sessions()
+
+    def register(self, party_id: str, role: str, public_key: str) -> bool:
+        """Record a party's key on first use; True if new. A different key for a known id is refused."""
+        with self._lock, self._session() as s:
+            existing = s.get(Party, party_id)
+            if existing is not None:
+                if existing.public_key != public_key or existing.role != role:
+                    raise Conflict(f"{party_id!r} is already registered with another key or role")
+                return False
+            s.add(Party(id=party_id, role=role, public_key=public_key, registered_at=time.time()))
+            s.commit()
+            return True
+
+    def party(self, party_id: str) -> Party | None:
+        with self._session() as s:
+            return s.get(Party, party_id)
+
+    def add_study(self, study_id: str, researcher: str, spec: dict[str, Any], envelope: bytes) -> None:
+        with self._lock, self._session() as s:
+            if s.get(Study, study_id) is not None:
+                raise Conflict(f"study {study_id!r} already exists")
+            s.add(Study(id=study_id, researcher=researcher, spec=spec, envelope=envelope, created_at=time.time()))
+            s.commit()
+
+    def study(self, study_id: str) -> Study | None:
+        with self._session() as s:
+            return s.get(Study, study_id)
+
+    def studies(self) -> list[Study]:
+        with self._session() as s:
+            return list(s.scalars(select(Study).order_by(Study.created_at)))
+
+    def add_approval(self, study_id: str, site: str, envelope: bytes) -> None:
+        with self._lock, self._session() as s:
+            s.merge(Approval(study=study_id, site=site, envelope=envelope, created_at=time.time()))
+            s.commit()
+
+    def approvals(self, study_id: str) -> list[Approval]:
+        with self._session() as s:
+            return list(s.scalars(select(Approval).where(Approval.study == study_id)))
+
+    def add_task_round(
+        self, task_id: str, study: str, researcher: str, analysis: str, number: int, recipients: list[str],
+        nonce: str, envelope: bytes,
+    ) -> int:
+        """Store a round's task message and deliver it to each recipient; returns the message seq."""
+        with self._lock, self._session() as s:
+            task = s.get(Task, task_id)
+            if task is None:
+                s.add(Task(id=task_id, study=study, researcher=researcher, analysis=analysis, created_at=time.time()))
+            elif task.researcher != researcher or task.study != study:
+                raise Conflict(f"task {task_id!r} belongs to another study or researcher")
+            if s.get(Round, (task_id, number)) is not None:
+                raise Conflict(f"round {number} of task {task_id!r} was already sent")
+            s.add(Round(task=task_id, number=number, recipients=recipients, created_at=time.time()))
+            message = Message(kind="task", sender=researcher, task=task_id, round=number, nonce=nonce,
+                              envelope=envelope, created_at=time.time())
+            s.add(message)
+            try:
+                s.flush()
+            except IntegrityError as exc:
+                raise Conflict("replayed message: nonce already seen") from exc
+            s.add_all(Delivery(message=message.seq, recipient=site) for site in recipients)
+            s.commit()
+            return message.seq
+
+    def round(self, task_id: str, number: int) -> Round | None:
+        with self._session() as s:
+            return s.get(Round, (task_id, number))
+
+    def task(self, task_id: str) -> Task | None:
+        with self._session() as s:
+            return s.get(Task, task_id)
+
+    def add_reply(self, task_id: str, number: int, sender: str, nonce: str, envelope: bytes) -> int:
+        with self._lock, self._session() as s:
+            duplicate = s.scalars(
+                select(Message.seq).where(
+                    Message.task == task_id, Message.round == number, Message.kind == "reply", Message.sender == sender
+                )
+            ).first()
+            if duplicate is not None:
+                raise Conflict(f"{sender!r} already replied to round {number} of task {task_id!r}")
+            message = Message(kind="reply", sender=sender, task=task_id, round=number, nonce=nonce,
+                              envelope=envelope, created_at=time.time())
+            s.add(message)
+            try:
+                s.commit()
+            except IntegrityError as exc:
+                raise Conflict("replayed message: nonce already seen") from exc
+            return message.seq
+
+    def inbox(self, recipient: str, after: int, limit: int = 100) -> list[StoredMessage]:
+        with self._session() as s:
+            rows = s.execute(
+                select(Delivery.seq, Message.envelope)
+                .join(Message, Message.seq == Delivery.message)
+                .where(Delivery.recipient == recipient, Delivery.seq > after)
+                .order_by(Delivery.seq)
+                .limit(limit)
+            )
+            return [StoredMessage(seq, envelope) for seq, envelope in rows]
+
+    def replies(self, task_id: str, number: int) -> list[StoredMessage]:
+        with self._session() as s:
+            rows = s.execute(
+                select(Message.seq, Message.envelope)
+                .where(Message.task == task_id, Message.round == number, Message.kind == "reply")
+                .order_by(Message.seq)
+            )
+            return [StoredMessage(seq, envelope) for seq, envelope in rows]
+
+    def set_result(self, task_id: str, status: str, result: dict[str, Any]) -> None:
+        with self._lock, self._session() as s:
+            task = s.get(Task, task_id)
+            if task is None:
+                raise KeyError(task_id)
+            task.status, task.result = status, json.loads(json.dumps(result))
+            s.commit()
+
+    def messages(self) -> list[StoredMessage]:
+        with self._session() as s:
+            rows = s.execute(select(Message.seq, Message.envelope).order_by(Message.seq))
+            return [StoredMessage(seq, envelope) for seq, envelope in rows]
+
+    def log_event(self, kind: str, detail: str) -> None:
+        with self._lock, self._session() as s:
+            s.add(HubEvent(at=time.time(), kind=kind, detail=detail))
+            s.commit()
+
+    def events(self) -> list[HubEvent]:
+        with self._session() as s:
+            return list(s.scalars(select(HubEvent).order_by(HubEvent.seq)))
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()

@@ -1,0 +1,241 @@
+"""The node: a site's enforcement point, polling its hub for tasks over outbound connections.
+
+Threat model: the hub and the researcher may be malicious. For each task the node checks the
+researcher's signature, that its own steward signed an approval of exactly this study, that
+the analysis is registered and allowed, that the dataset and variables are approved, and that
+the message was never seen before. Only aggregates that pass the site's disclosure policy
+leave, and every request, decision and release is written to the hash-chained audit log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from pydantic import ValidationError
+
+from medveil.analyses.base import AnalysisError, UnknownAnalysis, get_analysis
+from medveil.crypto.signing import SignatureError, SigningKey, VerifyKey
+from medveil.data.sources import DataError, load_dataset
+from medveil.privacy.disclosure import DisclosureRefused
+from medveil.runtime.aggregation import PlainAggregation
+from medveil.runtime.audit import AuditLog
+from medveil.runtime.client import HubClient, HubError
+from medveil.runtime.config import SiteConfig, load_site_config
+from medveil.runtime.node_store import NodeStore
+from medveil.runtime.study import StudySpec, sign_approval, verify_approval
+from medveil.runtime.wire import Envelope, WireError, open_envelope
+
+log = logging.getLogger("medveil.node")
+MAX_TASK_AGE_S = 3600.0
+
+
+class Refusal(Exception):
+    """A task the node will not run; `rule` names why."""
+
+    def __init__(self, rule: str, message: str):
+        super().__init__(message)
+        self.rule = rule
+
+
+class Node:
+    """Runs approved analyses on local data and replies with what policy lets out."""
+
+    def __init__(self, config: SiteConfig, identity: SigningKey, steward: VerifyKey, *,
+                 frames: dict[str, pd.DataFrame] | None = None, client: HubClient | None = None):
+        self.config = config
+        self.site = config.site
+        self.steward = steward
+        self.frames = dict(frames or {})
+        self.client = client or HubClient(config.hub, config.site, identity, max_bytes=config.max_message_bytes)
+        self.store = NodeStore(config.state_dir / "node.db")
+        self.audit = AuditLog(config.state_dir / "audit.jsonl", config.site)
+        self.aggregation = PlainAggregation()
+        self._cache: dict[str, tuple[tuple, pd.DataFrame]] = {}
+
+    @classmethod
+    def from_config_file(cls, path: Path) -> "Node":
+        config = load_site_config(path)
+        identity = SigningKey.from_pem(config.identity.read_bytes())
+        steward = VerifyKey.from_text(config.steward_key.read_text().strip())
+        return cls(config, identity, steward)
+
+    def close(self) -> None:
+        self.client.close()
+        self.store.close()
+
+    def dataset_names(self) -> list[str]:
+        return sorted(set(self.frames) | set(self.config.datasets))
+
+    # --- steward actions -------------------------------------------------------------------
+
+    def register(self) -> None:
+        self.client.register("site")
+
+    def approve(self, study_id: str, steward_key: SigningKey) -> StudySpec:
+        """Steward approves a study as published on the hub, after checking the researcher signed it."""
+        if steward_key.verify_key != self.steward:
+            raise SignatureError("this is not the steward key configured for the site")
+        envelope = self.client.study_envelope(study_id)
+        spec = StudySpec.model_validate(envelope.body()["spec"])
+        envelope.verify(VerifyKey.from_text(spec.researcher_key))
+        if self.site not in spec.sites:
+            raise ValueError(f"study {study_id!r} does not include site {self.site!r}")
+        approval = sign_approval(spec, self.site, steward_key, time.time())
+        self.store.save_approval(spec.id, spec.model_dump(), approval)
+        self.audit.append("approval", study=spec.id, spec_sha256=spec.digest(), datasets=spec.datasets,
+                          analyses=spec.analyses, researcher=spec.researcher)
+        self.client.post(f"/v1/studies/{spec.id}/approvals",
+                         self.client.seal("approval", {"approval": approval}, study=spec.id))
+        return spec
+
+    def approved_study(self, study_id: str) -> StudySpec:
+        stored = self.store.approval(study_id)
+        if stored is None:
+            raise Refusal("study_not_approved", f"study {study_id!r} is not approved by the steward of {self.site}")
+        spec = StudySpec.model_validate(stored.spec)
+        try:
+            verify_approval(stored.approval, spec, self.site, self.steward)
+        except (SignatureError, ValueError, KeyError) as exc:
+            raise Refusal("study_not_approved", f"stored approval of {study_id!r} does not verify: {exc}") from exc
+        return spec
+
+    # --- task handling ---------------------------------------------------------------------
+
+    def handle(self, raw: bytes) -> Envelope | None:
+        """Check and run one task message; return the signed reply (a release or a refusal)."""
+        try:
+            envelope = open_envelope(raw, self.config.max_message_bytes)
+        except WireError as exc:
+            self.audit.append("refusal", rule="malformed", detail=str(exc))
+            return None
+        header = envelope.header
+        context = {k: header.get(k) for k in ("study", "task", "round", "analysis", "sender", "nonce")}
+        request_id = self.audit.append("request", **context)
+        try:
+            if envelope.kind != "task":
+                raise Refusal("malformed", f"expected a task, got {envelope.kind!r}")
+            release, decision_ids = self._run(envelope)
+        except Refusal as refusal:
+            refusal_id = self.audit.append("refusal", rule=refusal.rule, detail=str(refusal), **context)
+            log.info("%s refused %s: [%s] %s", self.site, header.get("task"), refusal.rule, refusal)
+            return self.client.seal("reply", {"rule": refusal.rule, "message": str(refusal)}, status="refused",
+                                    study=header.get("study"), task=header.get("task"), round=header.get("round"),
+                                    audit_ids=[request_id, refusal_id])
+        return self.client.seal("reply", release, status="ok", study=header["study"], task=header["task"],
+                                round=header["round"], audit_ids=[request_id, *decision_ids])
+
+    def _run(self, envelope: Envelope) -> tuple[dict[str, Any], list[str]]:
+        header = envelope.header
+        spec = self.approved_study(str(header.get("study")))
+        if header.get("sender") != spec.researcher:
+            raise Refusal("wrong_researcher", f"{header.get('sender')!r} is not the researcher of study {spec.id!r}")
+        try:
+            envelope.verify(VerifyKey.from_text(spec.researcher_key))
+        except SignatureError as exc:
+            raise Refusal("bad_signature", str(exc)) from exc
+        if abs(time.time() - float(header["issued_at"])) > MAX_TASK_AGE_S:
+            raise Refusal("stale", "task was issued too long ago")
+        if not self.store.claim(str(header["nonce"]), str(header.get("task")), int(header.get("round", -1))):
+            raise Refusal("replay", f"task {header.get('task')!r} round {header.get('round')} was already handled")
+        name = str(header.get("analysis"))
+        try:
+            analysis = get_analysis(name)
+        except UnknownAnalysis as exc:
+            raise Refusal("unknown_analysis", str(exc)) from exc
+        if name not in spec.analyses:
+            raise Refusal("analysis_not_approved", f"analysis {name!r} is not approved for study {spec.id!r}")
+        body = envelope.body(self.config.max_message_bytes)
+        try:
+            params = analysis.parse_params(body.get("params", {}))
+        except ValidationError as exc:
+            raise Refusal("invalid_parameters", f"invalid parameters for {name}: {exc}") from exc
+        dataset = str(header.get("dataset"))
+        if dataset not in spec.datasets:
+            raise Refusal("dataset_not_approved", f"dataset {dataset!r} is not approved for study {spec.id!r}")
+        wanted = analysis.variables(params)
+        outside = [v for v in wanted if v not in spec.datasets[dataset]]
+        if outside:
+            raise Refusal("variable_not_approved",
+                          f"variables {outside} are not approved for dataset {dataset!r} in study {spec.id!r}")
+        data = self._data(dataset)
+        missing = [v for v in wanted if v not in data.columns]
+        if missing:
+            raise Refusal("missing_column", f"column(s) {missing} not found in dataset {dataset!r} at {self.site}")
+        decision_id = self.audit.append("decision", decision="run", study=spec.id, task=header["task"],
+                                        round=header["round"], analysis=name, dataset=dataset, variables=wanted)
+        try:
+            release = analysis.local(params, int(header["round"]), body.get("broadcast", {}), data, self.config.policy)
+        except DisclosureRefused as exc:
+            raise Refusal(exc.rule, exc.detail) from exc
+        except (AnalysisError, ValueError, TypeError) as exc:
+            raise Refusal("analysis_error", str(exc)) from exc
+        payload = {"sums": self.aggregation.mask(release.sums), "public": release.public}
+        release_id = self.audit.append(
+            "release", study=spec.id, task=header["task"], round=header["round"], analysis=name,
+            arrays={k: list(v.shape) for k, v in payload["sums"].items()}, public=release.public,
+            digest=hashlib.sha256(repr(sorted((k, v.tobytes()) for k, v in payload["sums"].items())).encode()).hexdigest(),
+        )
+        return payload, [decision_id, release_id]
+
+    def _data(self, dataset: str) -> pd.DataFrame:
+        if dataset in self.frames:
+            return self.frames[dataset]
+        config = self.config.datasets.get(dataset)
+        if config is None:
+            raise Refusal("unknown_dataset", f"dataset {dataset!r} is not registered at {self.site}")
+        fingerprint = config.fingerprint()
+        cached = self._cache.get(dataset)
+        if cached is not None and cached[0] == fingerprint and config.kind != "sql":
+            return cached[1]
+        try:
+            frame = load_dataset(dataset, config)
+        except DataError as exc:
+            raise Refusal("data_error", f"{self.site}: {exc}") from exc
+        self._cache[dataset] = (fingerprint, frame)
+        return frame
+
+    # --- the polling loop ------------------------------------------------------------------
+
+    def poll_once(self, wait: float) -> int:
+        """Fetch waiting tasks (long-poll up to `wait` s), handle and answer them; return how many."""
+        cursor = int(self.store.get("cursor", 0))
+        items = self.client.inbox(cursor, wait)
+        for seq, raw in items:
+            reply = self.handle(raw)
+            if reply is not None:
+                self._deliver(reply)
+            self.store.put("cursor", seq)
+        return len(items)
+
+    def _deliver(self, reply: Envelope) -> None:
+        for attempt in range(50):
+            try:
+                self.client.post("/v1/messages", reply)
+                return
+            except HubError as exc:
+                if exc.status and exc.status < 500:
+                    log.warning("%s: hub refused reply: %s", self.site, exc)
+                    return
+                time.sleep(min(0.05 * 2**attempt, 2.0))
+        log.error("%s: could not deliver reply to the hub", self.site)
+
+    def serve(self, stop: threading.Event) -> None:
+        """Poll until `stop` is set, reconnecting with backoff when the hub is away."""
+        backoff = 0.05
+        (self.config.state_dir / "polling").write_text(str(time.time()))
+        while not stop.is_set():
+            try:
+                self.poll_once(self.config.poll_wait_s)
+                backoff = 0.05
+            except HubError as exc:
+                if stop.is_set():
+                    return
+                log.debug("%s: hub unavailable (%s); retrying in %.2fs", self.site, exc, backoff)
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 2.0)

@@ -1,0 +1,127 @@
+"""Run a hub (uvicorn in a thread) and nodes (threads or processes) on this machine."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import uvicorn
+
+from medveil.runtime.hub import create_hub_app
+from medveil.runtime.hub_store import HubStore
+from medveil.runtime.node import Node
+from medveil.runtime.wire import DEFAULT_MAX_BYTES
+
+
+class HubServer:
+    """A real hub on a loopback port, stoppable and restartable on the same port and store."""
+
+    def __init__(self, db_url: str, *, host: str = "127.0.0.1", port: int = 0, record_traffic: bool = False,
+                 max_bytes: int = DEFAULT_MAX_BYTES):
+        self.db_url = db_url
+        self.host = host
+        self.port = port
+        self.record_traffic = record_traffic
+        self.max_bytes = max_bytes
+        self._thread: threading.Thread | None = None
+        self._server: uvicorn.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.store: HubStore | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> "HubServer":
+        self.store = HubStore(self.db_url)
+        app = create_hub_app(self.store, max_bytes=self.max_bytes, record_traffic=self.record_traffic)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, self.port))
+        self.port = sock.getsockname()[1]
+        config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=2,
+                                lifespan="off")
+        self._server = uvicorn.Server(config)
+        self._notifier = app.state.notifier
+
+        async def serve() -> None:
+            self._loop = asyncio.get_running_loop()
+            await self._server.serve(sockets=[sock])  # type: ignore[union-attr]
+
+        self._thread = threading.Thread(target=asyncio.run, args=(serve(),), name="medveil-hub", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("the hub did not start")
+            time.sleep(0.005)
+        return self
+
+    def stop(self) -> None:
+        if self._server is None:
+            return
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._notifier.close)
+        self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        if self.store is not None:
+            self.store.close()
+        self._server = None
+
+
+class NodeThread:
+    """A node polling in a background thread of this process."""
+
+    def __init__(self, node: Node):
+        self.node = node
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=node.serve, args=(self._stop,), name=f"node-{node.site}", daemon=True)
+
+    def start(self) -> "NodeThread":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=35)
+        self.node.close()
+
+
+class NodeProcess:
+    """A node as its own OS process (`medveil node start`), for isolation and crash tests."""
+
+    def __init__(self, config_path: Path, log_path: Path):
+        self.config_path = config_path
+        self.log_path = log_path
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> "NodeProcess":
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "medveil", "node", "start", "--config", str(self.config_path), "--quiet"],
+            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
+        log.close()
+        return self
+
+    def kill(self) -> None:
+        """Kill at once (SIGKILL), as a crash would."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.kill()

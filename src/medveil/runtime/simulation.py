@@ -1,0 +1,145 @@
+"""A whole federation on this machine: a real hub and real nodes over loopback HTTP.
+
+Each site gets its own identity, steward key, state directory and audit log, registers with
+the hub, and its steward approves the simulation study, exactly as in a deployment; only the
+keys are generated on the fly and the data may be in-memory DataFrames.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Union
+
+import pandas as pd
+
+from medveil.analyses.base import registered_names
+from medveil.crypto.signing import SigningKey
+from medveil.data.sources import DatasetConfig, load_dataset
+from medveil.privacy.disclosure import DisclosurePolicy
+from medveil.runtime.client import HubClient
+from medveil.runtime.config import SiteConfig, dump_site_config
+from medveil.runtime.node import Node
+from medveil.runtime.servers import HubServer, NodeProcess, NodeThread
+from medveil.runtime.study import StudySpec
+
+TableLike = Union[pd.DataFrame, str, Path]
+SiteData = Union[TableLike, Mapping[str, TableLike]]
+DEFAULT_DATASET = "default"
+
+
+def _dataset_config(source: str | Path) -> DatasetConfig:
+    path = Path(source)
+    kind = "parquet" if path.suffix.lower() in (".parquet", ".pq") else "csv"
+    return DatasetConfig(kind=kind, path=path.resolve())
+
+
+def _columns(name: str, source: TableLike) -> list[str]:
+    if isinstance(source, pd.DataFrame):
+        return [str(c) for c in source.columns]
+    return [str(c) for c in load_dataset(name, _dataset_config(source)).columns]
+
+
+@dataclass
+class LocalNetwork:
+    hub: HubServer
+    researcher: HubClient
+    study: StudySpec
+    workdir: Path
+    nodes: dict[str, Any] = field(default_factory=dict)
+    _tempdir: Any = None
+
+    def close(self) -> None:
+        for runner in self.nodes.values():
+            if isinstance(runner, NodeThread):
+                runner._stop.set()
+        self.hub.stop()
+        for runner in self.nodes.values():
+            runner.stop()
+        self.researcher.close()
+        if self._tempdir is not None:
+            self._tempdir.cleanup()
+
+
+def start_local_network(
+    sites: Mapping[str, SiteData], *, workdir: str | Path | None = None, record_hub_traffic: bool = False,
+    policy: DisclosurePolicy | None = None, processes: bool = False, study_id: str = "simulation",
+    analyses: list[str] | None = None,
+) -> LocalNetwork:
+    """Start hub and nodes, register everyone, create and approve one study over all variables."""
+    if not sites:
+        raise ValueError("simulate needs at least one site")
+    tempdir = None
+    if workdir is None:
+        tempdir = tempfile.TemporaryDirectory(prefix="medveil-")
+        workdir = tempdir.name
+    root = Path(workdir)
+    root.mkdir(parents=True, exist_ok=True)
+    hub = HubServer(f"sqlite:///{root / 'hub.db'}", record_traffic=record_hub_traffic).start()
+    researcher_key = SigningKey.generate()
+    researcher = HubClient(hub.url, "researcher", researcher_key)
+    network = LocalNetwork(hub, researcher, None, root, _tempdir=tempdir)  # type: ignore[arg-type]
+    try:
+        researcher.register("researcher")
+        tables = {site: dict(d) if isinstance(d, Mapping) else {DEFAULT_DATASET: d} for site, d in sites.items()}
+        variables: dict[str, set[str]] = {}
+        for site_tables in tables.values():
+            for name, source in site_tables.items():
+                variables.setdefault(name, set()).update(_columns(name, source))
+        study = StudySpec(
+            id=study_id, title="simulated federation", researcher="researcher",
+            researcher_key=researcher_key.verify_key.to_text(), sites=sorted(tables),
+            datasets={name: sorted(cols) for name, cols in variables.items()},
+            analyses=analyses or registered_names(),
+        )
+        network.study = study
+        researcher.post("/v1/studies", researcher.seal("study", {"spec": study.model_dump()}, study=study.id))
+        for site, site_tables in tables.items():
+            network.nodes[site] = _start_site(site, site_tables, hub.url, root / site, policy, study, processes)
+    except BaseException:
+        network.close()
+        raise
+    if processes:
+        _wait_until_polling(network)
+    return network
+
+
+def _start_site(site: str, site_tables: dict[str, TableLike], hub_url: str, directory: Path,
+                policy: DisclosurePolicy | None, study: StudySpec, processes: bool) -> NodeThread | NodeProcess:
+    directory.mkdir(parents=True, exist_ok=True)
+    identity, steward = SigningKey.generate(), SigningKey.generate()
+    frames = {name: src for name, src in site_tables.items() if isinstance(src, pd.DataFrame)}
+    datasets = {name: _dataset_config(src) for name, src in site_tables.items() if not isinstance(src, pd.DataFrame)}
+    if processes:
+        for name, frame in frames.items():
+            path = directory / f"{name}.csv"
+            frame.to_csv(path, index=False)
+            datasets[name] = DatasetConfig(kind="csv", path=path)
+        frames = {}
+    config = SiteConfig(site=site, hub=hub_url, identity=directory / "node.key",
+                        steward_key=directory / "steward.pub", state_dir=directory / "state",
+                        policy=policy or DisclosurePolicy(), datasets=datasets, poll_wait_s=20.0)
+    config.identity.write_bytes(identity.to_pem())
+    config.steward_key.write_text(steward.verify_key.to_text() + "\n")
+    (directory / "steward.key").write_bytes(steward.to_pem())
+    (directory / "site.yaml").write_text(dump_site_config(config))
+    node = Node(config, identity, steward.verify_key, frames=frames)
+    node.register()
+    node.approve(study.id, steward)
+    if not processes:
+        return NodeThread(node).start()
+    node.close()
+    return NodeProcess(directory / "site.yaml", directory / "node.log").start()
+
+
+def _wait_until_polling(network: LocalNetwork, timeout: float = 30.0) -> None:
+    """Node processes take a moment to import; wait until each has its first long-poll open."""
+    deadline = time.monotonic() + timeout
+    for site, runner in network.nodes.items():
+        marker = network.workdir / site / "state" / "polling"
+        while not marker.exists():
+            if time.monotonic() > deadline or runner.process.poll() is not None:
+                raise RuntimeError(f"node {site!r} did not start; see {runner.log_path}")
+            time.sleep(0.05)

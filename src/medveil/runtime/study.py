@@ -1,0 +1,51 @@
+"""Studies and the steward's approval of them.
+
+A study spec names the researcher (and their key), the sites, the datasets and variables it
+may read and the analyses it may run. A site's steward approves one exact spec by signing its
+digest; the node keeps that signed approval and trusts nothing else, so neither the hub nor a
+researcher can widen a study after approval.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from medveil.crypto.signing import SigningKey, VerifyKey, b64decode, b64encode
+from medveil.runtime.wire import canonical_json
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
+
+
+class StudySpec(BaseModel):
+    """What a researcher asks the sites to allow."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(pattern=NAME_PATTERN)
+    title: str = ""
+    purpose: str = ""
+    researcher: str = Field(pattern=NAME_PATTERN)
+    researcher_key: str
+    sites: list[str] = Field(min_length=1)
+    datasets: dict[str, list[str]] = Field(description="dataset name -> variables the study may read")
+    analyses: list[str] = Field(min_length=1)
+
+    def digest(self) -> str:
+        return hashlib.sha256(canonical_json(self.model_dump())).hexdigest()
+
+
+def sign_approval(spec: StudySpec, site: str, steward: SigningKey, approved_at: float) -> dict[str, Any]:
+    """The steward's signed statement that `site` allows exactly this spec."""
+    document = {"study": spec.id, "spec_sha256": spec.digest(), "site": site, "approved_at": approved_at}
+    return {"document": document, "signature": b64encode(steward.sign(canonical_json(document)))}
+
+
+def verify_approval(approval: dict[str, Any], spec: StudySpec, site: str, steward: VerifyKey) -> None:
+    """Raise unless `approval` is the steward's signature over this spec for this site."""
+    document = approval["document"]
+    steward.verify(b64decode(approval["signature"]), canonical_json(document))
+    if document["study"] != spec.id or document["site"] != site or document["spec_sha256"] != spec.digest():
+        raise ValueError(f"approval does not cover study {spec.id!r} as specified for {site!r}")
