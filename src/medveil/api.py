@@ -44,11 +44,10 @@ class Federation:
         return list(self.study.sites)
 
     def close(self) -> None:
+        self.session.close()
         if self.network is not None:
             self.network.close()
             self.network = None
-        else:
-            self.session.client.close()
 
     def __enter__(self) -> "Federation":
         return self
@@ -71,6 +70,10 @@ class Federation:
         outcome = self.run(analysis, data, **params)
         outcome.result.attrs["provenance"] = outcome.provenance
         return outcome.result
+
+    def ping(self, data: str | None = None) -> list[str]:
+        """One no-op round through every site's checks; returns the sites that answered."""
+        return self.run("ping", data).result
 
     def describe(self, variables: str | Sequence[str], data: str | None = None,
                  quantiles: Sequence[float] | None = None) -> pd.DataFrame:

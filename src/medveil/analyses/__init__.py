@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import importlib
 
-BUILTIN_MODULES = ("medveil.analyses.describe", "medveil.analyses.crosstab", "medveil.analyses.histogram")
+BUILTIN_MODULES = (
+    "medveil.analyses.ping",
+    "medveil.analyses.describe",
+    "medveil.analyses.crosstab",
+    "medveil.analyses.histogram",
+)
 
 
 def load_builtin() -> None:

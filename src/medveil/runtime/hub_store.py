@@ -21,12 +21,12 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
-    create_engine,
-    event,
     select,
 )
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+from medveil.runtime.db import make_engine
 
 
 class Base(DeclarativeBase):
@@ -123,13 +123,13 @@ class HubStore:
     """Thread-safe access to the hub's tables."""
 
     def __init__(self, url: str):
-        connect_args = {"check_same_thread": False} if url.startswith("sqlite") else {}
-        self.engine = create_engine(url, connect_args=connect_args, pool_pre_ping=True)
-        if url.startswith("sqlite"):
-            event.listen(self.engine, "connect", _sqlite_pragmas)
+        self.engine = make_engine(url)
         Base.metadata.create_all(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._lock = threading.Lock()
+        # Parties and studies never change once written, so reads of them are cached.
+        self._parties: dict[str, Party] = {}
+        self._studies: dict[str, Study] = {}
 
     def close(self) -> None:
         self.engine.dispose()
@@ -150,8 +150,13 @@ class HubStore:
             return True
 
     def party(self, party_id: str) -> Party | None:
-        with self._session() as s:
-            return s.get(Party, party_id)
+        if party_id not in self._parties:
+            with self._session() as s:
+                found = s.get(Party, party_id)
+            if found is None:
+                return None
+            self._parties[party_id] = found
+        return self._parties[party_id]
 
     def add_study(self, study_id: str, researcher: str, spec: dict[str, Any], envelope: bytes) -> None:
         with self._lock, self._session() as s:
@@ -161,8 +166,13 @@ class HubStore:
             s.commit()
 
     def study(self, study_id: str) -> Study | None:
-        with self._session() as s:
-            return s.get(Study, study_id)
+        if study_id not in self._studies:
+            with self._session() as s:
+                found = s.get(Study, study_id)
+            if found is None:
+                return None
+            self._studies[study_id] = found
+        return self._studies[study_id]
 
     def studies(self) -> list[Study]:
         with self._session() as s:
@@ -270,10 +280,3 @@ class HubStore:
         with self._session() as s:
             return list(s.scalars(select(HubEvent).order_by(HubEvent.seq)))
 
-
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.close()

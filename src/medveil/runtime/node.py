@@ -57,6 +57,7 @@ class Node:
         self.audit = AuditLog(config.state_dir / "audit.jsonl", config.site)
         self.aggregation = PlainAggregation()
         self._cache: dict[str, tuple[tuple, pd.DataFrame]] = {}
+        self._verified: dict[str, tuple[str, StudySpec]] = {}
 
     @classmethod
     def from_config_file(cls, path: Path) -> "Node":
@@ -98,11 +99,16 @@ class Node:
         stored = self.store.approval(study_id)
         if stored is None:
             raise Refusal("study_not_approved", f"study {study_id!r} is not approved by the steward of {self.site}")
+        signature = str(stored.approval.get("signature"))
+        cached = self._verified.get(study_id)
+        if cached is not None and cached[0] == signature:
+            return cached[1]
         spec = StudySpec.model_validate(stored.spec)
         try:
             verify_approval(stored.approval, spec, self.site, self.steward)
         except (SignatureError, ValueError, KeyError) as exc:
             raise Refusal("study_not_approved", f"stored approval of {study_id!r} does not verify: {exc}") from exc
+        self._verified[study_id] = (signature, spec)
         return spec
 
     # --- task handling ---------------------------------------------------------------------

@@ -7,9 +7,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, Float, Integer, String, create_engine, select
+from sqlalchemy import JSON, Float, Integer, String, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+from medveil.runtime.db import make_engine
 
 
 class _Base(DeclarativeBase):
@@ -45,7 +47,7 @@ class Setting(_Base):
 class NodeStore:
     def __init__(self, path: Path):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self.engine = create_engine(f"sqlite:///{path}", connect_args={"check_same_thread": False})
+        self.engine = make_engine(f"sqlite:///{path}")
         _Base.metadata.create_all(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._lock = threading.Lock()

@@ -42,7 +42,7 @@ class HubServer:
     def start(self) -> "HubServer":
         self.store = HubStore(self.db_url)
         app = create_hub_app(self.store, max_bytes=self.max_bytes, record_traffic=self.record_traffic)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # proto set: asyncio then enables TCP_NODELAY
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, self.port))
         self.port = sock.getsockname()[1]

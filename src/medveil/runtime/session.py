@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -55,6 +56,16 @@ class ResearcherSession:
         self.study = study
         self.timeout = timeout
         self.aggregation = PlainAggregation()
+        self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medveil-results")
+
+    def close(self) -> None:
+        """Wait for result records still being sent to the hub, then close the connection."""
+        self._background.shutdown(wait=True)
+        self.client.close()
+
+    def _record_result(self, task_id: str, provenance: dict[str, Any]) -> None:
+        envelope = self.client.seal("result", {"status": "done", "summary": provenance}, task=task_id)
+        self.client.post(f"/v1/tasks/{task_id}/result", envelope)
 
     def run(self, analysis_name: str, params: dict[str, Any], dataset: str,
             progress: Callable[[int], None] | None = None) -> RunOutcome:
@@ -90,8 +101,7 @@ class ResearcherSession:
                     "sites": sites, "rows": rows, "rounds": round_no + 1,
                     "secure_aggregation": self.aggregation.secure, "audit_ids": audit_ids,
                 }
-                self.client.post(f"/v1/tasks/{task_id}/result",
-                                 self.client.seal("result", {"status": "done", "summary": provenance}, task=task_id))
+                self._background.submit(self._record_result, task_id, provenance)
                 return RunOutcome(outcome.result, provenance)
             broadcast, state = outcome.broadcast, outcome.state
             round_no += 1

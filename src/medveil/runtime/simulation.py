@@ -58,7 +58,6 @@ class LocalNetwork:
         self.hub.stop()
         for runner in self.nodes.values():
             runner.stop()
-        self.researcher.close()
         if self._tempdir is not None:
             self._tempdir.cleanup()
 
