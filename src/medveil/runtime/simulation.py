@@ -51,6 +51,20 @@ class LocalNetwork:
     nodes: dict[str, Any] = field(default_factory=dict)
     _tempdir: Any = None
 
+    def add_study(self, study_id: str, datasets: dict[str, list[str]], *, analyses: list[str] | None = None,
+                  approved_by: list[str] | None = None) -> StudySpec:
+        """Publish another study of the same researcher; the listed sites' stewards approve it."""
+        spec = StudySpec(id=study_id, researcher=self.study.researcher, researcher_key=self.study.researcher_key,
+                         sites=self.study.sites, datasets=datasets, analyses=analyses or registered_names())
+        self.researcher.post("/v1/studies", self.researcher.seal("study", {"spec": spec.model_dump()}, study=spec.id))
+        for site in self.study.sites if approved_by is None else approved_by:
+            node = Node.from_config_file(self.workdir / site / "site.yaml")
+            try:
+                node.approve(spec.id, SigningKey.from_pem((self.workdir / site / "steward.key").read_bytes()))
+            finally:
+                node.close()
+        return spec
+
     def close(self) -> None:
         for runner in self.nodes.values():
             if isinstance(runner, NodeThread):
@@ -65,7 +79,7 @@ class LocalNetwork:
 def start_local_network(
     sites: Mapping[str, SiteData], *, workdir: str | Path | None = None, record_hub_traffic: bool = False,
     policy: DisclosurePolicy | None = None, processes: bool = False, study_id: str = "simulation",
-    analyses: list[str] | None = None,
+    analyses: list[str] | None = None, hub_db: str | None = None,
 ) -> LocalNetwork:
     """Start hub and nodes, register everyone, create and approve one study over all variables."""
     if not sites:
@@ -76,7 +90,7 @@ def start_local_network(
         workdir = tempdir.name
     root = Path(workdir)
     root.mkdir(parents=True, exist_ok=True)
-    hub = HubServer(f"sqlite:///{root / 'hub.db'}", record_traffic=record_hub_traffic).start()
+    hub = HubServer(hub_db or f"sqlite:///{root / 'hub.db'}", record_traffic=record_hub_traffic).start()
     researcher_key = SigningKey.generate()
     researcher = HubClient(hub.url, "researcher", researcher_key)
     network = LocalNetwork(hub, researcher, None, root, _tempdir=tempdir)  # type: ignore[arg-type]
@@ -99,6 +113,7 @@ def start_local_network(
             network.nodes[site] = _start_site(site, site_tables, hub.url, root / site, policy, study, processes)
     except BaseException:
         network.close()
+        researcher.close()
         raise
     if processes:
         _wait_until_polling(network)
