@@ -6,10 +6,13 @@ messages, results), so a restarted hub resumes where it stopped.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
@@ -86,6 +89,7 @@ class Message(Base):
     round: Mapped[int] = mapped_column(Integer)
     nonce: Mapped[str] = mapped_column(String(64), unique=True)
     envelope: Mapped[bytes] = mapped_column(LargeBinary)
+    blob: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[float] = mapped_column(Float)
 
 
@@ -120,10 +124,21 @@ class StoredMessage:
 
 
 class HubStore:
-    """Thread-safe access to the hub's tables."""
+    """Thread-safe access to the hub's tables.
 
-    def __init__(self, url: str):
+    Messages above `BLOB_THRESHOLD` bytes (large aggregates) are kept as files named by their
+    SHA-256 in `blob_dir`, with the row pointing at them: a database BLOB write costs several
+    times a file write, and large releases would otherwise dominate a round's time.
+    """
+
+    BLOB_THRESHOLD = 256 * 1024
+
+    def __init__(self, url: str, blob_dir: str | Path | None = None):
         self.engine = make_engine(url)
+        if blob_dir is None:
+            database = self.engine.url.database if url.startswith("sqlite") else None
+            blob_dir = f"{database}-blobs" if database else "medveil-hub-blobs"
+        self.blob_dir = Path(blob_dir)
         Base.metadata.create_all(self.engine)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._lock = threading.Lock()
@@ -201,8 +216,7 @@ class HubStore:
             if s.get(Round, (task_id, number)) is not None:
                 raise Conflict(f"round {number} of task {task_id!r} was already sent")
             s.add(Round(task=task_id, number=number, recipients=recipients, created_at=time.time()))
-            message = Message(kind="task", sender=researcher, task=task_id, round=number, nonce=nonce,
-                              envelope=envelope, created_at=time.time())
+            message = self._message("task", researcher, task_id, number, nonce, envelope)
             s.add(message)
             try:
                 s.flush()
@@ -211,6 +225,21 @@ class HubStore:
             s.add_all(Delivery(message=message.seq, recipient=site) for site in recipients)
             s.commit()
             return message.seq
+
+    def _message(self, kind: str, sender: str, task_id: str, number: int, nonce: str, envelope: bytes) -> Message:
+        blob = None
+        if len(envelope) > self.BLOB_THRESHOLD:
+            blob = hashlib.sha256(envelope).hexdigest()
+            self.blob_dir.mkdir(parents=True, exist_ok=True)
+            partial = self.blob_dir / f"{blob}.partial"
+            partial.write_bytes(envelope)
+            os.replace(partial, self.blob_dir / blob)
+            envelope = b""
+        return Message(kind=kind, sender=sender, task=task_id, round=number, nonce=nonce, envelope=envelope,
+                       blob=blob, created_at=time.time())
+
+    def _stored(self, seq: int, envelope: bytes, blob: str | None) -> StoredMessage:
+        return StoredMessage(seq, (self.blob_dir / blob).read_bytes() if blob else envelope)
 
     def round(self, task_id: str, number: int) -> Round | None:
         with self._session() as s:
@@ -229,8 +258,7 @@ class HubStore:
             ).first()
             if duplicate is not None:
                 raise Conflict(f"{sender!r} already replied to round {number} of task {task_id!r}")
-            message = Message(kind="reply", sender=sender, task=task_id, round=number, nonce=nonce,
-                              envelope=envelope, created_at=time.time())
+            message = self._message("reply", sender, task_id, number, nonce, envelope)
             s.add(message)
             try:
                 s.commit()
@@ -241,22 +269,22 @@ class HubStore:
     def inbox(self, recipient: str, after: int, limit: int = 100) -> list[StoredMessage]:
         with self._session() as s:
             rows = s.execute(
-                select(Delivery.seq, Message.envelope)
+                select(Delivery.seq, Message.envelope, Message.blob)
                 .join(Message, Message.seq == Delivery.message)
                 .where(Delivery.recipient == recipient, Delivery.seq > after)
                 .order_by(Delivery.seq)
                 .limit(limit)
             )
-            return [StoredMessage(seq, envelope) for seq, envelope in rows]
+            return [self._stored(*row) for row in rows]
 
     def replies(self, task_id: str, number: int) -> list[StoredMessage]:
         with self._session() as s:
             rows = s.execute(
-                select(Message.seq, Message.envelope)
+                select(Message.seq, Message.envelope, Message.blob)
                 .where(Message.task == task_id, Message.round == number, Message.kind == "reply")
                 .order_by(Message.seq)
             )
-            return [StoredMessage(seq, envelope) for seq, envelope in rows]
+            return [self._stored(*row) for row in rows]
 
     def set_result(self, task_id: str, status: str, result: dict[str, Any]) -> None:
         with self._lock, self._session() as s:
@@ -268,8 +296,8 @@ class HubStore:
 
     def messages(self) -> list[StoredMessage]:
         with self._session() as s:
-            rows = s.execute(select(Message.seq, Message.envelope).order_by(Message.seq))
-            return [StoredMessage(seq, envelope) for seq, envelope in rows]
+            rows = s.execute(select(Message.seq, Message.envelope, Message.blob).order_by(Message.seq))
+            return [self._stored(*row) for row in rows]
 
     def log_event(self, kind: str, detail: str) -> None:
         with self._lock, self._session() as s:

@@ -92,6 +92,7 @@ class Envelope:
     header_bytes: bytes
     signature: bytes
     body_bytes: bytes
+    raw: bytes | None = None
 
     @property
     def sender(self) -> str:
@@ -115,6 +116,8 @@ class Envelope:
         return self
 
     def encode(self) -> bytes:
+        if self.raw is not None:
+            return self.raw
         return msgpack.packb({"h": self.header_bytes, "s": self.signature, "b": self.body_bytes}, use_bin_type=True)
 
 
@@ -141,7 +144,7 @@ def open_envelope(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Envelope:
     for field in ("kind", "sender", "nonce", "issued_at", "body_sha256"):
         if field not in header:
             raise WireError(f"envelope header lacks {field!r}")
-    return Envelope(header, header_bytes, signature, body_bytes)
+    return Envelope(header, header_bytes, signature, body_bytes, raw=data)
 
 
 def pack_list(envelopes: list[bytes]) -> bytes:
