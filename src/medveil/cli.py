@@ -67,7 +67,8 @@ def hub_start(db: str = typer.Option("sqlite:///medveil-hub.db", help="SQLAlchem
 
     store = HubStore(db)
     console.print(f"medveil hub on http://{host}:{port} (store {db.split('@')[-1]})")
-    uvicorn.run(create_hub_app(store, record_traffic=record_traffic), host=host, port=port, log_level="warning")
+    uvicorn.run(create_hub_app(store, record_traffic=record_traffic), host=host, port=port, log_level="warning",
+                timeout_graceful_shutdown=2)
 
 
 @node_app.command("init")
@@ -102,16 +103,21 @@ def node_start(config: Path = typer.Option(..., help="site YAML config"),
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(asctime)s %(message)s")
     node = Node.from_config_file(config)
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
         node.register()
         if not quiet:
             console.print(f"node {node.site} polling {node.config.hub}; datasets {node.dataset_names()}")
         node.serve(stop)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):
         pass
     finally:
         node.close()
+
+
+def _exit_on_signal(signum: int, _frame: object) -> None:
+    """SIGTERM interrupts a long-poll at once (the handler runs in the main thread)."""
+    raise SystemExit(0)
 
 
 @node_app.command("status")
