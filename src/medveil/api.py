@@ -29,15 +29,18 @@ class Federation:
     @classmethod
     def simulate(cls, sites: Mapping[str, SiteData], *, record_hub_traffic: bool = False,
                  policy: DisclosurePolicy | None = None, timeout: float = 60.0, processes: bool = False,
-                 workdir: str | Path | None = None, hub_db: str | None = None) -> "Federation":
+                 workdir: str | Path | None = None, hub_db: str | None = None, secure_aggregation: bool = True,
+                 secagg_threshold: int | None = None) -> "Federation":
         """Start a real hub and one real node per site on loopback HTTP (threads, or processes).
 
         A site is one table (DataFrame or CSV/Parquet path; dataset "default") or a dict
         {dataset name: table}. The hub keeps its state in `hub_db` (SQLAlchemy URL; a SQLite
-        file in the work directory by default).
+        file in the work directory by default). Secure aggregation is on unless turned off here,
+        which the study records and every result's provenance reports.
         """
         network = start_local_network(sites, workdir=workdir, record_hub_traffic=record_hub_traffic,
-                                      policy=policy, processes=processes, hub_db=hub_db)
+                                      policy=policy, processes=processes, hub_db=hub_db,
+                                      secure_aggregation=secure_aggregation, secagg_threshold=secagg_threshold)
         return cls(ResearcherSession(network.researcher, network.study, timeout=timeout), network)
 
     @property

@@ -77,7 +77,7 @@ def test_provenance_and_audit(fed, pooled):
     provenance = result.attrs["provenance"]
     assert provenance["sites"] == ["site_a", "site_b", "site_c"]
     assert sum(provenance["rows"].values()) == len(pooled)
-    assert provenance["secure_aggregation"] is False
+    assert provenance["secure_aggregation"] is True
     for site in provenance["sites"]:
         path = fed.network.workdir / site / "state" / "audit.jsonl"
         assert verify_audit_log(path) > 0

@@ -64,7 +64,7 @@ def test_missing_column_names_the_column_and_site(fed):
 def test_unregistered_analysis_is_refused_by_the_node(fed):
     session = fed.session
     task = session.client.seal("task", {"params": {}, "broadcast": {}}, study=fed.study.id, task="t-unknown",
-                               round=0, analysis="run_python", dataset="default", recipients=fed.sites)
+                               step=0, phase="keys", round=0, analysis="run_python", dataset="default", recipients=fed.sites)
     session.client.post("/v1/messages", task)
     with pytest.raises(mv.RefusedError) as error:
         session._gather("t-unknown", 0, fed.sites)
@@ -74,7 +74,8 @@ def test_unregistered_analysis_is_refused_by_the_node(fed):
 def test_forged_task_is_refused_by_hub_and_by_node(fed):
     forger = SigningKey.generate()
     header = {"kind": "task", "sender": "researcher", "nonce": "f" * 32, "issued_at": time.time(),
-              "study": fed.study.id, "task": "t-forged", "round": 0, "analysis": "describe", "dataset": "default",
+              "study": fed.study.id, "task": "t-forged", "step": 0,
+              "phase": "keys", "round": 0, "analysis": "describe", "dataset": "default",
               "recipients": fed.sites}
     forged = seal(forger, header, {"params": {"variables": ["age"]}, "broadcast": {}})
     with pytest.raises(HubError) as hub_error:
@@ -89,8 +90,8 @@ def test_forged_task_is_refused_by_hub_and_by_node(fed):
 
 def test_replayed_task_is_refused_by_hub_and_by_node(fed):
     client = fed.session.client
-    task = client.seal("task", {"params": {}, "broadcast": {}}, study=fed.study.id, task="t-replay", round=0,
-                       analysis="ping", dataset="default", recipients=fed.sites)
+    task = client.seal("task", {"params": {}, "broadcast": {}}, study=fed.study.id, task="t-replay", step=0,
+                       phase="keys", round=0, analysis="ping", dataset="default", recipients=fed.sites)
     client.post("/v1/messages", task)
     assert len(fed.session._gather("t-replay", 0, fed.sites)) == 3
     with pytest.raises(HubError) as hub_error:
@@ -114,8 +115,8 @@ def test_oversized_request_is_refused_before_parsing(fed):
 
 def test_tampered_reply_is_detected_by_the_researcher(fed):
     client = fed.session.client
-    task = client.seal("task", {"params": {}, "broadcast": {}}, study=fed.study.id, task="t-tamper", round=0,
-                       analysis="ping", dataset="default", recipients=fed.sites)
+    task = client.seal("task", {"params": {}, "broadcast": {}}, study=fed.study.id, task="t-tamper", step=0,
+                       phase="keys", round=0, analysis="ping", dataset="default", recipients=fed.sites)
     client.post("/v1/messages", task)
     replies = client.replies("t-tamper", 0, wait=10)
     original = replies[0]

@@ -73,6 +73,7 @@ class Analysis(ABC, Generic[P]):
 
     name: ClassVar[str]
     Params: ClassVar[type[Params]]
+    releases_sums: ClassVar[bool] = True  # False: nothing to add up, so no secure-aggregation set-up
 
     def parse_params(self, raw: dict[str, Any]) -> P:
         return self.Params.model_validate(raw)  # type: ignore[return-value]

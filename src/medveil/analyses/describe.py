@@ -36,6 +36,13 @@ class DescribeParams(Params):
     variables: list[str] = Field(min_length=1)
     quantiles: list[float] = Field(default_factory=lambda: [0.05, 0.25, 0.5, 0.75, 0.95])
 
+    @field_validator("variables")
+    @classmethod
+    def _distinct(cls, values: list[str]) -> list[str]:
+        if len(set(values)) != len(values):
+            raise ValueError("variables must be distinct")
+        return values
+
     @field_validator("quantiles")
     @classmethod
     def _in_unit_interval(cls, values: list[float]) -> list[float]:

@@ -22,6 +22,7 @@ class PingParams(Params):
 class Ping(Analysis[PingParams]):
     name = "ping"
     Params = PingParams
+    releases_sums = False
 
     def variables(self, params: PingParams) -> list[str]:
         return []

@@ -60,7 +60,7 @@ def load_dataset(name: str, config: DatasetConfig) -> pd.DataFrame:
         raise DataError(f"dataset {name!r}: file {path} does not exist")
     if config.kind == "csv":
         try:
-            return pd.read_csv(path)
+            frame = pd.read_csv(path)
         except pd.errors.ParserError as exc:
             match = _CSV_LINE.search(str(exc))
             if match:
@@ -71,6 +71,11 @@ def load_dataset(name: str, config: DatasetConfig) -> pd.DataFrame:
             raise DataError(f"dataset {name!r}: malformed CSV {path}: {exc}") from exc
         except (UnicodeDecodeError, pd.errors.EmptyDataError) as exc:
             raise DataError(f"dataset {name!r}: cannot read CSV {path}: {exc}") from exc
+        if not isinstance(frame.index, pd.RangeIndex):
+            # pandas reads rows with one field more than the header as an implicit index column,
+            # shifting every value one column left; that is a malformed file, not data.
+            raise DataError(f"dataset {name!r}: malformed CSV {path}, line 2: more fields than the header")
+        return frame
     try:
         return pd.read_parquet(path)
     except ImportError as exc:

@@ -1,8 +1,9 @@
-"""The `aggregate` seam: every cross-site sum in every analysis goes through here.
+"""Plain cross-site summation, used when a study turns secure aggregation off.
 
-Plain summation for now: the party that calls `combine` sees each site's arrays. Secure
-aggregation replaces what stands behind `mask` (at the node) and `combine` (at the
-coordinator) so that only the sum can be learnt; analyses do not change.
+Every cross-site sum goes either through `aggregate` (plain: the researcher and hub see each
+site's arrays; the study and every result's provenance record that) or through the secure
+protocol of runtime/secure_aggregation.py, where only the total can be decoded. Analyses
+never know which.
 """
 
 from __future__ import annotations
@@ -14,18 +15,6 @@ import numpy as np
 
 class AggregationError(ValueError):
     """Sites' contributions cannot be summed (different names or shapes)."""
-
-
-class PlainAggregation:
-    """Sums contributions in the clear; `secure` is reported in every result's provenance."""
-
-    secure = False
-
-    def mask(self, sums: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return {name: np.asarray(value, dtype=np.float64) for name, value in sums.items()}
-
-    def combine(self, contributions: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-        return aggregate(contributions)
 
 
 def aggregate(contributions: Mapping[str, Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:

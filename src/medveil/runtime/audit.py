@@ -52,8 +52,19 @@ class AuditLog:
 
 
 def read_audit_log(path: Path) -> list[dict[str, Any]]:
+    entries = []
     with Path(path).open(encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except ValueError as exc:
+                raise AuditError(f"{path}: line {number} is not valid JSON") from exc
+            if not isinstance(entry, dict):
+                raise AuditError(f"{path}: line {number} is not an audit entry")
+            entries.append(entry)
+    return entries
 
 
 def verify_audit_log(path: Path) -> int:

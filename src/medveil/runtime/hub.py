@@ -194,7 +194,7 @@ def create_hub_app(store: HubStore, *, max_bytes: int = DEFAULT_MAX_BYTES, recor
             raise refuse(400, "malformed", "task recipients must be sites of the study")
         try:
             seq = store.add_task_round(
-                str(header["task"]), study.id, envelope.sender, str(header["analysis"]), int(header["round"]),
+                str(header["task"]), study.id, envelope.sender, str(header["analysis"]), int(header["step"]),
                 recipients, str(header["nonce"]), envelope.encode(),
             )
         except Conflict as exc:
@@ -207,10 +207,12 @@ def create_hub_app(store: HubStore, *, max_bytes: int = DEFAULT_MAX_BYTES, recor
 
     def post_reply(envelope: Envelope) -> dict[str, Any]:
         header = envelope.header
-        task_id, number = str(header.get("task")), int(header.get("round", -1))
+        task_id, number = str(header.get("task")), int(header.get("step", -1))
         round_row = store.round(task_id, number)
         if round_row is None or envelope.sender not in round_row.recipients:
-            raise refuse(403, "not_recipient", f"{envelope.sender!r} was not asked round {number} of {task_id!r}")
+            raise refuse(403, "not_recipient", f"{envelope.sender!r} was not asked step {number} of {task_id!r}")
+        if store.last_step(task_id) > number:
+            raise refuse(409, "closed", f"step {number} of task {task_id!r} is closed; a later step has begun")
         try:
             seq = store.add_reply(task_id, number, envelope.sender, str(header["nonce"]), envelope.encode())
         except Conflict as exc:
@@ -247,6 +249,16 @@ def create_hub_app(store: HubStore, *, max_bytes: int = DEFAULT_MAX_BYTES, recor
             if len(items) >= len(round_row.recipients) or remaining <= 0 or notifier.closed:
                 return Response(msgpack.packb([m.envelope for m in items], use_bin_type=True), media_type=BINARY)
             await notifier.wait(key, remaining)
+
+    @app.get("/v1/tasks/{task_id}/rounds/{number}/senders")
+    def senders(task_id: str, number: int, request: Request) -> list[str]:
+        """Which sites' replies the hub holds for a step: what secure aggregation's unmasking relies on."""
+        party = reader(request)
+        round_row = store.round(task_id, number)
+        task = store.task(task_id)
+        if round_row is None or task is None or (party not in round_row.recipients and party != task.researcher):
+            raise refuse(404, "not_found", f"no step {number} of task {task_id!r} for {party!r}")
+        return sorted({open_envelope(m.envelope, max_bytes).sender for m in store.replies(task_id, number)})
 
     @app.post("/v1/tasks/{task_id}/result")
     async def post_result(task_id: str, request: Request) -> dict[str, Any]:

@@ -245,6 +245,11 @@ class HubStore:
         with self._session() as s:
             return s.get(Round, (task_id, number))
 
+    def last_step(self, task_id: str) -> int:
+        with self._session() as s:
+            steps = s.scalars(select(Round.number).where(Round.task == task_id).order_by(Round.number.desc()))
+            return next(iter(steps), -1)
+
     def task(self, task_id: str) -> Task | None:
         with self._session() as s:
             return s.get(Task, task_id)

@@ -9,6 +9,7 @@ leave, and every request, decision and release is written to the hash-chained au
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import logging
 import threading
@@ -16,18 +17,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from pydantic import ValidationError
 
 from medveil.analyses.base import AnalysisError, UnknownAnalysis, get_analysis
+from medveil.crypto.secagg import FixedPointOverflow
 from medveil.crypto.signing import SignatureError, SigningKey, VerifyKey
 from medveil.data.sources import DataError, load_dataset
 from medveil.privacy.disclosure import DisclosureRefused
-from medveil.runtime.aggregation import PlainAggregation
 from medveil.runtime.audit import AuditLog
 from medveil.runtime.client import HubClient, HubError
 from medveil.runtime.config import SiteConfig, load_site_config
 from medveil.runtime.node_store import NodeStore
+from medveil.runtime.secure_aggregation import NodeTaskKeys, node_mask, node_new_keys, node_reveal, node_shares
 from medveil.runtime.study import StudySpec, sign_approval, verify_approval
 from medveil.runtime.wire import Envelope, WireError, open_envelope
 
@@ -55,7 +58,6 @@ class Node:
         self.client = client or HubClient(config.hub, config.site, identity, max_bytes=config.max_message_bytes)
         self.store = NodeStore(config.state_dir / "node.db")
         self.audit = AuditLog(config.state_dir / "audit.jsonl", config.site)
-        self.aggregation = PlainAggregation()
         self._cache: dict[str, tuple[tuple, pd.DataFrame]] = {}
         self._verified: dict[str, tuple[str, StudySpec]] = {}
 
@@ -121,20 +123,21 @@ class Node:
             self.audit.append("refusal", rule="malformed", detail=str(exc))
             return None
         header = envelope.header
-        context = {k: header.get(k) for k in ("study", "task", "round", "analysis", "sender", "nonce")}
+        context = {k: header.get(k) for k in ("study", "task", "step", "phase", "round", "analysis", "sender", "nonce")}
         request_id = self.audit.append("request", **context)
+        bound = {"study": header.get("study"), "task": header.get("task"), "step": header.get("step"),
+                 "round": header.get("round")}
         try:
             if envelope.kind != "task":
                 raise Refusal("malformed", f"expected a task, got {envelope.kind!r}")
             release, decision_ids = self._run(envelope)
-        except Refusal as refusal:
+        except Exception as exc:
+            refusal = exc if isinstance(exc, Refusal) else Refusal("internal_error", f"{type(exc).__name__}: {exc}")
             refusal_id = self.audit.append("refusal", rule=refusal.rule, detail=str(refusal), **context)
             log.info("%s refused %s: [%s] %s", self.site, header.get("task"), refusal.rule, refusal)
             return self.client.seal("reply", {"rule": refusal.rule, "message": str(refusal)}, status="refused",
-                                    study=header.get("study"), task=header.get("task"), round=header.get("round"),
-                                    audit_ids=[request_id, refusal_id])
-        return self.client.seal("reply", release, status="ok", study=header["study"], task=header["task"],
-                                round=header["round"], audit_ids=[request_id, *decision_ids])
+                                    audit_ids=[request_id, refusal_id], **bound)
+        return self.client.seal("reply", release, status="ok", audit_ids=[request_id, *decision_ids], **bound)
 
     def _run(self, envelope: Envelope) -> tuple[dict[str, Any], list[str]]:
         header = envelope.header
@@ -147,8 +150,9 @@ class Node:
             raise Refusal("bad_signature", str(exc)) from exc
         if abs(time.time() - float(header["issued_at"])) > MAX_TASK_AGE_S:
             raise Refusal("stale", "task was issued too long ago")
-        if not self.store.claim(str(header["nonce"]), str(header.get("task")), int(header.get("round", -1))):
-            raise Refusal("replay", f"task {header.get('task')!r} round {header.get('round')} was already handled")
+        task, step = str(header.get("task")), int(header.get("step", -1))
+        if not self.store.claim(str(header["nonce"]), task, step):
+            raise Refusal("replay", f"task {task!r} step {step} was already handled")
         name = str(header.get("analysis"))
         try:
             analysis = get_analysis(name)
@@ -169,25 +173,93 @@ class Node:
         if outside:
             raise Refusal("variable_not_approved",
                           f"variables {outside} are not approved for dataset {dataset!r} in study {spec.id!r}")
+        phase = str(header.get("phase", "compute"))
+        if phase != "compute":
+            return self._secure_step(spec, phase, task, step, body)
         data = self._data(dataset)
         missing = [v for v in wanted if v not in data.columns]
         if missing:
             raise Refusal("missing_column", f"column(s) {missing} not found in dataset {dataset!r} at {self.site}")
-        decision_id = self.audit.append("decision", decision="run", study=spec.id, task=header["task"],
-                                        round=header["round"], analysis=name, dataset=dataset, variables=wanted)
+        round_no = int(header["round"])
+        decision_id = self.audit.append("decision", decision="run", study=spec.id, task=task, step=step,
+                                        round=round_no, analysis=name, dataset=dataset, variables=wanted,
+                                        secure_aggregation=spec.secure_aggregation)
         try:
-            release = analysis.local(params, int(header["round"]), body.get("broadcast", {}), data, self.config.policy)
+            release = analysis.local(params, round_no, body.get("broadcast", {}), data, self.config.policy)
         except DisclosureRefused as exc:
             raise Refusal(exc.rule, exc.detail) from exc
         except (AnalysisError, ValueError, TypeError) as exc:
             raise Refusal("analysis_error", str(exc)) from exc
-        payload = {"sums": self.aggregation.mask(release.sums), "public": release.public}
+        sums = {k: np.asarray(v, dtype=np.float64) for k, v in release.sums.items()}
+        if spec.secure_aggregation and sums:
+            participants = list(body.get("secagg", {}).get("participants", []))
+            keys = self._task_keys(task)
+            if self.site not in participants or not set(participants) <= set(keys.peers):
+                raise Refusal("secure_aggregation", "participants do not match the task's key exchange")
+            try:
+                payload = node_mask(keys, self.site, task, step, participants, sums)
+            except FixedPointOverflow as exc:
+                raise Refusal("secure_aggregation", f"release cannot be encoded: {exc}") from exc
+        else:
+            payload = {"sums": sums}
+        payload["public"] = release.public
         release_id = self.audit.append(
-            "release", study=spec.id, task=header["task"], round=header["round"], analysis=name,
-            arrays={k: list(v.shape) for k, v in payload["sums"].items()}, public=release.public,
-            digest=hashlib.sha256(repr(sorted((k, v.tobytes()) for k, v in payload["sums"].items())).encode()).hexdigest(),
+            "release", study=spec.id, task=task, step=step, round=round_no, analysis=name,
+            arrays={k: list(v.shape) for k, v in sums.items()}, public=release.public,
+            masked=bool(spec.secure_aggregation and sums),
+            digest=hashlib.sha256(b"".join(k.encode() + v.tobytes() for k, v in sorted(sums.items()))).hexdigest(),
         )
         return payload, [decision_id, release_id]
+
+    def _task_keys(self, task: str) -> NodeTaskKeys:
+        stored = self.store.get(f"secagg:{task}")
+        if stored is None:
+            raise Refusal("secure_aggregation", f"no key exchange for task {task!r} at {self.site}")
+        return NodeTaskKeys.from_json(stored)
+
+    def _secure_step(self, spec: StudySpec, phase: str, task: str, step: int,
+                     body: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+        """The key exchange, share distribution and unmasking steps of secure aggregation."""
+        if not spec.secure_aggregation:
+            raise Refusal("secure_aggregation", f"study {spec.id!r} does not use secure aggregation")
+        secure = body.get("secagg", {})
+        if phase == "keys":
+            keys, public = node_new_keys()
+        elif phase == "shares":
+            keys = self._task_keys(task)
+            peers = self._verified_peer_keys(task, secure.get("key_envelopes", {}), spec)
+            public = node_shares(keys, self.site, task, peers, spec.threshold())
+        elif phase == "unmask":
+            keys = self._task_keys(task)
+            of_step = int(secure["of_step"])
+            submitted = set(self.client.get_json(f"/v1/tasks/{task}/rounds/{of_step}/senders"))
+            try:
+                public = node_reveal(keys, self.site, task, list(secure["dropped"]),
+                                     secure["ciphertexts"].get(self.site, {}), submitted)
+            except PermissionError as exc:
+                raise Refusal("secure_aggregation", str(exc)) from exc
+        else:
+            raise Refusal("malformed", f"unknown phase {phase!r}")
+        self.store.put(f"secagg:{task}", keys.to_json())
+        decision_id = self.audit.append("secure_aggregation", phase=phase, study=spec.id, task=task, step=step,
+                                        detail=sorted(public))
+        return {"sums": {}, "public": public}, [decision_id]
+
+    def _verified_peer_keys(self, task: str, envelopes: dict[str, bytes], spec: StudySpec) -> dict[str, bytes]:
+        """Each peer's key must come in that peer's own signed reply to this task's key step."""
+        peers = {}
+        for site, raw in envelopes.items():
+            envelope = open_envelope(raw, self.config.max_message_bytes)
+            try:
+                envelope.verify(self.client.public_key(site))
+            except SignatureError as exc:
+                raise Refusal("secure_aggregation", f"key of {site!r} is not signed by {site!r}") from exc
+            if envelope.sender != site or envelope.header.get("task") != task or site not in spec.sites:
+                raise Refusal("secure_aggregation", f"key envelope of {site!r} is bound to another task or site")
+            peers[site] = base64.b64decode(envelope.body()["public"]["secagg_public"])
+        if self.site not in peers:
+            raise Refusal("secure_aggregation", f"the key exchange does not include {self.site}")
+        return peers
 
     def _data(self, dataset: str) -> pd.DataFrame:
         if dataset in self.frames:

@@ -1,8 +1,10 @@
-"""The researcher's side of a run: send each round, gather signed replies, aggregate, step.
+"""The researcher's side of a run: send each step, gather signed replies, aggregate, step on.
 
-The global step runs here, in the researcher's process, on cross-site sums only. A refusal
-from any site stops the run with an error naming the site and the rule; a site that does not
-answer within the timeout stops it with an error naming the site, never a hang.
+The global step runs here, in the researcher's process, on cross-site sums only. With secure
+aggregation (the default) the sums arrive masked and only their total can be decoded; see
+runtime/secure_aggregation.py. A refusal from any site stops the run with an error naming the
+site and the rule; a site that does not answer within the timeout stops it with an error
+naming the site, never a hang.
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from medveil.analyses.base import Aggregated, Finished, get_analysis
+from medveil.analyses.base import Aggregated, Finished, Params, get_analysis
 from medveil.crypto.signing import SignatureError
-from medveil.runtime.aggregation import PlainAggregation
+from medveil.runtime.aggregation import aggregate
 from medveil.runtime.client import HubClient
+from medveil.runtime.secure_aggregation import CoordinatorState, SecureAggregationAborted
 from medveil.runtime.study import StudySpec
+from medveil.runtime.wire import Envelope
 
 
 class FederationError(RuntimeError):
@@ -37,15 +41,32 @@ class RefusedError(FederationError):
 class SiteTimeoutError(FederationError):
     """Sites did not answer in time."""
 
-    def __init__(self, sites: list[str], timeout: float, round_no: int):
+    def __init__(self, sites: list[str], timeout: float, step: int, note: str = ""):
         self.sites = sites
-        super().__init__(f"no answer from site(s) {', '.join(sites)} within {timeout:g} s (round {round_no})")
+        super().__init__(f"no answer from site(s) {', '.join(sites)} within {timeout:g} s (step {step}){note}")
+
+
+class SecureAggregationError(FederationError, SecureAggregationAborted):
+    """Too few sites remained for the secure sum; the round was aborted and nothing revealed."""
 
 
 @dataclass
 class RunOutcome:
     result: Any
     provenance: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Task:
+    """One analysis run in flight: its id, step counter and what it has gathered so far."""
+
+    id: str
+    analysis: str
+    params: Params
+    dataset: str
+    sites: list[str]
+    step: int = 0
+    audit_ids: dict[str, list[str]] = field(default_factory=dict)
 
 
 class ResearcherSession:
@@ -55,7 +76,6 @@ class ResearcherSession:
         self.client = client
         self.study = study
         self.timeout = timeout
-        self.aggregation = PlainAggregation()
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medveil-results")
 
     def close(self) -> None:
@@ -70,53 +90,101 @@ class ResearcherSession:
     def run(self, analysis_name: str, params: dict[str, Any], dataset: str,
             progress: Callable[[int], None] | None = None) -> RunOutcome:
         analysis = get_analysis(analysis_name)
-        typed = analysis.parse_params(params)
-        task_id = uuid.uuid4().hex
-        sites = list(self.study.sites)
+        task = _Task(uuid.uuid4().hex, analysis_name, analysis.parse_params(params), dataset, list(self.study.sites))
+        task.audit_ids = {site: [] for site in task.sites}
+        secure = self._setup_secure(task) if self.study.secure_aggregation and analysis.releases_sums else None
         broadcast: dict[str, Any] = {}
         state: dict[str, Any] = {}
-        audit_ids: dict[str, list[str]] = {site: [] for site in sites}
         rows: dict[str, int] = {}
         round_no = 0
         while True:
-            task = self.client.seal("task", {"params": typed.model_dump(), "broadcast": broadcast},
-                                    study=self.study.id, task=task_id, round=round_no, analysis=analysis_name,
-                                    dataset=dataset, recipients=sites)
-            self.client.post("/v1/messages", task)
-            replies = self._gather(task_id, round_no, sites)
-            contributions, public = {}, {}
-            for site, body, header in replies:
-                audit_ids[site].extend(header.get("audit_ids", []))
-                contributions[site] = body["sums"]
-                public[site] = body["public"]
-                if "rows" in body["public"]:
-                    rows[site] = int(body["public"]["rows"])
-            aggregated = Aggregated(sums=self.aggregation.combine(contributions), public=public)
-            outcome = analysis.global_step(typed, round_no, aggregated, state)
+            public, sums = self._compute(task, round_no, broadcast, secure)
+            for site, facts in public.items():
+                if "rows" in facts:
+                    rows[site] = int(facts["rows"])
+            outcome = analysis.global_step(task.params, round_no, Aggregated(sums=sums, public=public), state)
             if progress is not None:
                 progress(round_no)
             if isinstance(outcome, Finished):
                 provenance = {
-                    "study": self.study.id, "task": task_id, "analysis": analysis_name, "dataset": dataset,
-                    "sites": sites, "rows": rows, "rounds": round_no + 1,
-                    "secure_aggregation": self.aggregation.secure, "audit_ids": audit_ids,
+                    "study": self.study.id, "task": task.id, "analysis": analysis_name, "dataset": dataset,
+                    "sites": sorted(public), "rows": rows, "rounds": round_no + 1,
+                    "secure_aggregation": self.study.secure_aggregation,
+                    "audit_ids": {site: ids for site, ids in task.audit_ids.items() if site in public},
                 }
-                self._background.submit(self._record_result, task_id, provenance)
+                self._background.submit(self._record_result, task.id, provenance)
                 return RunOutcome(outcome.result, provenance)
             broadcast, state = outcome.broadcast, outcome.state
             round_no += 1
 
-    def _gather(self, task_id: str, round_no: int, sites: list[str]) -> list[tuple[str, dict, dict]]:
+    def _compute(self, task: _Task, round_no: int, broadcast: dict[str, Any],
+                 secure: CoordinatorState | None) -> tuple[dict[str, dict], dict[str, Any]]:
+        """One analysis round: the sites' public facts and the cross-site sums."""
+        if secure is None:
+            replies = self._exchange(task, "compute", round_no, {"broadcast": broadcast})
+            public = {site: body["public"] for site, (_, body) in replies.items()}
+            return public, aggregate({site: body["sums"] for site, (_, body) in replies.items()})
+        step = task.step
+        replies = self._exchange(task, "compute", round_no,
+                                 {"broadcast": broadcast, "secagg": {"participants": secure.participants}},
+                                 recipients=secure.participants, tolerate_missing=True)
+        dropped = [site for site in secure.participants if site not in replies]
+        revealed: dict[str, dict[str, str]] = {}
+        if dropped:
+            survivors = sorted(replies)
+            if len(survivors) < secure.threshold:
+                raise SecureAggregationError(
+                    f"only {len(survivors)} of {len(secure.participants)} sites submitted (threshold "
+                    f"{secure.threshold}); round aborted, nothing revealed; missing: {', '.join(dropped)}")
+            request = dict(secure.unmask_request(dropped, survivors), of_step=step)
+            answers = self._exchange(task, "unmask", round_no, {"secagg": request}, recipients=survivors,
+                                     tolerate_missing=True)
+            if len(answers) < secure.threshold:
+                raise SecureAggregationError(
+                    f"only {len(answers)} sites helped unmask (threshold {secure.threshold}); round aborted")
+            revealed = {site: body["public"]["revealed"] for site, (_, body) in answers.items()}
+        sums = secure.combine({site: body for site, (_, body) in replies.items()}, step, revealed)
+        if dropped:
+            secure.participants = sorted(replies)
+            if round_no > 0:
+                raise SiteTimeoutError(dropped, self.timeout, step,
+                                       "; the round's sum was recovered but earlier rounds included them")
+        return {site: body["public"] for site, (_, body) in replies.items()}, sums
+
+    def _setup_secure(self, task: _Task) -> CoordinatorState:
+        """Key exchange and share distribution, once per task."""
+        state = CoordinatorState(task.id, task.sites, self.study.threshold())
+        state.record_keys(self._exchange(task, "keys", 0, {}))
+        state.record_shares(self._exchange(task, "shares", 0, {"secagg": {"key_envelopes": state.key_envelopes}}))
+        return state
+
+    def _exchange(self, task: _Task, phase: str, round_no: int, body: dict[str, Any], *,
+                  recipients: list[str] | None = None, tolerate_missing: bool = False) -> dict[str, tuple[Envelope, dict]]:
+        """Send one step to the sites and gather their verified replies."""
+        recipients = recipients or task.sites
+        step = task.step
+        task.step += 1
+        message = self.client.seal("task", {"params": task.params.model_dump(), **body}, study=self.study.id,
+                                   task=task.id, step=step, phase=phase, round=round_no, analysis=task.analysis,
+                                   dataset=task.dataset, recipients=recipients)
+        self.client.post("/v1/messages", message)
+        replies = self._gather(task.id, step, recipients, tolerate_missing)
+        for site, (envelope, _) in replies.items():
+            task.audit_ids.setdefault(site, []).extend(envelope.header.get("audit_ids", []))
+        return replies
+
+    def _gather(self, task_id: str, step: int, sites: list[str],
+                tolerate_missing: bool = False) -> dict[str, tuple[Envelope, dict]]:
         deadline = time.monotonic() + self.timeout
         while True:
             remaining = deadline - time.monotonic()
-            envelopes = self.client.replies(task_id, round_no, wait=max(0.0, min(remaining, 25.0)))
+            envelopes = self.client.replies(task_id, step, wait=max(0.0, min(remaining, 25.0)))
             answered = {e.sender for e in envelopes}
             if answered >= set(sites) or remaining <= 0:
                 break
             if any(e.header.get("status") != "ok" for e in envelopes):
                 break
-        replies, refusals = [], []
+        replies, refusals = {}, []
         for envelope in envelopes:
             if envelope.sender not in sites:
                 continue
@@ -125,16 +193,16 @@ class ResearcherSession:
             except SignatureError as exc:
                 raise FederationError(f"reply claiming to be from {envelope.sender!r} is forged: {exc}") from exc
             header = envelope.header
-            if header.get("task") != task_id or header.get("round") != round_no:
-                raise FederationError(f"reply from {envelope.sender!r} is bound to another task or round")
+            if header.get("task") != task_id or header.get("step") != step:
+                raise FederationError(f"reply from {envelope.sender!r} is bound to another task or step")
             body = envelope.body(self.client.max_bytes)
             if header.get("status") != "ok":
                 refusals.append((envelope.sender, str(body.get("rule")), str(body.get("message"))))
             else:
-                replies.append((envelope.sender, body, header))
+                replies[envelope.sender] = (envelope, body)
         if refusals:
             raise RefusedError(sorted(refusals))
-        missing = sorted(set(sites) - {site for site, _, _ in replies})
-        if missing:
-            raise SiteTimeoutError(missing, self.timeout, round_no)
+        missing = sorted(set(sites) - set(replies))
+        if missing and not tolerate_missing:
+            raise SiteTimeoutError(missing, self.timeout, step)
         return replies

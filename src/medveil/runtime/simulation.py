@@ -52,10 +52,11 @@ class LocalNetwork:
     _tempdir: Any = None
 
     def add_study(self, study_id: str, datasets: dict[str, list[str]], *, analyses: list[str] | None = None,
-                  approved_by: list[str] | None = None) -> StudySpec:
+                  approved_by: list[str] | None = None, **options: Any) -> StudySpec:
         """Publish another study of the same researcher; the listed sites' stewards approve it."""
         spec = StudySpec(id=study_id, researcher=self.study.researcher, researcher_key=self.study.researcher_key,
-                         sites=self.study.sites, datasets=datasets, analyses=analyses or registered_names())
+                         sites=self.study.sites, datasets=datasets, analyses=analyses or registered_names(),
+                         **options)
         self.researcher.post("/v1/studies", self.researcher.seal("study", {"spec": spec.model_dump()}, study=spec.id))
         for site in self.study.sites if approved_by is None else approved_by:
             node = Node.from_config_file(self.workdir / site / "site.yaml")
@@ -79,7 +80,8 @@ class LocalNetwork:
 def start_local_network(
     sites: Mapping[str, SiteData], *, workdir: str | Path | None = None, record_hub_traffic: bool = False,
     policy: DisclosurePolicy | None = None, processes: bool = False, study_id: str = "simulation",
-    analyses: list[str] | None = None, hub_db: str | None = None,
+    analyses: list[str] | None = None, hub_db: str | None = None, secure_aggregation: bool = True,
+    secagg_threshold: int | None = None,
 ) -> LocalNetwork:
     """Start hub and nodes, register everyone, create and approve one study over all variables."""
     if not sites:
@@ -105,7 +107,8 @@ def start_local_network(
             id=study_id, title="simulated federation", researcher="researcher",
             researcher_key=researcher_key.verify_key.to_text(), sites=sorted(tables),
             datasets={name: sorted(cols) for name, cols in variables.items()},
-            analyses=analyses or registered_names(),
+            analyses=analyses or registered_names(), secure_aggregation=secure_aggregation,
+            secagg_threshold=secagg_threshold,
         )
         network.study = study
         researcher.post("/v1/studies", researcher.seal("study", {"spec": study.model_dump()}, study=study.id))

@@ -32,6 +32,12 @@ class StudySpec(BaseModel):
     sites: list[str] = Field(min_length=1)
     datasets: dict[str, list[str]] = Field(description="dataset name -> variables the study may read")
     analyses: list[str] = Field(min_length=1)
+    secure_aggregation: bool = Field(True, description="sums across sites are masked; turning it off is recorded")
+    secagg_threshold: int | None = Field(None, ge=2, description="sites needed to recover a sum; default a majority")
+
+    def threshold(self) -> int:
+        """Sites that must remain for a secure sum to be recovered (default a majority)."""
+        return self.secagg_threshold or len(self.sites) // 2 + 1
 
     def digest(self) -> str:
         return hashlib.sha256(canonical_json(self.model_dump())).hexdigest()

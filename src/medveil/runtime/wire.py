@@ -37,7 +37,7 @@ def _pack_default(obj: Any) -> Any:
         if obj.dtype.kind not in _ALLOWED_KINDS:
             raise WireError(f"arrays of dtype {obj.dtype} cannot be sent")
         array = np.ascontiguousarray(obj, dtype=obj.dtype.newbyteorder("<"))
-        meta = msgpack.packb([array.dtype.str, list(array.shape)])
+        meta = msgpack.packb([array.dtype.str, list(obj.shape)])
         return msgpack.ExtType(ARRAY_EXT, meta + array.tobytes())
     if isinstance(obj, np.generic):
         return obj.item()
@@ -48,7 +48,7 @@ def _unpack_ext(code: int, data: bytes) -> Any:
     if code != ARRAY_EXT:
         raise WireError(f"unknown extension type {code}")
     unpacker = msgpack.Unpacker(max_buffer_size=len(data))
-    unpacker.feed(data[:64])
+    unpacker.feed(data[:1024])  # dtype + up to 64 dimensions fit well within this
     dtype_str, shape = unpacker.unpack()
     offset = unpacker.tell()
     dtype = np.dtype(dtype_str)
@@ -136,7 +136,11 @@ def open_envelope(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Envelope:
     try:
         outer = msgpack.unpackb(data, raw=False, max_bin_len=max_bytes, max_map_len=8)
         header_bytes, signature, body_bytes = outer["h"], outer["s"], outer["b"]
+        if not all(isinstance(part, bytes) for part in (header_bytes, signature, body_bytes)):
+            raise WireError("envelope fields h, s and b must be binary")
         header = json.loads(header_bytes)
+    except WireError:
+        raise
     except Exception as exc:
         raise WireError(f"malformed envelope: {exc}") from exc
     if not isinstance(header, dict) or header.get("v") != PROTOCOL_VERSION:
@@ -145,16 +149,3 @@ def open_envelope(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Envelope:
         if field not in header:
             raise WireError(f"envelope header lacks {field!r}")
     return Envelope(header, header_bytes, signature, body_bytes, raw=data)
-
-
-def pack_list(envelopes: list[bytes]) -> bytes:
-    return msgpack.packb(envelopes, use_bin_type=True)
-
-
-def unpack_list(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> list[bytes]:
-    if len(data) > max_bytes:
-        raise WireError(f"message list of {len(data)} bytes exceeds the limit of {max_bytes}")
-    items = msgpack.unpackb(data, raw=False, max_bin_len=max_bytes)
-    if not isinstance(items, list) or not all(isinstance(item, bytes) for item in items):
-        raise WireError("expected a list of envelopes")
-    return items

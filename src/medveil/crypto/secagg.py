@@ -1,0 +1,197 @@
+"""Secure aggregation primitives (in the style of Bonawitz et al. 2017), pure and transport-free.
+
+Threat model: the hub and the researcher are honest-but-curious and do not collude. Each
+site adds to its fixed-point-encoded release one pseudo-random mask per other site, derived
+from an X25519 key agreement and expanded with AES-256-CTR; the masks cancel in the sum, so
+whoever sums the masked vectors learns the total and nothing about any one site's vector
+(each masked vector is uniform on the ring to anyone missing a pairwise seed). Each site also
+Shamir-shares its per-task mask key among the others, encrypted pairwise with AES-GCM, so that
+if sites vanish before submitting, at least `threshold` survivors can reveal the vanished
+sites' keys and the sum is still recovered. Surviving sites refuse to reveal the key of a
+site whose masked vector the hub holds, so no single site's vector can be unmasked; below the
+threshold nothing can be recovered and the round aborts.
+
+Fixed point: a float64 x becomes the integer round(x * 2**52), held in two's complement over
+112 bits as two 56-bit limbs in uint64 words. Limb sums of up to 256 sites stay below 2**64,
+so sums modulo 2**64 (where masks live) are exact; decoding propagates the carry and the sign.
+Encoding refuses |x| > 2**51 and non-finite values instead of wrapping.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+RandomBytes = Callable[[int], bytes]
+
+LIMB_BITS = 56
+LIMBS = 2
+FRACTION_BITS = 52
+MAX_PARTIES = 256
+MAX_ABS = 2.0 ** (LIMB_BITS * LIMBS - 1 - FRACTION_BITS - 8)  # 2**51: the sum of 256 sites still fits
+_LIMB_MASK = np.uint64((1 << LIMB_BITS) - 1)
+_SCALE = 2.0**FRACTION_BITS
+# Mersenne prime 2**521 - 1: a field larger than any 32-byte secret, with cheap reduction.
+FIELD_PRIME = (1 << 521) - 1
+_PROTOCOL = b"medveil-secagg-v1"
+
+
+class FixedPointOverflow(ValueError):
+    """A value is too large (or not finite) for the fixed-point ring."""
+
+
+# --- fixed-point encoding -------------------------------------------------------------------
+
+def encode_fixed(values: np.ndarray) -> np.ndarray:
+    """float64 array -> uint64 array of shape values.shape + (2,) (low limb, high limb)."""
+    x = np.asarray(values, dtype=np.float64)
+    if not np.all(np.isfinite(x)):
+        raise FixedPointOverflow("cannot encode NaN or infinite values")
+    if x.size and np.max(np.abs(x)) > MAX_ABS:
+        raise FixedPointOverflow(f"value {np.max(np.abs(x)):.3g} exceeds the fixed-point bound {MAX_ABS:.3g}")
+    scaled = np.rint(x * _SCALE)  # exact integers in float64 (53 significant bits at most)
+    high = np.floor(scaled / 2.0**LIMB_BITS)
+    low = scaled - high * 2.0**LIMB_BITS  # exact: the low bits of an integer with <= 53 bits
+    out = np.empty(x.shape + (LIMBS,), dtype=np.uint64)
+    out[..., 0] = low.astype(np.uint64)
+    out[..., 1] = high.astype(np.int64).astype(np.uint64) & _LIMB_MASK
+    return out
+
+
+def decode_fixed(limb_sums: np.ndarray) -> np.ndarray:
+    """Summed limbs (exact, below 2**64) -> float64 sums, carrying between limbs and restoring the sign."""
+    limbs = np.asarray(limb_sums, dtype=np.uint64)
+    low = limbs[..., 0] & _LIMB_MASK
+    high = (limbs[..., 1] + (limbs[..., 0] >> np.uint64(LIMB_BITS))) & _LIMB_MASK
+    signed_high = high.astype(np.int64)
+    signed_high = np.where(signed_high >= (1 << (LIMB_BITS - 1)), signed_high - (1 << LIMB_BITS), signed_high)
+    return signed_high * 2.0 ** (LIMB_BITS - FRACTION_BITS) + low.astype(np.float64) / _SCALE
+
+
+def flatten(arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, list[tuple[str, tuple[int, ...]]]]:
+    """Concatenate named arrays (sorted by name) into one float64 vector, with the layout to undo it."""
+    layout = [(name, tuple(np.shape(arrays[name]))) for name in sorted(arrays)]
+    if not layout:
+        return np.zeros(0), layout
+    return np.concatenate([np.ravel(np.asarray(arrays[name], dtype=np.float64)) for name, _ in layout]), layout
+
+
+def unflatten(vector: np.ndarray, layout: list[tuple[str, tuple[int, ...]]]) -> dict[str, np.ndarray]:
+    out, offset = {}, 0
+    for name, shape in layout:
+        size = int(np.prod(shape)) if shape else 1
+        out[name] = vector[offset:offset + size].reshape(shape)
+        offset += size
+    return out
+
+
+# --- keys, pairwise seeds and masks ---------------------------------------------------------
+
+def generate_key(random_bytes: RandomBytes) -> tuple[bytes, bytes]:
+    """A fresh X25519 key pair (private, public) as raw 32-byte strings."""
+    private_raw = random_bytes(32)
+    return private_raw, public_key(private_raw)
+
+
+def public_key(private_raw: bytes) -> bytes:
+    return X25519PrivateKey.from_private_bytes(private_raw).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def _hkdf(secret: bytes, info: bytes) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_PROTOCOL + info).derive(secret)
+
+
+def shared_secret(private_raw: bytes, peer_public_raw: bytes) -> bytes:
+    """The X25519 agreement between two sites' per-task keys."""
+    return X25519PrivateKey.from_private_bytes(private_raw).exchange(X25519PublicKey.from_public_bytes(peer_public_raw))
+
+
+def mask_seed(secret: bytes, context: bytes) -> bytes:
+    """Pairwise mask seed for one context (task, round): fresh masks every round from one agreement."""
+    return _hkdf(secret, b"|mask|" + context)
+
+
+def expand(seed: bytes, count: int) -> np.ndarray:
+    """`count` pseudo-random uint64 words: the AES-256-CTR keystream under `seed`."""
+    encryptor = Cipher(algorithms.AES(seed), modes.CTR(b"\x00" * 16)).encryptor()
+    stream = encryptor.update(bytes(count * 8)) + encryptor.finalize()
+    return np.frombuffer(stream, dtype="<u8").astype(np.uint64, copy=False)
+
+
+def pair_sign(me: str, peer: str) -> int:
+    """The lexicographically smaller site adds the pairwise mask, the larger subtracts it."""
+    return 1 if me < peer else -1
+
+
+def apply_masks(encoded: np.ndarray, me: str, seeds: dict[str, bytes]) -> np.ndarray:
+    """Add (or subtract) one expanded mask per peer to the flat uint64 encoding, modulo 2**64."""
+    masked = np.array(encoded, dtype=np.uint64, copy=True).ravel()
+    for peer, seed in seeds.items():
+        if pair_sign(me, peer) > 0:
+            masked += expand(seed, masked.size)
+        else:
+            masked -= expand(seed, masked.size)
+    return masked
+
+
+def dropped_mask_total(dropped: str, seeds_with_submitters: dict[str, bytes], count: int) -> np.ndarray:
+    """The uncancelled masks that submitters added for a site that never submitted, to subtract."""
+    total = np.zeros(count, dtype=np.uint64)
+    for submitter, seed in seeds_with_submitters.items():
+        if pair_sign(submitter, dropped) > 0:
+            total += expand(seed, count)
+        else:
+            total -= expand(seed, count)
+    return total
+
+
+# --- Shamir secret sharing of the per-task mask key -----------------------------------------
+
+def split_secret(secret: bytes, n: int, threshold: int, random_bytes: RandomBytes) -> list[int]:
+    """Shares f(1..n) of a polynomial of degree threshold-1 with f(0) = secret, over GF(2**521-1)."""
+    if not 1 <= threshold <= n:
+        raise ValueError(f"threshold {threshold} must lie in 1..{n}")
+    coefficients = [int.from_bytes(secret, "big")]
+    coefficients += [int.from_bytes(random_bytes(66), "big") % FIELD_PRIME for _ in range(threshold - 1)]
+    return [_evaluate(coefficients, x) for x in range(1, n + 1)]
+
+
+def _evaluate(coefficients: list[int], x: int) -> int:
+    value = 0
+    for coefficient in reversed(coefficients):
+        value = (value * x + coefficient) % FIELD_PRIME
+    return value
+
+
+def combine_secret(shares: dict[int, int], threshold: int, length: int = 32) -> bytes:
+    """Lagrange interpolation at 0 from at least `threshold` shares {x: f(x)}."""
+    if len(shares) < threshold:
+        raise ValueError(f"{len(shares)} shares, fewer than the threshold {threshold}")
+    points = sorted(shares.items())[:threshold]
+    secret = 0
+    for i, (xi, yi) in enumerate(points):
+        numerator, denominator = 1, 1
+        for j, (xj, _) in enumerate(points):
+            if i != j:
+                numerator = numerator * (-xj) % FIELD_PRIME
+                denominator = denominator * (xi - xj) % FIELD_PRIME
+        secret = (secret + yi * numerator * pow(denominator, -1, FIELD_PRIME)) % FIELD_PRIME
+    return secret.to_bytes(length, "big")
+
+
+def encrypt_share(secret: bytes, share: int, context: bytes, random_bytes: RandomBytes) -> bytes:
+    """AES-GCM encryption of one share under a key derived from the pairwise agreement."""
+    nonce = random_bytes(12)
+    return nonce + AESGCM(_hkdf(secret, b"|share|")).encrypt(nonce, share.to_bytes(66, "big"), context)
+
+
+def decrypt_share(secret: bytes, ciphertext: bytes, context: bytes) -> int:
+    """Inverse of encrypt_share; raises cryptography's InvalidTag if altered or misaddressed."""
+    return int.from_bytes(AESGCM(_hkdf(secret, b"|share|")).decrypt(ciphertext[:12], ciphertext[12:], context), "big")

@@ -1,0 +1,102 @@
+"""Study approvals: a steward's signature covers exactly one spec for one site."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from pydantic import ValidationError
+
+from medveil.crypto.signing import SignatureError, SigningKey
+from medveil.runtime.study import StudySpec, sign_approval, verify_approval
+
+RESEARCHER = SigningKey.generate()
+STEWARD_A = SigningKey.generate()
+STEWARD_B = SigningKey.generate()
+
+
+@pytest.fixture
+def spec() -> StudySpec:
+    return StudySpec(
+        id="gbsg2-descriptives", title="Breast cancer cohort", purpose="baseline table",
+        researcher="alice", researcher_key=RESEARCHER.verify_key.to_text(),
+        sites=["site_a", "site_b"], datasets={"default": ["age", "tsize"], "labs": ["crp"]},
+        analyses=["describe", "crosstab"],
+    )
+
+
+def test_approval_signs_and_verifies(spec):
+    approval = sign_approval(spec, "site_a", STEWARD_A, approved_at=1700000000.0)
+    assert approval["document"] == {"study": spec.id, "spec_sha256": spec.digest(), "site": "site_a",
+                                    "approved_at": 1700000000.0}
+    verify_approval(approval, spec, "site_a", STEWARD_A.verify_key)
+
+
+def test_approval_survives_a_json_roundtrip_of_the_spec(spec):
+    """The node stores spec and approval as JSON and re-validates the spec before verifying."""
+    approval = sign_approval(spec, "site_a", STEWARD_A, approved_at=1.5)
+    restored = StudySpec.model_validate_json(spec.model_dump_json())
+    assert restored.digest() == spec.digest()
+    verify_approval(copy.deepcopy(approval), restored, "site_a", STEWARD_A.verify_key)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"datasets": {"default": ["age", "tsize", "pnodes"], "labs": ["crp"]}},
+        {"datasets": {"default": ["age", "tsize"], "labs": ["crp"], "genomes": ["brca1"]}},
+        {"analyses": ["describe", "crosstab", "histogram"]},
+        {"sites": ["site_a", "site_b", "site_c"]},
+        {"researcher": "mallory"},
+        {"researcher_key": SigningKey.generate().verify_key.to_text()},
+        {"purpose": "something else"},
+        {"title": ""},
+    ],
+    ids=["more-variables", "more-datasets", "more-analyses", "more-sites", "researcher", "researcher-key",
+         "purpose", "title"],
+)
+def test_spec_changed_after_approval_fails(spec, change):
+    approval = sign_approval(spec, "site_a", STEWARD_A, approved_at=1.0)
+    widened = spec.model_copy(update=change)
+    assert widened.digest() != spec.digest()
+    with pytest.raises(ValueError, match="does not cover"):
+        verify_approval(approval, widened, "site_a", STEWARD_A.verify_key)
+
+
+def test_another_study_id_fails(spec):
+    approval = sign_approval(spec, "site_a", STEWARD_A, approved_at=1.0)
+    with pytest.raises(ValueError, match="does not cover"):
+        verify_approval(approval, spec.model_copy(update={"id": "other-study"}), "site_a", STEWARD_A.verify_key)
+
+
+def test_another_sites_approval_fails(spec):
+    approval_b = sign_approval(spec, "site_b", STEWARD_B, approved_at=1.0)
+    verify_approval(approval_b, spec, "site_b", STEWARD_B.verify_key)
+    # Presented to site_a, checked with site_a's steward key: the signature is not theirs.
+    with pytest.raises(SignatureError):
+        verify_approval(approval_b, spec, "site_a", STEWARD_A.verify_key)
+    # Even with the right key, the document names another site.
+    with pytest.raises(ValueError, match="does not cover"):
+        verify_approval(approval_b, spec, "site_a", STEWARD_B.verify_key)
+
+
+@pytest.mark.parametrize("field, value", [("site", "site_b"), ("study", "other"), ("spec_sha256", "0" * 64),
+                                          ("approved_at", 2.0)])
+def test_edited_approval_document_fails(spec, field, value):
+    approval = sign_approval(spec, "site_a", STEWARD_A, approved_at=1.0)
+    forged = {"document": dict(approval["document"], **{field: value}), "signature": approval["signature"]}
+    with pytest.raises(SignatureError):
+        verify_approval(forged, spec, "site_a" if field != "site" else "site_b", STEWARD_A.verify_key)
+
+
+def test_digest_ignores_dataset_key_order_only(spec):
+    reordered = spec.model_copy(update={"datasets": {"labs": ["crp"], "default": ["age", "tsize"]}})
+    assert reordered.digest() == spec.digest()
+    assert spec.model_copy(update={"analyses": ["crosstab", "describe"]}).digest() != spec.digest()
+
+
+@pytest.mark.parametrize("update", [{"id": "bad id"}, {"id": ""}, {"researcher": "../x"}, {"sites": []},
+                                    {"analyses": []}, {"extra": 1}])
+def test_invalid_specs_are_refused(spec, update):
+    with pytest.raises(ValidationError):
+        StudySpec.model_validate({**spec.model_dump(), **update})
