@@ -122,7 +122,7 @@ def _exit_on_signal(signum: int, _frame: object) -> None:
 
 @node_app.command("status")
 def node_status(config: Path = typer.Option(..., help="site YAML config")) -> None:
-    """Show the site's disclosure policy, datasets and approved studies."""
+    """Show the site's disclosure policy, approved studies and each study's remaining DP budget."""
     from medveil.runtime.config import load_site_config
     from medveil.runtime.node_store import NodeStore
 
@@ -133,10 +133,15 @@ def node_status(config: Path = typer.Option(..., help="site YAML config")) -> No
         table.add_row(rule, str(value))
     console.print(table)
     store = NodeStore(site.state_dir / "node.db")
-    studies = Table("study", "researcher", "datasets", "analyses", title="approved studies")
+    studies = Table("study", "researcher", "datasets", "secure agg.", "DP rho per release", "DP budget left",
+                    title="approved studies")
     for approval in store.approvals():
         spec = approval.spec
-        studies.add_row(spec["id"], spec["researcher"], ", ".join(spec["datasets"]), ", ".join(spec["analyses"]))
+        rho = spec.get("dp_rho_per_release")
+        left = site.policy.dp_budget_rho - store.budget_spent(spec["id"])
+        studies.add_row(spec["id"], spec["researcher"], ", ".join(spec["datasets"]),
+                        "on" if spec.get("secure_aggregation", True) else "OFF",
+                        "-" if rho is None else f"{rho:g}", f"{left:g} of {site.policy.dp_budget_rho:g}")
     store.close()
     console.print(studies)
 

@@ -74,6 +74,7 @@ class Analysis(ABC, Generic[P]):
     name: ClassVar[str]
     Params: ClassVar[type[Params]]
     releases_sums: ClassVar[bool] = True  # False: nothing to add up, so no secure-aggregation set-up
+    supports_dp: ClassVar[bool] = False  # True: `local` accepts `noise` for its released counts
 
     def parse_params(self, raw: dict[str, Any]) -> P:
         return self.Params.model_validate(raw)  # type: ignore[return-value]
@@ -81,6 +82,15 @@ class Analysis(ABC, Generic[P]):
     @abstractmethod
     def variables(self, params: P) -> list[str]:
         """Columns the analysis reads; the node checks them against the approved list."""
+
+    def row_sets(self, params: P, data: pd.DataFrame) -> list[np.ndarray]:
+        """Boolean masks of the rows each released statistic rests on, for the differencing guard.
+
+        By default one set: rows complete in every variable the analysis reads."""
+        names = self.variables(params)
+        if not names:
+            return []
+        return [data[names].notna().all(axis=1).to_numpy()]
 
     @abstractmethod
     def local(

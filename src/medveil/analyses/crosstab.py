@@ -25,6 +25,7 @@ from medveil.analyses.base import (
     register,
 )
 from medveil.privacy.disclosure import DisclosurePolicy, DisclosureRefused, suppress_small_counts
+from medveil.privacy.dp import CountNoise
 
 OTHER = "(other)"
 
@@ -42,13 +43,14 @@ def _variables(params: CrosstabParams) -> list[str]:
 class Crosstab(Analysis[CrosstabParams]):
     name = "crosstab"
     Params = CrosstabParams
+    supports_dp = True
 
     def variables(self, params: CrosstabParams) -> list[str]:
         return _variables(params)
 
     def local(
         self, params: CrosstabParams, round_no: int, broadcast: dict[str, Any], data: pd.DataFrame,
-        policy: DisclosurePolicy,
+        policy: DisclosurePolicy, noise: CountNoise | None = None,
     ) -> Release:
         names = _variables(params)
         complete = data[names].dropna()
@@ -68,7 +70,7 @@ class Crosstab(Analysis[CrosstabParams]):
         shape = [len(levels[name]) + 1 for name in names]
         counts = np.zeros(shape, dtype=np.int64)
         np.add.at(counts, tuple(codes), 1)
-        released, suppressed = suppress_small_counts(counts, policy)
+        released, suppressed = suppress_small_counts(counts, policy, noise)
         return Release(sums={"counts": released.astype(np.float64), "suppressed": suppressed.astype(np.float64)})
 
     def global_step(

@@ -63,6 +63,9 @@ class Describe(Analysis[DescribeParams]):
     def variables(self, params: DescribeParams) -> list[str]:
         return list(params.variables)
 
+    def row_sets(self, params: DescribeParams, data: pd.DataFrame) -> list[np.ndarray]:
+        return [data[name].notna().to_numpy() for name in params.variables]
+
     def local(
         self, params: DescribeParams, round_no: int, broadcast: dict[str, Any], data: pd.DataFrame,
         policy: DisclosurePolicy,

@@ -16,6 +16,7 @@ from pydantic import Field, field_validator
 
 from medveil.analyses.base import Aggregated, Analysis, Finished, NextRound, Params, Release, numeric_column, register
 from medveil.privacy.disclosure import DisclosurePolicy, suppress_small_counts
+from medveil.privacy.dp import CountNoise
 
 
 class HistogramParams(Params):
@@ -34,19 +35,20 @@ class HistogramParams(Params):
 class Histogram(Analysis[HistogramParams]):
     name = "histogram"
     Params = HistogramParams
+    supports_dp = True
 
     def variables(self, params: HistogramParams) -> list[str]:
         return [params.variable]
 
     def local(
         self, params: HistogramParams, round_no: int, broadcast: dict[str, Any], data: pd.DataFrame,
-        policy: DisclosurePolicy,
+        policy: DisclosurePolicy, noise: CountNoise | None = None,
     ) -> Release:
         values = numeric_column(data, params.variable).to_numpy()
         edges = np.asarray(params.edges)
         inner, _ = np.histogram(values, bins=edges)
         counts = np.concatenate([[np.sum(values < edges[0])], inner, [np.sum(values > edges[-1])]])
-        released, suppressed = suppress_small_counts(counts, policy)
+        released, suppressed = suppress_small_counts(counts, policy, noise)
         return Release(
             sums={"counts": released.astype(np.float64), "suppressed": suppressed.astype(np.float64)},
             public={"rows": len(values)},

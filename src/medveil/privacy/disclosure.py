@@ -7,6 +7,8 @@ steward can see exactly which rule stopped a query.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -18,6 +20,9 @@ class DisclosurePolicy(BaseModel):
 
     min_cell_count: int = Field(5, ge=1, description="smallest count released for any cell, bin or group")
     max_levels: int = Field(50, ge=2, description="most distinct levels a categorical variable may have")
+    differencing_guard: bool = Field(True, description="refuse row sets differing from an earlier query's "
+                                                       "by fewer than min_cell_count rows")
+    dp_budget_rho: float = Field(1.0, gt=0, description="zCDP budget (rho) each study may spend at this site")
 
 
 class DisclosureRefused(Exception):
@@ -29,14 +34,33 @@ class DisclosureRefused(Exception):
         self.detail = message
 
 
-def suppress_small_counts(counts: np.ndarray, policy: DisclosurePolicy) -> tuple[np.ndarray, np.ndarray]:
+def suppress_small_counts(counts: np.ndarray, policy: DisclosurePolicy,
+                          noise: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Zero every count in 1..min_cell_count-1; return (released counts, suppressed mask).
 
-    Zero cells are released as zero: an empty cell identifies nobody.
+    Zero cells are released as zero: an empty cell identifies nobody. With `noise` (differential
+    privacy), the noisy counts are what is suppressed and released.
     """
-    counts = np.asarray(counts, dtype=np.int64)
+    counts = np.asarray(noise(counts) if noise is not None else counts, dtype=np.int64)
     suppressed = (counts > 0) & (counts < policy.min_cell_count)
     return np.where(suppressed, 0, counts), suppressed
+
+
+def check_differencing(row_set: np.ndarray, earlier: list[np.ndarray], policy: DisclosurePolicy) -> None:
+    """Refuse a row set that differs from an earlier one by 1..min_cell_count-1 rows.
+
+    What it protects: two queries over row sets that differ by a handful of patients let their
+    difference reveal those patients' values; sets that are equal or differ by at least
+    min_cell_count rows are allowed.
+    """
+    for previous in earlier:
+        if previous.shape != row_set.shape:
+            continue
+        differing = int(np.count_nonzero(previous != row_set))
+        if 0 < differing < policy.min_cell_count:
+            raise DisclosureRefused(
+                "differencing", f"the rows used differ from an earlier query of this study by {differing} "
+                                f"(fewer than {policy.min_cell_count}); their difference would identify them")
 
 
 def require_min_count(n: int, policy: DisclosurePolicy, what: str) -> None:

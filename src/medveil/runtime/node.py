@@ -25,7 +25,8 @@ from medveil.analyses.base import AnalysisError, UnknownAnalysis, get_analysis
 from medveil.crypto.secagg import FixedPointOverflow
 from medveil.crypto.signing import SignatureError, SigningKey, VerifyKey
 from medveil.data.sources import DataError, load_dataset
-from medveil.privacy.disclosure import DisclosureRefused
+from medveil.privacy.disclosure import DisclosureRefused, check_differencing
+from medveil.privacy.dp import BudgetExhausted, gaussian_count_noise
 from medveil.runtime.audit import AuditLog
 from medveil.runtime.client import HubClient, HubError
 from medveil.runtime.config import SiteConfig, load_site_config
@@ -181,16 +182,21 @@ class Node:
         if missing:
             raise Refusal("missing_column", f"column(s) {missing} not found in dataset {dataset!r} at {self.site}")
         round_no = int(header["round"])
+        if round_no == 0 and self.config.policy.differencing_guard:
+            self._check_differencing(spec.id, dataset, analysis.row_sets(params, data))
+        extra = self._dp_noise(spec, analysis)
         decision_id = self.audit.append("decision", decision="run", study=spec.id, task=task, step=step,
                                         round=round_no, analysis=name, dataset=dataset, variables=wanted,
                                         secure_aggregation=spec.secure_aggregation)
         try:
-            release = analysis.local(params, round_no, body.get("broadcast", {}), data, self.config.policy)
+            release = analysis.local(params, round_no, body.get("broadcast", {}), data, self.config.policy, **extra)
         except DisclosureRefused as exc:
             raise Refusal(exc.rule, exc.detail) from exc
         except (AnalysisError, ValueError, TypeError) as exc:
             raise Refusal("analysis_error", str(exc)) from exc
         sums = {k: np.asarray(v, dtype=np.float64) for k, v in release.sums.items()}
+        if extra and sums:
+            release.public["dp_rho"] = self._charge(spec)
         if spec.secure_aggregation and sums:
             participants = list(body.get("secagg", {}).get("participants", []))
             keys = self._task_keys(task)
@@ -210,6 +216,43 @@ class Node:
             digest=hashlib.sha256(b"".join(k.encode() + v.tobytes() for k, v in sorted(sums.items()))).hexdigest(),
         )
         return payload, [decision_id, release_id]
+
+    def _data_version(self, dataset: str) -> str:
+        config = self.config.datasets.get(dataset)
+        return repr(config.fingerprint()) if config is not None and dataset not in self.frames else f"frame:{dataset}"
+
+    def _check_differencing(self, study: str, dataset: str, row_sets: list[np.ndarray]) -> None:
+        version = self._data_version(dataset)
+        earlier = self.store.row_sets(study, dataset, version)
+        try:
+            for row_set in row_sets:
+                check_differencing(row_set, earlier, self.config.policy)
+        except DisclosureRefused as exc:
+            raise Refusal(exc.rule, exc.detail) from exc
+        for row_set in row_sets:
+            self.store.add_row_set(study, dataset, version, row_set)
+
+    def _dp_noise(self, spec: StudySpec, analysis: Any) -> dict[str, Any]:
+        """Keyword arguments for the local step: OpenDP noise when the study asks for DP."""
+        rho = spec.dp_rho_per_release
+        if rho is None:
+            return {}
+        if not analysis.supports_dp:
+            raise Refusal("dp_unsupported", f"analysis {analysis.name!r} has no differentially private release yet")
+        spent = self.store.budget_spent(spec.id)
+        if spent + rho > self.config.policy.dp_budget_rho * (1 + 1e-12):
+            exhausted = BudgetExhausted(spec.id, spent, rho, self.config.policy.dp_budget_rho)
+            raise Refusal(exhausted.rule, exhausted.detail)
+        return {"noise": gaussian_count_noise(rho)}
+
+    def _charge(self, spec: StudySpec) -> float:
+        rho = float(spec.dp_rho_per_release or 0.0)
+        try:
+            self.store.charge_budget(spec.id, rho, self.config.policy.dp_budget_rho)
+        except OverflowError as exc:
+            exhausted = BudgetExhausted(spec.id, float(exc.args[0]), rho, self.config.policy.dp_budget_rho)
+            raise Refusal(exhausted.rule, exhausted.detail) from exc
+        return rho
 
     def _task_keys(self, task: str) -> NodeTaskKeys:
         stored = self.store.get(f"secagg:{task}")

@@ -7,7 +7,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, Float, Integer, String, select
+import hashlib
+
+import numpy as np
+from sqlalchemy import JSON, Float, Integer, LargeBinary, String, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
@@ -36,6 +39,26 @@ class ProcessedRound(_Base):
     task: Mapped[str] = mapped_column(String(64), primary_key=True)
     round: Mapped[int] = mapped_column(Integer, primary_key=True)
     at: Mapped[float] = mapped_column(Float)
+
+
+class Budget(_Base):
+    """Differential-privacy budget (zCDP rho) a study has spent at this site."""
+
+    __tablename__ = "dp_budgets"
+    study: Mapped[str] = mapped_column(String(128), primary_key=True)
+    spent: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class RowSet(_Base):
+    """Rows an earlier query of a study used (a bitmap), for the differencing guard; never leaves."""
+
+    __tablename__ = "row_sets"
+    study: Mapped[str] = mapped_column(String(128), primary_key=True)
+    dataset: Mapped[str] = mapped_column(String(128), primary_key=True)
+    digest: Mapped[str] = mapped_column(String(64), primary_key=True)
+    version: Mapped[str] = mapped_column(String(256))
+    size: Mapped[int] = mapped_column(Integer)
+    bits: Mapped[bytes] = mapped_column(LargeBinary)
 
 
 class Setting(_Base):
@@ -78,6 +101,35 @@ class NodeStore:
             except IntegrityError:
                 return False
             return True
+
+    def budget_spent(self, study: str) -> float:
+        with self._sessions() as s:
+            row = s.get(Budget, study)
+            return 0.0 if row is None else row.spent
+
+    def charge_budget(self, study: str, rho: float, limit: float) -> float:
+        """Add `rho` to the study's spending if it stays within `limit`; return the new total or raise."""
+        with self._lock, self._sessions() as s:
+            row = s.get(Budget, study) or Budget(study=study, spent=0.0)
+            if row.spent + rho > limit * (1 + 1e-12):
+                raise OverflowError(row.spent)
+            row.spent += rho
+            s.merge(row)
+            s.commit()
+            return row.spent
+
+    def row_sets(self, study: str, dataset: str, version: str) -> list[np.ndarray]:
+        with self._sessions() as s:
+            rows = s.scalars(select(RowSet).where(RowSet.study == study, RowSet.dataset == dataset,
+                                                  RowSet.version == version))
+            return [np.unpackbits(np.frombuffer(r.bits, dtype=np.uint8), count=r.size).astype(bool) for r in rows]
+
+    def add_row_set(self, study: str, dataset: str, version: str, row_set: np.ndarray) -> None:
+        bits = np.packbits(row_set.astype(np.uint8)).tobytes()
+        digest = hashlib.sha256(bits + version.encode()).hexdigest()
+        with self._lock, self._sessions() as s:
+            s.merge(RowSet(study=study, dataset=dataset, digest=digest, version=version, size=len(row_set), bits=bits))
+            s.commit()
 
     def get(self, key: str, default: Any = None) -> Any:
         with self._sessions() as s:

@@ -96,12 +96,15 @@ class ResearcherSession:
         broadcast: dict[str, Any] = {}
         state: dict[str, Any] = {}
         rows: dict[str, int] = {}
+        dp_spent: dict[str, float] = {}
         round_no = 0
         while True:
             public, sums = self._compute(task, round_no, broadcast, secure)
             for site, facts in public.items():
                 if "rows" in facts:
                     rows[site] = int(facts["rows"])
+                if "dp_rho" in facts:
+                    dp_spent[site] = dp_spent.get(site, 0.0) + float(facts["dp_rho"])
             outcome = analysis.global_step(task.params, round_no, Aggregated(sums=sums, public=public), state)
             if progress is not None:
                 progress(round_no)
@@ -110,6 +113,7 @@ class ResearcherSession:
                     "study": self.study.id, "task": task.id, "analysis": analysis_name, "dataset": dataset,
                     "sites": sorted(public), "rows": rows, "rounds": round_no + 1,
                     "secure_aggregation": self.study.secure_aggregation,
+                    "dp_rho_spent": dp_spent,
                     "audit_ids": {site: ids for site, ids in task.audit_ids.items() if site in public},
                 }
                 self._background.submit(self._record_result, task.id, provenance)

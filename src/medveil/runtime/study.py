@@ -34,6 +34,8 @@ class StudySpec(BaseModel):
     analyses: list[str] = Field(min_length=1)
     secure_aggregation: bool = Field(True, description="sums across sites are masked; turning it off is recorded")
     secagg_threshold: int | None = Field(None, ge=2, description="sites needed to recover a sum; default a majority")
+    dp_rho_per_release: float | None = Field(None, gt=0, description="zCDP rho each site spends per noisy "
+                                                                      "release; None: no differential privacy")
 
     def threshold(self) -> int:
         """Sites that must remain for a secure sum to be recovered (default a majority)."""
