@@ -109,3 +109,14 @@ def test_require_min_count_boundary(min_count):
         assert info.value.rule == "min_cell_count"
         assert "site_a's group" in info.value.detail and str(n) in info.value.detail
         assert str(info.value).startswith("[min_cell_count]")
+
+
+def test_saturation_guard_refuses_models_close_to_the_rows():
+    from medveil.privacy.disclosure import require_not_saturated
+
+    policy = DisclosurePolicy()
+    require_not_saturated(100, 33, policy)
+    with pytest.raises(DisclosureRefused) as error:
+        require_not_saturated(100, 34, policy)
+    assert error.value.rule == "saturation"
+    require_not_saturated(100, 50, DisclosurePolicy(max_parameter_ratio=0.5))

@@ -22,6 +22,8 @@ class DisclosurePolicy(BaseModel):
     max_levels: int = Field(50, ge=2, description="most distinct levels a categorical variable may have")
     differencing_guard: bool = Field(True, description="refuse row sets differing from an earlier query's "
                                                        "by fewer than min_cell_count rows")
+    max_parameter_ratio: float = Field(0.33, gt=0, le=1, description="a model may have at most this many "
+                                                                     "parameters per row at a site (saturation)")
     dp_budget_rho: float = Field(1.0, gt=0, description="zCDP budget (rho) each study may spend at this site")
 
 
@@ -61,6 +63,18 @@ def check_differencing(row_set: np.ndarray, earlier: list[np.ndarray], policy: D
             raise DisclosureRefused(
                 "differencing", f"the rows used differ from an earlier query of this study by {differing} "
                                 f"(fewer than {policy.min_cell_count}); their difference would identify them")
+
+
+def require_not_saturated(n_rows: int, n_parameters: int, policy: DisclosurePolicy) -> None:
+    """Refuse a model fit whose parameters approach the site's rows.
+
+    What it protects: a saturated model reproduces its rows (with as many parameters as rows the
+    fitted values are the data); DataSHIELD's nfilter.glm guards the same way.
+    """
+    if n_parameters > policy.max_parameter_ratio * n_rows:
+        raise DisclosureRefused(
+            "saturation", f"a model with {n_parameters} parameters needs at least "
+                          f"{int(n_parameters / policy.max_parameter_ratio) + 1} rows at a site; this site has {n_rows}")
 
 
 def require_min_count(n: int, policy: DisclosurePolicy, what: str) -> None:
