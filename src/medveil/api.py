@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
+from medveil.analyses.glm_results import GLMResults
 from medveil.crypto.signing import SigningKey, VerifyKey
 from medveil.privacy.disclosure import DisclosurePolicy
 from medveil.runtime.client import HubClient
@@ -97,6 +99,12 @@ class Federation:
     def histogram(self, variable: str, edges: Sequence[float], data: str | None = None) -> pd.DataFrame:
         """Pooled counts over bin edges fixed up front; small bins suppressed and marked."""
         return self._frame("histogram", data, variable=variable, edges=[float(e) for e in edges])
+
+    def glm(self, formula: str, family: str = "gaussian", data: str | None = None, offset: str | None = None,
+            max_iter: int = 100, tol: float = 1e-8) -> GLMResults:
+        """Generalized linear model equal to statsmodels' GLM on the pooled rows (distributed IRLS)."""
+        outcome = self.run("glm", data, formula=formula, family=family, offset=offset, max_iter=max_iter, tol=tol)
+        return replace(outcome.result, provenance=outcome.provenance)
 
     def hub_traffic(self) -> pd.DataFrame:
         """Every message the hub relayed, decoded: exactly what the operator can see."""

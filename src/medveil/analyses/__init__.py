@@ -9,6 +9,7 @@ BUILTIN_MODULES = (
     "medveil.analyses.describe",
     "medveil.analyses.crosstab",
     "medveil.analyses.histogram",
+    "medveil.analyses.glm",
 )
 
 

@@ -75,6 +75,7 @@ class Analysis(ABC, Generic[P]):
     Params: ClassVar[type[Params]]
     releases_sums: ClassVar[bool] = True  # False: nothing to add up, so no secure-aggregation set-up
     supports_dp: ClassVar[bool] = False  # True: `local` accepts `noise` for its released counts
+    uses_scratch: ClassVar[bool] = False  # True: `local` accepts `scratch`, a dict kept at the site per task
 
     def parse_params(self, raw: dict[str, Any]) -> P:
         return self.Params.model_validate(raw)  # type: ignore[return-value]

@@ -14,6 +14,7 @@ import hashlib
 import logging
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,7 @@ class Node:
         self.audit = AuditLog(config.state_dir / "audit.jsonl", config.site)
         self._cache: dict[str, tuple[tuple, pd.DataFrame]] = {}
         self._verified: dict[str, tuple[str, StudySpec]] = {}
+        self._scratch: OrderedDict[str, dict[str, Any]] = OrderedDict()
 
     @classmethod
     def from_config_file(cls, path: Path) -> "Node":
@@ -185,6 +187,8 @@ class Node:
         if round_no == 0 and self.config.policy.differencing_guard:
             self._check_differencing(spec.id, dataset, analysis.row_sets(params, data))
         extra = self._dp_noise(spec, analysis)
+        if analysis.uses_scratch:
+            extra["scratch"] = self._task_scratch(task)
         decision_id = self.audit.append("decision", decision="run", study=spec.id, task=task, step=step,
                                         round=round_no, analysis=name, dataset=dataset, variables=wanted,
                                         secure_aggregation=spec.secure_aggregation)
@@ -216,6 +220,15 @@ class Node:
             digest=hashlib.sha256(b"".join(k.encode() + v.tobytes() for k, v in sorted(sums.items()))).hexdigest(),
         )
         return payload, [decision_id, release_id]
+
+    def _task_scratch(self, task: str, keep: int = 4) -> dict[str, Any]:
+        """Per-task working memory at the site (e.g. a design matrix reused across rounds); never sent."""
+        if task not in self._scratch:
+            self._scratch[task] = {}
+            while len(self._scratch) > keep:
+                self._scratch.popitem(last=False)
+        self._scratch.move_to_end(task)
+        return self._scratch[task]
 
     def _data_version(self, dataset: str) -> str:
         config = self.config.datasets.get(dataset)

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from medveil.analyses.base import Aggregated, Finished, Params, get_analysis
+from medveil.analyses.base import Aggregated, AnalysisError, Finished, Params, get_analysis
 from medveil.crypto.signing import SignatureError
 from medveil.runtime.aggregation import aggregate
 from medveil.runtime.client import HubClient
@@ -44,6 +44,10 @@ class SiteTimeoutError(FederationError):
     def __init__(self, sites: list[str], timeout: float, step: int, note: str = ""):
         self.sites = sites
         super().__init__(f"no answer from site(s) {', '.join(sites)} within {timeout:g} s (step {step}){note}")
+
+
+class AnalysisFailed(FederationError):
+    """The pooled sums do not allow the analysis (e.g. a collinear design); the message says why."""
 
 
 class SecureAggregationError(FederationError, SecureAggregationAborted):
@@ -105,7 +109,10 @@ class ResearcherSession:
                     rows[site] = int(facts["rows"])
                 if "dp_rho" in facts:
                     dp_spent[site] = dp_spent.get(site, 0.0) + float(facts["dp_rho"])
-            outcome = analysis.global_step(task.params, round_no, Aggregated(sums=sums, public=public), state)
+            try:
+                outcome = analysis.global_step(task.params, round_no, Aggregated(sums=sums, public=public), state)
+            except AnalysisError as exc:
+                raise AnalysisFailed(f"{analysis_name}: {exc}") from exc
             if progress is not None:
                 progress(round_no)
             if isinstance(outcome, Finished):
