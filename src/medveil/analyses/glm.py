@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from functools import lru_cache
 from typing import Any, Literal
 
 import numpy as np
@@ -56,6 +57,7 @@ def statsmodels_family(name: str):
     return {"gaussian": families.Gaussian, "binomial": families.Binomial, "poisson": families.Poisson}[name]()
 
 
+@lru_cache(maxsize=256)
 def _formula_variables(formula: str) -> tuple[list[str], list[str]]:
     from formulaic import Formula
 
@@ -92,7 +94,9 @@ class GLM(Analysis[GLMParams]):
             return scratch["design"]
         from formulaic import model_matrix
 
-        frame = data[self.variables(params)].copy()
+        frame = data[self.variables(params)]
+        if levels:
+            frame = frame.copy()
         for name, agreed in levels.items():
             labels = categorical_column(frame, name).reindex(frame.index)
             frame[name] = pd.Categorical(labels.where(labels.isin(agreed)), categories=agreed)
@@ -128,8 +132,7 @@ class GLM(Analysis[GLMParams]):
             require_not_saturated(len(y), x.shape[1], policy)
             if params.family == "binomial" and not np.all((y == 0) | (y == 1)):
                 raise AnalysisError("a binomial response must be 0 or 1")
-            return Release(sums={"n": np.array([len(y)], dtype=np.float64), "sum_y": np.array([y.sum()]),
-                                 "xtx": x.T @ x},
+            return Release(sums={"n": np.array([len(y)], dtype=np.float64), "sum_y": np.array([y.sum()])},
                            public={"rows": len(y), "rows_dropped": dropped, "columns": columns})
         if "beta" in broadcast:
             linear = x @ np.asarray(broadcast["beta"], dtype=np.float64) + offset
@@ -165,7 +168,6 @@ class GLM(Analysis[GLMParams]):
             if len(columns) != 1:
                 raise AnalysisError(f"sites built different design matrices: {sorted(columns)}")
             names = list(next(iter(columns)))
-            _check_collinearity(sums["xtx"], names)
             n = float(sums["n"][0])
             ybar = float(sums["sum_y"][0]) / n
             state = dict(state, columns=names, nobs=n, ybar=ybar, deviances=[np.inf], iteration=0,
@@ -189,6 +191,8 @@ class GLM(Analysis[GLMParams]):
                 iterations=iteration, converged=converged or perfect, family=statsmodels_family(params.family),
             ))
         xtwx = sums["xtwx"]
+        if iteration == 0:
+            _check_collinearity(xtwx, state["columns"])  # W > 0: X'WX has the null space of X'X
         beta = np.linalg.pinv(xtwx) @ sums["xtwz"]
         state = dict(state, deviances=history, iteration=iteration + 1, beta=beta, xtwx=xtwx)
         return NextRound({"levels": state["levels"], "beta": beta}, state)
