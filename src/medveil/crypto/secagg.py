@@ -14,7 +14,7 @@ threshold nothing can be recovered and the round aborts.
 Fixed point: a float64 x becomes the integer round(x * 2**52), held in two's complement over
 112 bits as two 56-bit limbs in uint64 words. Limb sums of up to 256 sites stay below 2**64,
 so sums modulo 2**64 (where masks live) are exact; decoding propagates the carry and the sign.
-Encoding refuses |x| > 2**51 and non-finite values instead of wrapping.
+Encoding refuses |x| > 2**50 and non-finite values instead of wrapping.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ LIMB_BITS = 56
 LIMBS = 2
 FRACTION_BITS = 52
 MAX_PARTIES = 256
-MAX_ABS = 2.0 ** (LIMB_BITS * LIMBS - 1 - FRACTION_BITS - 8)  # 2**51: the sum of 256 sites still fits
+MAX_ABS = 2.0 ** (LIMB_BITS * LIMBS - 1 - FRACTION_BITS - 9)  # 2**50: 256 sites sum below 2**58 < 2**59
 _LIMB_MASK = np.uint64((1 << LIMB_BITS) - 1)
 _SCALE = 2.0**FRACTION_BITS
 # Mersenne prime 2**521 - 1: a field larger than any 32-byte secret, with cheap reduction.
@@ -57,11 +57,15 @@ def encode_fixed(values: np.ndarray) -> np.ndarray:
     if x.size and np.max(np.abs(x)) > MAX_ABS:
         raise FixedPointOverflow(f"value {np.max(np.abs(x)):.3g} exceeds the fixed-point bound {MAX_ABS:.3g}")
     scaled = np.rint(x * _SCALE)  # exact integers in float64 (53 significant bits at most)
-    high = np.floor(scaled / 2.0**LIMB_BITS)
-    low = scaled - high * 2.0**LIMB_BITS  # exact: the low bits of an integer with <= 53 bits
+    magnitude = np.abs(scaled)
+    high = np.floor(magnitude / 2.0**LIMB_BITS)
+    low = np.asarray(magnitude - high * 2.0**LIMB_BITS).astype(np.uint64)  # exact: bits of the magnitude
+    high = np.asarray(high).astype(np.uint64)
+    negative = np.asarray(scaled < 0)
     out = np.empty(x.shape + (LIMBS,), dtype=np.uint64)
-    out[..., 0] = low.astype(np.uint64)
-    out[..., 1] = high.astype(np.int64).astype(np.uint64) & _LIMB_MASK
+    # Two's complement over 112 bits, taken in integers (a float subtraction would round).
+    out[..., 0] = np.where(negative, (np.uint64(1 << LIMB_BITS) - low) & _LIMB_MASK, low)
+    out[..., 1] = np.where(negative, (_LIMB_MASK - high + (low == 0)) & _LIMB_MASK, high)
     return out
 
 
@@ -70,9 +74,12 @@ def decode_fixed(limb_sums: np.ndarray) -> np.ndarray:
     limbs = np.asarray(limb_sums, dtype=np.uint64)
     low = limbs[..., 0] & _LIMB_MASK
     high = (limbs[..., 1] + (limbs[..., 0] >> np.uint64(LIMB_BITS))) & _LIMB_MASK
-    signed_high = high.astype(np.int64)
-    signed_high = np.where(signed_high >= (1 << (LIMB_BITS - 1)), signed_high - (1 << LIMB_BITS), signed_high)
-    return signed_high * 2.0 ** (LIMB_BITS - FRACTION_BITS) + low.astype(np.float64) / _SCALE
+    negative = high >= np.uint64(1 << (LIMB_BITS - 1))
+    magnitude_low = np.where(negative, (np.uint64(1 << LIMB_BITS) - low) & _LIMB_MASK, low)
+    magnitude_high = np.where(negative, (_LIMB_MASK - high + (low == 0)) & _LIMB_MASK, high)
+    magnitude = (magnitude_high.astype(np.float64) * 2.0 ** (LIMB_BITS - FRACTION_BITS)
+                 + magnitude_low.astype(np.float64) / _SCALE)
+    return np.where(negative, -magnitude, magnitude)
 
 
 def flatten(arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, list[tuple[str, tuple[int, ...]]]]:
