@@ -43,12 +43,12 @@ def main() -> None:
         binary, as_json = [], []
         for repeat in range(args.repeats):
             task = f"t{repeat}"
-            researcher.post("/v1/messages", researcher.seal("task", {}, study="bench", task=task, round=0,
+            researcher.post("/v1/messages", researcher.seal("task", {}, study="bench", task=task, step=0,
                                                             analysis="ping", dataset="default", recipients=list(SITES)))
             start = time.perf_counter()
             for site, client in sites.items():
                 client.post("/v1/messages", client.seal("reply", {"sums": {"x": arrays[site]}}, status="ok",
-                                                        study="bench", task=task, round=0))
+                                                        study="bench", task=task, step=0))
             total = 0
             for envelope in researcher.replies(task, 0, wait=30):
                 envelope.verify(researcher.public_key(envelope.sender))

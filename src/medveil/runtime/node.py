@@ -184,8 +184,9 @@ class Node:
         if missing:
             raise Refusal("missing_column", f"column(s) {missing} not found in dataset {dataset!r} at {self.site}")
         round_no = int(header["round"])
-        if round_no == 0 and self.config.policy.differencing_guard:
-            self._check_differencing(spec.id, dataset, analysis.row_sets(params, data))
+        row_sets = analysis.row_sets(params, data) if round_no == 0 and self.config.policy.differencing_guard else []
+        if row_sets:
+            self._check_differencing(spec.id, dataset, row_sets)
         extra = self._dp_noise(spec, analysis)
         if analysis.uses_scratch:
             extra["scratch"] = self._task_scratch(task)

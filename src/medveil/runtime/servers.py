@@ -55,7 +55,12 @@ class HubServer:
             self._loop = asyncio.get_running_loop()
             await self._server.serve(sockets=[sock])  # type: ignore[union-attr]
 
-        self._thread = threading.Thread(target=asyncio.run, args=(serve(),), name="medveil-hub", daemon=True)
+        def run() -> None:
+            # uvicorn's loop choice (uvloop when installed), as uvicorn.Server.run would make it.
+            with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
+                runner.run(serve())
+
+        self._thread = threading.Thread(target=run, name="medveil-hub", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + 10
         while not self._server.started:
