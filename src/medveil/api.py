@@ -9,6 +9,7 @@ from typing import Any, Mapping, Sequence
 import pandas as pd
 
 from medveil.analyses.glm_results import GLMResults
+from medveil.analyses.survival import KaplanMeierResult, LogrankResult
 from medveil.crypto.signing import SigningKey, VerifyKey
 from medveil.privacy.disclosure import DisclosurePolicy
 from medveil.runtime.client import HubClient
@@ -104,6 +105,20 @@ class Federation:
             max_iter: int = 100, tol: float = 1e-8) -> GLMResults:
         """Generalized linear model equal to statsmodels' GLM on the pooled rows (distributed IRLS)."""
         outcome = self.run("glm", data, formula=formula, family=family, offset=offset, max_iter=max_iter, tol=tol)
+        return replace(outcome.result, provenance=outcome.provenance)
+
+    def kaplan_meier(self, duration: str, event: str, by: str | None = None, data: str | None = None,
+                     time_unit: float = 1.0, max_time: float = 36_500.0, alpha: float = 0.05) -> KaplanMeierResult:
+        """Kaplan-Meier curves with exponential-Greenwood intervals, equal to lifelines on the pooled rows."""
+        outcome = self.run("kaplan_meier", data, duration=duration, event=event, by=by, time_unit=time_unit,
+                           max_time=max_time, alpha=alpha)
+        return replace(outcome.result, provenance=outcome.provenance)
+
+    def logrank(self, duration: str, event: str, group: str, data: str | None = None, time_unit: float = 1.0,
+                max_time: float = 36_500.0) -> LogrankResult:
+        """Log-rank test across the levels of `group` (multivariate for more than two)."""
+        outcome = self.run("logrank", data, duration=duration, event=event, by=group, time_unit=time_unit,
+                           max_time=max_time)
         return replace(outcome.result, provenance=outcome.provenance)
 
     def hub_traffic(self) -> pd.DataFrame:

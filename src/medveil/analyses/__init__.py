@@ -10,6 +10,7 @@ BUILTIN_MODULES = (
     "medveil.analyses.crosstab",
     "medveil.analyses.histogram",
     "medveil.analyses.glm",
+    "medveil.analyses.survival",
 )
 
 

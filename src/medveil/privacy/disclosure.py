@@ -24,6 +24,8 @@ class DisclosurePolicy(BaseModel):
                                                        "by fewer than min_cell_count rows")
     max_parameter_ratio: float = Field(0.33, gt=0, le=1, description="a model may have at most this many "
                                                                      "parameters per row at a site (saturation)")
+    min_time_unit: float = Field(0.0, ge=0, description="coarsest-needed time grid: survival analyses on a "
+                                                         "finer grid are refused (e.g. 7 for weeks)")
     dp_budget_rho: float = Field(1.0, gt=0, description="zCDP budget (rho) each study may spend at this site")
 
 
