@@ -8,6 +8,7 @@ from typing import Any, Mapping, Sequence
 
 import pandas as pd
 
+from medveil.analyses.cox import CoxResults
 from medveil.analyses.glm_results import GLMResults
 from medveil.analyses.survival import KaplanMeierResult, LogrankResult
 from medveil.crypto.signing import SigningKey, VerifyKey
@@ -105,6 +106,14 @@ class Federation:
             max_iter: int = 100, tol: float = 1e-8) -> GLMResults:
         """Generalized linear model equal to statsmodels' GLM on the pooled rows (distributed IRLS)."""
         outcome = self.run("glm", data, formula=formula, family=family, offset=offset, max_iter=max_iter, tol=tol)
+        return replace(outcome.result, provenance=outcome.provenance)
+
+    def coxph(self, duration: str, event: str, covariates: Sequence[str], ties: str = "efron",
+              strata: str | None = None, data: str | None = None, time_unit: float = 1.0,
+              max_time: float = 36_500.0) -> CoxResults:
+        """Cox proportional-hazards model by exact distributed Newton, equal to a pooled fit."""
+        outcome = self.run("coxph", data, duration=duration, event=event, covariates=list(covariates), ties=ties,
+                           strata=strata, time_unit=time_unit, max_time=max_time)
         return replace(outcome.result, provenance=outcome.provenance)
 
     def kaplan_meier(self, duration: str, event: str, by: str | None = None, data: str | None = None,

@@ -11,6 +11,7 @@ BUILTIN_MODULES = (
     "medveil.analyses.histogram",
     "medveil.analyses.glm",
     "medveil.analyses.survival",
+    "medveil.analyses.cox",
 )
 
 

@@ -148,3 +148,15 @@ def categorical_column(data: pd.DataFrame, column: str) -> pd.Series:
     if pd.api.types.is_float_dtype(series) and (series == series.round()).all():
         series = series.astype(np.int64)
     return series.astype(str)
+
+
+def check_collinearity(xtx: np.ndarray, names: list[str]) -> None:
+    """Name the columns that are linear combinations of the others (rank-revealing eigenvectors)."""
+    scale = np.sqrt(np.clip(np.diag(xtx), 1e-300, None))
+    correlation = xtx / np.outer(scale, scale)
+    values, vectors = np.linalg.eigh(correlation)
+    null = values < 1e-10 * max(values.max(), 1.0)
+    if null.any():
+        involved = sorted({names[i] for k in np.where(null)[0] for i in np.where(np.abs(vectors[:, k]) > 1e-6)[0]})
+        raise AnalysisError(f"the design is collinear: columns {involved} are linearly dependent "
+                            f"(rank {int((~null).sum())} of {len(names)})")

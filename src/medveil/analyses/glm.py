@@ -33,6 +33,7 @@ from medveil.analyses.base import (
     Params,
     Release,
     categorical_column,
+    check_collinearity,
     register,
 )
 from medveil.analyses.glm_results import GLMResults
@@ -192,19 +193,7 @@ class GLM(Analysis[GLMParams]):
             ))
         xtwx = sums["xtwx"]
         if iteration == 0:
-            _check_collinearity(xtwx, state["columns"])  # W > 0: X'WX has the null space of X'X
+            check_collinearity(xtwx, state["columns"])  # W > 0: X'WX has the null space of X'X
         beta = np.linalg.pinv(xtwx) @ sums["xtwz"]
         state = dict(state, deviances=history, iteration=iteration + 1, beta=beta, xtwx=xtwx)
         return NextRound({"levels": state["levels"], "beta": beta}, state)
-
-
-def _check_collinearity(xtx: np.ndarray, names: list[str]) -> None:
-    """Name the columns that are linear combinations of the others (rank-revealing eigenvectors)."""
-    scale = np.sqrt(np.clip(np.diag(xtx), 1e-300, None))
-    correlation = xtx / np.outer(scale, scale)
-    values, vectors = np.linalg.eigh(correlation)
-    null = values < 1e-10 * max(values.max(), 1.0)
-    if null.any():
-        involved = sorted({names[i] for k in np.where(null)[0] for i in np.where(np.abs(vectors[:, k]) > 1e-6)[0]})
-        raise AnalysisError(f"the design is collinear: columns {involved} are linearly dependent "
-                            f"(rank {int((~null).sum())} of {len(names)})")

@@ -1,0 +1,250 @@
+"""coxph: Cox proportional-hazards model by exact distributed Newton on the partial likelihood.
+
+Durations sit on a time grid agreed up front, as for Kaplan-Meier. Round 0 agrees strata;
+round 1 sums per-time event counts (the pooled event times come from this secure sum, never
+from a site's own list); every later round sends the coefficients and each site returns, for
+every pooled event time of each stratum, its risk-set sums (sum of w, w x, w x x' over rows
+still at risk, w = exp(x'beta)) and the same sums over the rows that fail at that time, plus
+sum of x over its events. From those cross-site sums the researcher computes the pooled
+partial log-likelihood, gradient and Hessian with Efron's or Breslow's handling of ties,
+exactly as a pooled fit would, and takes a Newton step.
+What leaks: the pooled number of events at each grid time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from pydantic import Field
+from scipy import stats
+
+from medveil.analyses.base import (
+    Aggregated,
+    Analysis,
+    AnalysisError,
+    Finished,
+    NextRound,
+    Params,
+    Release,
+    categorical_column,
+    check_collinearity,
+    register,
+)
+from medveil.privacy.disclosure import DisclosurePolicy, DisclosureRefused, require_not_saturated
+
+ALL = "all"
+
+
+class CoxParams(Params):
+    duration: str
+    event: str
+    covariates: list[str] = Field(min_length=1)
+    ties: Literal["efron", "breslow"] = "efron"
+    strata: str | None = None
+    time_unit: float = Field(1.0, gt=0)
+    max_time: float = Field(36_500.0, gt=0)
+    max_iter: int = Field(50, ge=1, le=500)
+    tol: float = Field(1e-10, gt=0)
+    alpha: float = Field(0.05, gt=0, lt=1)
+
+
+@dataclass(frozen=True)
+class CoxResults:
+    """Coefficients as lifelines' CoxPHFitter names them; no row-level data."""
+
+    params: pd.Series
+    variance_matrix: pd.DataFrame
+    log_likelihood: float
+    log_likelihood_null: float
+    ties: str
+    iterations: int
+    converged: bool
+    n_events: int
+    nobs: int
+    alpha: float = 0.05
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def hazard_ratios(self) -> pd.Series:
+        return np.exp(self.params)
+
+    @property
+    def standard_errors(self) -> pd.Series:
+        return pd.Series(np.sqrt(np.diag(self.variance_matrix)), index=self.params.index)
+
+    @property
+    def z(self) -> pd.Series:
+        return self.params / self.standard_errors
+
+    @property
+    def p_values(self) -> pd.Series:
+        return pd.Series(2 * stats.norm.sf(np.abs(self.z)), index=self.params.index)
+
+    def confidence_intervals(self) -> pd.DataFrame:
+        quantile = stats.norm.ppf(1 - self.alpha / 2)
+        return pd.DataFrame({"lower": self.params - quantile * self.standard_errors,
+                             "upper": self.params + quantile * self.standard_errors})
+
+    def log_likelihood_ratio_test(self) -> tuple[float, float]:
+        """(statistic, p-value) of the model against no covariates."""
+        statistic = 2 * (self.log_likelihood - self.log_likelihood_null)
+        return statistic, float(stats.chi2.sf(statistic, len(self.params)))
+
+    def summary(self) -> str:
+        ci = self.confidence_intervals()
+        table = pd.DataFrame({"coef": self.params, "exp(coef)": self.hazard_ratios, "se(coef)": self.standard_errors,
+                              "z": self.z, "p": self.p_values, "lower 95%": ci["lower"], "upper 95%": ci["upper"]})
+        statistic, p_value = self.log_likelihood_ratio_test()
+        return "\n".join([
+            f"Federated Cox PH ({self.ties} ties)   sites: {', '.join(self.provenance.get('sites', [])) or '-'}",
+            f"observations: {self.nobs}   events: {self.n_events}   partial log-likelihood: {self.log_likelihood:.6g}",
+            f"log-likelihood ratio test: {statistic:.6g} on {len(self.params)} df, p={p_value:.4g}   "
+            f"Newton iterations: {self.iterations} (converged: {self.converged})",
+            "", table.to_string(float_format=lambda v: f"{v:.6g}"),
+        ])
+
+    def __repr__(self) -> str:
+        return self.summary()
+
+
+def _risk_sums(slots: np.ndarray, x: np.ndarray, w: np.ndarray, size: int) -> tuple[np.ndarray, ...]:
+    """Per grid slot: sum of w, w x, w x x' (p x p) over the rows whose time falls in that slot."""
+    p = x.shape[1]
+    s0 = np.bincount(slots, weights=w, minlength=size)
+    wx = x * w[:, None]
+    s1 = np.stack([np.bincount(slots, weights=wx[:, a], minlength=size) for a in range(p)], axis=1)
+    s2 = np.empty((size, p, p))
+    for a in range(p):
+        for b in range(a, p):
+            s2[:, a, b] = s2[:, b, a] = np.bincount(slots, weights=wx[:, a] * x[:, b], minlength=size)
+    return s0, s1, s2
+
+
+@register
+class CoxPH(Analysis[CoxParams]):
+    name = "coxph"
+    Params = CoxParams
+    uses_scratch = True
+
+    def variables(self, params: CoxParams) -> list[str]:
+        return [params.duration, params.event, *params.covariates] + ([params.strata] if params.strata else [])
+
+    def _prepared(self, params: CoxParams, data: pd.DataFrame, scratch: dict[str, Any]) -> dict[str, Any]:
+        if "prepared" not in scratch:
+            complete = data[self.variables(params)].dropna()
+            x = complete[params.covariates].to_numpy(np.float64)
+            durations = complete[params.duration].to_numpy(np.float64)
+            events = complete[params.event].to_numpy(np.float64)
+            if np.any(durations < 0) or np.any(durations > params.max_time):
+                raise AnalysisError(f"durations must lie in [0, max_time={params.max_time:g}]")
+            if not np.all((events == 0) | (events == 1)):
+                raise AnalysisError(f"event indicator {params.event!r} must be 0 or 1")
+            strata = (np.array([ALL] * len(complete), dtype=object) if params.strata is None
+                      else categorical_column(complete, params.strata).to_numpy(object))
+            scratch["prepared"] = {"x": x, "slots": np.rint(durations / params.time_unit).astype(np.int64),
+                                   "events": events.astype(bool), "strata": strata,
+                                   "dropped": len(data) - len(complete)}
+        return scratch["prepared"]
+
+    def local(self, params: CoxParams, round_no: int, broadcast: dict[str, Any], data: pd.DataFrame,
+              policy: DisclosurePolicy, scratch: dict[str, Any] | None = None) -> Release:
+        if params.time_unit < policy.min_time_unit:
+            raise DisclosureRefused("time_resolution", f"this site releases times no finer than "
+                                                       f"{policy.min_time_unit:g}; asked {params.time_unit:g}")
+        site = self._prepared(params, data, {} if scratch is None else scratch)
+        size = int(np.floor(params.max_time / params.time_unit)) + 1
+        if round_no == 0:
+            require_not_saturated(len(site["x"]), len(params.covariates), policy)
+            counts = pd.Series(site["strata"]).value_counts()
+            return Release(public={"strata": sorted(counts[counts >= policy.min_cell_count].index),
+                                   "rows": len(site["x"]), "rows_dropped": site["dropped"]})
+        strata = broadcast["strata"]
+        if round_no == 1:
+            events = np.zeros((len(strata), size))
+            for k, stratum in enumerate(strata):
+                mask = (site["strata"] == stratum) & site["events"]
+                events[k] = np.bincount(site["slots"][mask], minlength=size)
+            return Release(sums={"events": events, "n": np.array([float(np.isin(site["strata"], strata).sum())])})
+        beta = np.asarray(broadcast["beta"], dtype=np.float64)
+        sums: dict[str, np.ndarray] = {}
+        event_x = np.zeros(len(beta))
+        for k, stratum in enumerate(strata):
+            slots_needed = np.asarray(broadcast["event_slots"][k], dtype=np.int64)
+            rows = site["strata"] == stratum
+            x, slots, failed = site["x"][rows], site["slots"][rows], site["events"][rows]
+            w = np.exp(x @ beta)
+            at_slot = _risk_sums(slots, x, w, size)
+            # Risk set at time t: rows with duration >= t, i.e. reverse cumulative sums over slots.
+            risk = [np.flip(np.cumsum(np.flip(part, axis=0), axis=0), axis=0)[slots_needed] for part in at_slot]
+            tied = [part[slots_needed] for part in _risk_sums(slots[failed], x[failed], w[failed], size)]
+            for name, value in zip(("s0", "s1", "s2", "d0", "d1", "d2"), (*risk, *tied)):
+                sums[f"{name}_{k}"] = value
+            event_x += x[failed].sum(axis=0)
+        sums["event_x"] = event_x
+        return Release(sums=sums)
+
+    def global_step(self, params: CoxParams, round_no: int, aggregated: Aggregated,
+                    state: dict[str, Any]) -> NextRound | Finished:
+        if round_no == 0:
+            strata = sorted(set().union(*(p["strata"] for p in aggregated.public.values())))
+            if not strata:
+                raise AnalysisError("no stratum is held by at least min_cell_count rows at any site")
+            return NextRound({"strata": strata}, {"strata": strata})
+        p = len(params.covariates)
+        if round_no == 1:
+            events = aggregated.sums["events"]
+            event_slots = [np.flatnonzero(row > 0) for row in events]
+            counts = [row[slots] for row, slots in zip(events, event_slots)]
+            state = dict(state, event_slots=event_slots, counts=counts, nobs=int(aggregated.sums["n"][0]),
+                         n_events=int(events.sum()), beta=np.zeros(p), iteration=0, loglik_history=[])
+            return NextRound(self._broadcast(state), state)
+        loglik, gradient, hessian = self._derivatives(params, aggregated.sums, state)
+        history = state["loglik_history"] + [loglik]
+        if state["iteration"] == 0:
+            check_collinearity(-hessian, list(params.covariates))
+            state = dict(state, loglik_null=loglik)
+        try:
+            step = np.linalg.solve(-hessian, gradient)
+        except np.linalg.LinAlgError as exc:
+            raise AnalysisError(f"singular information matrix: covariates {params.covariates} are collinear") from exc
+        converged = state["iteration"] > 0 and np.max(np.abs(step)) < params.tol
+        if converged or state["iteration"] >= params.max_iter:
+            names = list(params.covariates)
+            return Finished(CoxResults(
+                params=pd.Series(state["beta"], index=names),
+                variance_matrix=pd.DataFrame(np.linalg.inv(-hessian), index=names, columns=names),
+                log_likelihood=loglik, log_likelihood_null=state["loglik_null"], ties=params.ties,
+                iterations=state["iteration"], converged=bool(converged), n_events=state["n_events"],
+                nobs=state["nobs"], alpha=params.alpha,
+            ))
+        state = dict(state, beta=state["beta"] + step, iteration=state["iteration"] + 1, loglik_history=history)
+        return NextRound(self._broadcast(state), state)
+
+    @staticmethod
+    def _broadcast(state: dict[str, Any]) -> dict[str, Any]:
+        return {"strata": state["strata"], "beta": state["beta"],
+                "event_slots": [slots.tolist() for slots in state["event_slots"]]}
+
+    def _derivatives(self, params: CoxParams, sums: dict[str, np.ndarray],
+                     state: dict[str, Any]) -> tuple[float, np.ndarray, np.ndarray]:
+        """Pooled partial log-likelihood, gradient and Hessian (Efron or Breslow ties)."""
+        beta = state["beta"]
+        p = len(beta)
+        loglik = float(sums["event_x"] @ beta)
+        gradient = sums["event_x"].copy()
+        hessian = np.zeros((p, p))
+        for k in range(len(state["strata"])):
+            s0, s1, s2 = sums[f"s0_{k}"], sums[f"s1_{k}"], sums[f"s2_{k}"]
+            d0, d1, d2 = sums[f"d0_{k}"], sums[f"d1_{k}"], sums[f"d2_{k}"]
+            for j, d in enumerate(state["counts"][k].astype(int)):
+                fractions = np.arange(d) / d if params.ties == "efron" else np.zeros(d)
+                for f in fractions:
+                    denominator = s0[j] - f * d0[j]
+                    mean = (s1[j] - f * d1[j]) / denominator
+                    loglik -= np.log(denominator)
+                    gradient -= mean
+                    hessian -= (s2[j] - f * d2[j]) / denominator - np.outer(mean, mean)
+        return loglik, gradient, hessian
