@@ -111,15 +111,14 @@ class CoxResults:
 
 
 def _risk_sums(slots: np.ndarray, x: np.ndarray, w: np.ndarray, size: int) -> tuple[np.ndarray, ...]:
-    """Per grid slot: sum of w, w x, w x x' (p x p) over the rows whose time falls in that slot."""
+    """Per grid slot: sum of w, w x and the upper triangle of w x x' over the rows in that slot."""
     p = x.shape[1]
     s0 = np.bincount(slots, weights=w, minlength=size)
     wx = x * w[:, None]
     s1 = np.stack([np.bincount(slots, weights=wx[:, a], minlength=size) for a in range(p)], axis=1)
-    s2 = np.empty((size, p, p))
-    for a in range(p):
-        for b in range(a, p):
-            s2[:, a, b] = s2[:, b, a] = np.bincount(slots, weights=wx[:, a] * x[:, b], minlength=size)
+    rows, cols = np.triu_indices(p)
+    s2 = np.stack([np.bincount(slots, weights=wx[:, a] * x[:, b], minlength=size) for a, b in zip(rows, cols)],
+                  axis=1)
     return s0, s1, s2
 
 
@@ -179,9 +178,12 @@ class CoxPH(Analysis[CoxParams]):
             at_slot = _risk_sums(slots, x, w, size)
             # Risk set at time t: rows with duration >= t, i.e. reverse cumulative sums over slots.
             risk = [np.flip(np.cumsum(np.flip(part, axis=0), axis=0), axis=0)[slots_needed] for part in at_slot]
-            tied = [part[slots_needed] for part in _risk_sums(slots[failed], x[failed], w[failed], size)]
-            for name, value in zip(("s0", "s1", "s2", "d0", "d1", "d2"), (*risk, *tied)):
+            for name, value in zip(("s0", "s1", "s2"), risk):
                 sums[f"{name}_{k}"] = value
+            if params.ties == "efron":
+                tied = _risk_sums(slots[failed], x[failed], w[failed], size)
+                for name, value in zip(("d0", "d1", "d2"), tied):
+                    sums[f"{name}_{k}"] = value[slots_needed]
             event_x += x[failed].sum(axis=0)
         sums["event_x"] = event_x
         return Release(sums=sums)
@@ -233,18 +235,31 @@ class CoxPH(Analysis[CoxParams]):
         """Pooled partial log-likelihood, gradient and Hessian (Efron or Breslow ties)."""
         beta = state["beta"]
         p = len(beta)
+        upper = np.triu_indices(p)
         loglik = float(sums["event_x"] @ beta)
         gradient = sums["event_x"].copy()
         hessian = np.zeros((p, p))
         for k in range(len(state["strata"])):
-            s0, s1, s2 = sums[f"s0_{k}"], sums[f"s1_{k}"], sums[f"s2_{k}"]
-            d0, d1, d2 = sums[f"d0_{k}"], sums[f"d1_{k}"], sums[f"d2_{k}"]
-            for j, d in enumerate(state["counts"][k].astype(int)):
-                fractions = np.arange(d) / d if params.ties == "efron" else np.zeros(d)
-                for f in fractions:
-                    denominator = s0[j] - f * d0[j]
-                    mean = (s1[j] - f * d1[j]) / denominator
-                    loglik -= np.log(denominator)
-                    gradient -= mean
-                    hessian -= (s2[j] - f * d2[j]) / denominator - np.outer(mean, mean)
+            counts = state["counts"][k].astype(np.int64)
+            # One entry per event: its event time j and Efron's fraction l/d (0 for Breslow).
+            j = np.repeat(np.arange(len(counts)), counts)
+            rank = np.arange(len(j)) - np.repeat(np.cumsum(counts) - counts, counts)
+            fraction = rank / counts[j] if params.ties == "efron" else np.zeros(len(j))
+            s0, s1, s2 = sums[f"s0_{k}"][j], sums[f"s1_{k}"][j], _symmetric(sums[f"s2_{k}"], p, upper)[j]
+            if params.ties == "efron":
+                s0 = s0 - fraction * sums[f"d0_{k}"][j]
+                s1 = s1 - fraction[:, None] * sums[f"d1_{k}"][j]
+                s2 = s2 - fraction[:, None, None] * _symmetric(sums[f"d2_{k}"], p, upper)[j]
+            mean = s1 / s0[:, None]
+            loglik -= float(np.sum(np.log(s0)))
+            gradient -= mean.sum(axis=0)
+            hessian -= (s2 / s0[:, None, None]).sum(axis=0) - mean.T @ mean
         return loglik, gradient, hessian
+
+
+def _symmetric(packed: np.ndarray, p: int, upper: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Rebuild (n, p, p) symmetric matrices from their packed upper triangles (n, p(p+1)/2)."""
+    full = np.zeros((packed.shape[0], p, p))
+    full[:, upper[0], upper[1]] = packed
+    full[:, upper[1], upper[0]] = packed
+    return full
