@@ -15,6 +15,7 @@ import medveil as mv
 from medveil.runtime.audit import verify_audit_log
 
 NUMERIC = ["age", "tsize", "pnodes", "progrec", "estrec", "time"]
+GLM_FORMULA = "cens ~ age + C(tgrade) + pnodes + C(horTh)"
 SHARES = (0.45, 0.35, 0.20)
 
 
@@ -55,6 +56,19 @@ def run_demo(console: Console, n_sites: int = 3, show_traffic: int = 4) -> None:
         with console.status("federated histogram..."):
             hist = fed.histogram("age", list(range(20, 90, 10)))
         console.print(_histogram_table(hist, pooled["age"]))
+        with console.status("federated logistic regression (distributed IRLS)..."):
+            model = fed.glm(GLM_FORMULA, family="binomial")
+        console.print(_glm_table(model, pooled))
+        with console.status("federated Kaplan-Meier by hormone therapy..."):
+            curves = fed.kaplan_meier("time", "cens", by="horTh")
+        medians = curves.median_survival_time
+        console.print("median recurrence-free survival (days), federated: "
+                      + ", ".join(f"horTh={group}: {value:g}" for group, value in medians.items()))
+        try:
+            curves.plot("medveil-demo-km.png")
+            console.print("Kaplan-Meier curves drawn to medveil-demo-km.png")
+        except ImportError:
+            pass
         console.print(_traffic_table(fed.hub_traffic(), show_traffic))
         provenance = described.attrs["provenance"]
         console.print(f"provenance of describe: sites {provenance['sites']}, rows {provenance['rows']}, "
@@ -77,6 +91,19 @@ def _describe_table(fed: pd.DataFrame, pooled: pd.DataFrame) -> Table:
         diff = max(abs(row["mean"] - values.mean()), abs(row["sd"] - values.std()))
         table.add_row(name, str(int(row["n"])), f"{row['mean']:.10g}", f"{values.mean():.10g}", f"{row['sd']:.10g}",
                       f"{values.std():.10g}", f"{row['50%']:.4g}", f"{values.median():.4g}", f"{diff:.1e}")
+    return table
+
+
+def _glm_table(model, pooled: pd.DataFrame) -> Table:
+    import statsmodels.api as sm
+
+    reference = sm.GLM.from_formula(GLM_FORMULA, pooled, family=sm.families.Binomial()).fit()
+    table = Table(title=f"logistic GLM {GLM_FORMULA}: federated vs statsmodels on the pooled rows")
+    for column in ("term", "coef (fed)", "coef (statsmodels)", "se (fed)", "se (statsmodels)", "p (fed)"):
+        table.add_column(column, justify="right")
+    for name in model.params.index:
+        table.add_row(name, f"{model.params[name]:.10f}", f"{reference.params[name]:.10f}",
+                      f"{model.bse[name]:.8f}", f"{reference.bse[name]:.8f}", f"{model.pvalues[name]:.3g}")
     return table
 
 
@@ -112,7 +139,8 @@ def _traffic_table(traffic: pd.DataFrame, limit: int) -> Table:
     table = Table(title=f"what the hub operator saw: {len(traffic)} messages relayed (a sample)")
     for column in ("kind", "sender", "analysis", "round", "bytes", "payload"):
         table.add_column(column)
-    sample = pd.concat([traffic[traffic["kind"] == "task"].head(1), traffic[traffic["kind"] == "reply"].head(limit - 1)])
+    masked = traffic[traffic["body"].map(lambda body: "masked" in body)]
+    sample = pd.concat([traffic[traffic["kind"] == "task"].head(1), masked.head(limit - 1)])
     for _, row in sample.iterrows():
         payload = repr(row["body"])
         table.add_row(row["kind"], row["sender"], str(row["analysis"] or ""), str(row["round"]), str(row["bytes"]),
