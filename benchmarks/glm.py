@@ -47,7 +47,7 @@ def main() -> None:
     glm = sm.GLM(frame["y"], exog, family=sm.families.Binomial()).fit()
     t_glm = time.perf_counter() - start
     start = time.perf_counter()
-    logit = sm.Logit(frame["y"], exog).fit(disp=0)
+    sm.Logit(frame["y"], exog).fit(disp=0)
     t_logit = time.perf_counter() - start
     reference = glm.params.rename({"const": "Intercept"}).reindex(federated.params.index)
     max_rel = float(np.max(np.abs(federated.params / reference - 1)))

@@ -21,7 +21,12 @@ import numpy as np
 from medveil.crypto.signing import SigningKey
 from medveil.runtime.aggregation import aggregate
 from medveil.runtime.client import HubClient
-from medveil.runtime.secure_aggregation import CoordinatorState, node_mask, node_new_keys, node_shares
+from medveil.runtime.secure_aggregation import (
+    CoordinatorState,
+    node_mask,
+    node_new_keys,
+    node_shares,
+)
 from medveil.runtime.servers import HubServer
 from medveil.runtime.study import StudySpec
 

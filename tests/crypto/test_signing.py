@@ -8,7 +8,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from medveil.crypto.signing import SignatureError, SigningKey, VerifyKey, b64decode, b64encode
+from medveil.crypto.signing import (
+    SignatureError,
+    SigningKey,
+    VerifyKey,
+    b64decode,
+    b64encode,
+)
 
 KEY = SigningKey.generate()
 OTHER = SigningKey.generate()

@@ -6,7 +6,14 @@ import json
 
 import pytest
 
-from medveil.runtime.audit import GENESIS, AuditError, AuditLog, _entry_hash, read_audit_log, verify_audit_log
+from medveil.runtime.audit import (
+    GENESIS,
+    AuditError,
+    AuditLog,
+    _entry_hash,
+    read_audit_log,
+    verify_audit_log,
+)
 
 
 @pytest.fixture

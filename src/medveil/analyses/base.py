@@ -150,6 +150,11 @@ def categorical_column(data: pd.DataFrame, column: str) -> pd.Series:
     return series.astype(str)
 
 
+def union_of_levels(public: dict[str, dict[str, Any]], key: str) -> list[str]:
+    """The sorted union of the level lists that sites released under `key`."""
+    return sorted(set().union(*(facts.get(key, []) for facts in public.values())))
+
+
 def check_collinearity(xtx: np.ndarray, names: list[str]) -> None:
     """Name the columns that are linear combinations of the others (rank-revealing eigenvectors)."""
     scale = np.sqrt(np.clip(np.diag(xtx), 1e-300, None))

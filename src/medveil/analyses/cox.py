@@ -32,8 +32,15 @@ from medveil.analyses.base import (
     categorical_column,
     check_collinearity,
     register,
+    union_of_levels,
 )
-from medveil.privacy.disclosure import DisclosurePolicy, DisclosureRefused, require_not_saturated
+from medveil.analyses.survival import time_slots
+from medveil.privacy.disclosure import (
+    DisclosurePolicy,
+    releasable_levels,
+    require_not_saturated,
+    require_time_unit,
+)
 
 ALL = "all"
 
@@ -135,31 +142,23 @@ class CoxPH(Analysis[CoxParams]):
         if "prepared" not in scratch:
             complete = data[self.variables(params)].dropna()
             x = complete[params.covariates].to_numpy(np.float64)
-            durations = complete[params.duration].to_numpy(np.float64)
-            events = complete[params.event].to_numpy(np.float64)
-            if np.any(durations < 0) or np.any(durations > params.max_time):
-                raise AnalysisError(f"durations must lie in [0, max_time={params.max_time:g}]")
-            if not np.all((events == 0) | (events == 1)):
-                raise AnalysisError(f"event indicator {params.event!r} must be 0 or 1")
+            slots, events = time_slots(complete, params.duration, params.event, params.time_unit, params.max_time)
             strata = (np.array([ALL] * len(complete), dtype=object) if params.strata is None
                       else categorical_column(complete, params.strata).to_numpy(object))
-            scratch["prepared"] = {"x": x, "slots": np.rint(durations / params.time_unit).astype(np.int64),
+            scratch["prepared"] = {"x": x, "slots": slots,
                                    "events": events.astype(bool), "strata": strata,
                                    "dropped": len(data) - len(complete)}
         return scratch["prepared"]
 
     def local(self, params: CoxParams, round_no: int, broadcast: dict[str, Any], data: pd.DataFrame,
               policy: DisclosurePolicy, scratch: dict[str, Any] | None = None) -> Release:
-        if params.time_unit < policy.min_time_unit:
-            raise DisclosureRefused("time_resolution", f"this site releases times no finer than "
-                                                       f"{policy.min_time_unit:g}; asked {params.time_unit:g}")
+        require_time_unit(params.time_unit, policy)
         site = self._prepared(params, data, {} if scratch is None else scratch)
         size = int(np.floor(params.max_time / params.time_unit)) + 1
         if round_no == 0:
             require_not_saturated(len(site["x"]), len(params.covariates), policy)
-            counts = pd.Series(site["strata"]).value_counts()
-            return Release(public={"strata": sorted(counts[counts >= policy.min_cell_count].index),
-                                   "rows": len(site["x"]), "rows_dropped": site["dropped"]})
+            strata = releasable_levels(pd.Series(site["strata"]), params.strata or ALL, policy)
+            return Release(public={"strata": strata, "rows": len(site["x"]), "rows_dropped": site["dropped"]})
         strata = broadcast["strata"]
         if round_no == 1:
             events = np.zeros((len(strata), size))
@@ -191,7 +190,7 @@ class CoxPH(Analysis[CoxParams]):
     def global_step(self, params: CoxParams, round_no: int, aggregated: Aggregated,
                     state: dict[str, Any]) -> NextRound | Finished:
         if round_no == 0:
-            strata = sorted(set().union(*(p["strata"] for p in aggregated.public.values())))
+            strata = union_of_levels(aggregated.public, "strata")
             if not strata:
                 raise AnalysisError("no stratum is held by at least min_cell_count rows at any site")
             return NextRound({"strata": strata}, {"strata": strata})

@@ -23,8 +23,13 @@ from medveil.analyses.base import (
     Release,
     categorical_column,
     register,
+    union_of_levels,
 )
-from medveil.privacy.disclosure import DisclosurePolicy, DisclosureRefused, suppress_small_counts
+from medveil.privacy.disclosure import (
+    DisclosurePolicy,
+    releasable_levels,
+    suppress_small_counts,
+)
 from medveil.privacy.dp import CountNoise
 
 OTHER = "(other)"
@@ -56,14 +61,7 @@ class Crosstab(Analysis[CrosstabParams]):
         complete = data[names].dropna()
         labels = {name: categorical_column(complete, name) for name in names}
         if round_no == 0:
-            common: dict[str, list[str]] = {}
-            for name, series in labels.items():
-                counts = series.value_counts()
-                if len(counts) > policy.max_levels:
-                    raise DisclosureRefused(
-                        "max_levels", f"variable {name!r} has {len(counts)} levels, more than {policy.max_levels}"
-                    )
-                common[name] = sorted(counts[counts >= policy.min_cell_count].index)
+            common = {name: releasable_levels(series, name, policy) for name, series in labels.items()}
             return Release(public={"rows": len(complete), "levels": common})
         levels = broadcast["levels"]
         codes = [_codes(labels[name], levels[name]) for name in names]
@@ -77,10 +75,8 @@ class Crosstab(Analysis[CrosstabParams]):
         self, params: CrosstabParams, round_no: int, aggregated: Aggregated, state: dict[str, Any]
     ) -> NextRound | Finished:
         if round_no == 0:
-            levels = {
-                name: sorted(set().union(*(p["levels"][name] for p in aggregated.public.values())))
-                for name in _variables(params)
-            }
+            levels = {name: union_of_levels({s: p["levels"] for s, p in aggregated.public.items()}, name)
+                      for name in _variables(params)}
             return NextRound({"levels": levels}, {"levels": levels})
         counts = aggregated.sums["counts"].astype(np.int64)
         suppressed = aggregated.sums["suppressed"] > 0

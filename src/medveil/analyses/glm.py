@@ -35,9 +35,14 @@ from medveil.analyses.base import (
     categorical_column,
     check_collinearity,
     register,
+    union_of_levels,
 )
 from medveil.analyses.glm_results import GLMResults
-from medveil.privacy.disclosure import DisclosurePolicy, DisclosureRefused, require_not_saturated
+from medveil.privacy.disclosure import (
+    DisclosurePolicy,
+    releasable_levels,
+    require_not_saturated,
+)
 
 CATEGORICAL_CALL = re.compile(r"\bC\(\s*([A-Za-z_][A-Za-z0-9_]*)")
 
@@ -119,13 +124,8 @@ class GLM(Analysis[GLMParams]):
               policy: DisclosurePolicy, scratch: dict[str, Any] | None = None) -> Release:
         scratch = {} if scratch is None else scratch
         if round_no == 0:
-            levels = {}
-            for name in _categorical_variables(params, data):
-                counts = categorical_column(data, name).value_counts()
-                if len(counts) > policy.max_levels:
-                    raise DisclosureRefused("max_levels", f"variable {name!r} has {len(counts)} levels, "
-                                                          f"more than {policy.max_levels}")
-                levels[name] = sorted(counts[counts >= policy.min_cell_count].index)
+            levels = {name: releasable_levels(categorical_column(data, name), name, policy)
+                      for name in _categorical_variables(params, data)}
             return Release(public={"levels": levels})
         family = statsmodels_family(params.family)
         y, x, offset, columns, dropped = self._design(params, data, broadcast["levels"], scratch)
@@ -160,9 +160,8 @@ class GLM(Analysis[GLMParams]):
                     state: dict[str, Any]) -> NextRound | Finished:
         sums = aggregated.sums
         if round_no == 0:
-            names = sorted({n for p in aggregated.public.values() for n in p["levels"]})
-            levels = {n: sorted(set().union(*(p["levels"].get(n, []) for p in aggregated.public.values())))
-                      for n in names}
+            released = {site: p["levels"] for site, p in aggregated.public.items()}
+            levels = {n: union_of_levels(released, n) for n in sorted({n for p in released.values() for n in p})}
             return NextRound({"levels": levels}, {"levels": levels})
         if round_no == 1:
             columns = {tuple(p["columns"]) for p in aggregated.public.values()}

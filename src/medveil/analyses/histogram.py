@@ -14,7 +14,16 @@ import numpy as np
 import pandas as pd
 from pydantic import Field, field_validator
 
-from medveil.analyses.base import Aggregated, Analysis, Finished, NextRound, Params, Release, numeric_column, register
+from medveil.analyses.base import (
+    Aggregated,
+    Analysis,
+    Finished,
+    NextRound,
+    Params,
+    Release,
+    numeric_column,
+    register,
+)
 from medveil.privacy.disclosure import DisclosurePolicy, suppress_small_counts
 from medveil.privacy.dp import CountNoise
 

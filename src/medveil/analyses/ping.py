@@ -10,7 +10,15 @@ from typing import Any
 
 import pandas as pd
 
-from medveil.analyses.base import Aggregated, Analysis, Finished, NextRound, Params, Release, register
+from medveil.analyses.base import (
+    Aggregated,
+    Analysis,
+    Finished,
+    NextRound,
+    Params,
+    Release,
+    register,
+)
 from medveil.privacy.disclosure import DisclosurePolicy
 
 

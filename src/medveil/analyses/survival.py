@@ -32,8 +32,13 @@ from medveil.analyses.base import (
     categorical_column,
     numeric_column,
     register,
+    union_of_levels,
 )
-from medveil.privacy.disclosure import DisclosurePolicy, DisclosureRefused
+from medveil.privacy.disclosure import (
+    DisclosurePolicy,
+    releasable_levels,
+    require_time_unit,
+)
 
 MAX_GRID = 200_001
 ALL = "all"
@@ -46,6 +51,18 @@ class SurvivalParams(Params):
     time_unit: float = Field(1.0, gt=0)
     max_time: float = Field(36_500.0, gt=0)
     alpha: float = Field(0.05, gt=0, lt=1)
+
+
+def time_slots(data: pd.DataFrame, duration: str, event: str, time_unit: float,
+               max_time: float) -> tuple[np.ndarray, np.ndarray]:
+    """Grid slot of each row's duration (rounded to the unit) and its event indicator, checked."""
+    durations = numeric_column(data, duration).to_numpy()
+    events = numeric_column(data, event).to_numpy()
+    if np.any(durations < 0) or np.any(durations > max_time):
+        raise AnalysisError(f"durations must lie in [0, max_time={max_time:g}]")
+    if not np.all((events == 0) | (events == 1)):
+        raise AnalysisError(f"event indicator {event!r} must be 0 or 1")
+    return np.rint(durations / time_unit).astype(np.int64), events
 
 
 @dataclass(frozen=True)
@@ -68,27 +85,16 @@ class _SurvivalCountsAnalysis(Analysis[SurvivalParams]):
 
     def local(self, params: SurvivalParams, round_no: int, broadcast: dict[str, Any], data: pd.DataFrame,
               policy: DisclosurePolicy) -> Release:
-        if params.time_unit < policy.min_time_unit:
-            raise DisclosureRefused("time_resolution", f"this site releases times no finer than "
-                                                       f"{policy.min_time_unit:g}; asked {params.time_unit:g}")
+        require_time_unit(params.time_unit, policy)
         complete = data[self.variables(params)].dropna()
         if round_no == 0:
             if params.by is None:
                 return Release(public={"groups": [ALL], "rows": len(complete)})
-            counts = categorical_column(complete, params.by).value_counts()
-            if len(counts) > policy.max_levels:
-                raise DisclosureRefused("max_levels", f"variable {params.by!r} has {len(counts)} levels")
-            return Release(public={"groups": sorted(counts[counts >= policy.min_cell_count].index),
-                                   "rows": len(complete)})
+            return Release(public={"groups": releasable_levels(categorical_column(complete, params.by), params.by,
+                                                               policy), "rows": len(complete)})
         groups = broadcast["groups"]
-        durations = numeric_column(complete, params.duration).to_numpy()
-        events = numeric_column(complete, params.event).to_numpy()
-        if np.any(durations < 0) or np.any(durations > params.max_time):
-            raise AnalysisError(f"durations must lie in [0, max_time={params.max_time:g}]")
-        if not np.all((events == 0) | (events == 1)):
-            raise AnalysisError(f"event indicator {params.event!r} must be 0 or 1")
+        slots, events = time_slots(complete, params.duration, params.event, params.time_unit, params.max_time)
         size = int(np.floor(params.max_time / params.time_unit)) + 1
-        slots = np.rint(durations / params.time_unit).astype(np.int64)
         labels = (np.zeros(len(complete), dtype=np.int64) if params.by is None else
                   categorical_column(complete, params.by).map({g: i for i, g in enumerate(groups)})
                   .fillna(-1).to_numpy(np.int64))
@@ -104,7 +110,7 @@ class _SurvivalCountsAnalysis(Analysis[SurvivalParams]):
         if round_no == 0:
             if int(np.floor(params.max_time / params.time_unit)) + 1 > MAX_GRID:
                 raise AnalysisError(f"the grid max_time/time_unit has more than {MAX_GRID} points; coarsen time")
-            groups = sorted(set().union(*(p["groups"] for p in aggregated.public.values())))
+            groups = union_of_levels(aggregated.public, "groups")
             if not groups:
                 raise AnalysisError("no group is held by at least min_cell_count patients at any site")
             return NextRound({"groups": groups}, {"groups": groups})

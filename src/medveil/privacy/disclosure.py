@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Callable
 
 import numpy as np
+import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -65,6 +66,23 @@ def check_differencing(row_set: np.ndarray, earlier: list[np.ndarray], policy: D
             raise DisclosureRefused(
                 "differencing", f"the rows used differ from an earlier query of this study by {differing} "
                                 f"(fewer than {policy.min_cell_count}); their difference would identify them")
+
+
+def releasable_levels(labels: pd.Series, name: str, policy: DisclosurePolicy) -> list[str]:
+    """The levels of a categorical variable a site may name: those it holds at least
+    min_cell_count times. A level rare here is never revealed by this site; too many levels
+    (an identifier in disguise) are refused under `max_levels`."""
+    counts = labels.value_counts()
+    if len(counts) > policy.max_levels:
+        raise DisclosureRefused("max_levels", f"variable {name!r} has {len(counts)} levels, more than {policy.max_levels}")
+    return sorted(str(level) for level in counts[counts >= policy.min_cell_count].index)
+
+
+def require_time_unit(time_unit: float, policy: DisclosurePolicy) -> None:
+    """Refuse a survival time grid finer than the site allows (its policy may coarsen time)."""
+    if time_unit < policy.min_time_unit:
+        raise DisclosureRefused("time_resolution", f"this site releases times no finer than "
+                                                   f"{policy.min_time_unit:g}; asked {time_unit:g}")
 
 
 def require_not_saturated(n_rows: int, n_parameters: int, policy: DisclosurePolicy) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
-from typing import Any
+from typing import Any, Callable
 
 import msgpack
 from fastapi import FastAPI, HTTPException, Request, Response
@@ -220,19 +220,23 @@ def create_hub_app(store: HubStore, *, max_bytes: int = DEFAULT_MAX_BYTES, recor
         notifier.notify(f"replies:{task_id}:{number}")
         return {"seq": seq}
 
+    async def long_poll(key: str, wait: float, fetch: Callable[[], list], ready: Callable[[list], bool]) -> list:
+        """Fetch until `ready` or `wait` seconds pass, sleeping on the key's event between tries."""
+        deadline = time.monotonic() + min(max(wait, 0.0), MAX_WAIT_S)
+        while True:
+            notifier.event(key)  # registered before the fetch, so a message arriving after it wakes us
+            items = fetch()
+            remaining = deadline - time.monotonic()
+            if ready(items) or remaining <= 0 or notifier.closed:
+                return items
+            await notifier.wait(key, remaining)
+
     @app.get("/v1/inbox")
     async def inbox(request: Request, after: int = 0, wait: float = 0.0) -> Response:
         site = reader(request, "site")
-        deadline = time.monotonic() + min(max(wait, 0.0), MAX_WAIT_S)
-        while True:
-            key = f"inbox:{site}"
-            notifier.event(key)
-            items = store.inbox(site, after)
-            remaining = deadline - time.monotonic()
-            if items or remaining <= 0 or notifier.closed:
-                payload = [[m.seq, m.envelope] for m in items]
-                return Response(msgpack.packb(payload, use_bin_type=True), media_type=BINARY)
-            await notifier.wait(key, remaining)
+        items = await long_poll(f"inbox:{site}", wait, lambda: store.inbox(site, after), bool)
+        payload = [[m.seq, m.envelope] for m in items]
+        return Response(msgpack.packb(payload, use_bin_type=True), media_type=BINARY)
 
     @app.get("/v1/tasks/{task_id}/rounds/{number}/replies")
     async def replies(task_id: str, number: int, request: Request, wait: float = 0.0) -> Response:
@@ -240,15 +244,9 @@ def create_hub_app(store: HubStore, *, max_bytes: int = DEFAULT_MAX_BYTES, recor
         task, round_row = store.task(task_id), store.round(task_id, number)
         if task is None or round_row is None or task.researcher != researcher:
             raise refuse(404, "not_found", f"no round {number} of task {task_id!r} for {researcher!r}")
-        deadline = time.monotonic() + min(max(wait, 0.0), MAX_WAIT_S)
-        while True:
-            key = f"replies:{task_id}:{number}"
-            notifier.event(key)
-            items = store.replies(task_id, number)
-            remaining = deadline - time.monotonic()
-            if len(items) >= len(round_row.recipients) or remaining <= 0 or notifier.closed:
-                return Response(msgpack.packb([m.envelope for m in items], use_bin_type=True), media_type=BINARY)
-            await notifier.wait(key, remaining)
+        items = await long_poll(f"replies:{task_id}:{number}", wait, lambda: store.replies(task_id, number),
+                                lambda found: len(found) >= len(round_row.recipients))
+        return Response(msgpack.packb([m.envelope for m in items], use_bin_type=True), media_type=BINARY)
 
     @app.get("/v1/tasks/{task_id}/rounds/{number}/senders")
     def senders(task_id: str, number: int, request: Request) -> list[str]:

@@ -32,7 +32,13 @@ from medveil.runtime.audit import AuditLog
 from medveil.runtime.client import HubClient, HubError
 from medveil.runtime.config import SiteConfig, load_site_config
 from medveil.runtime.node_store import NodeStore
-from medveil.runtime.secure_aggregation import NodeTaskKeys, node_mask, node_new_keys, node_reveal, node_shares
+from medveil.runtime.secure_aggregation import (
+    NodeTaskKeys,
+    node_mask,
+    node_new_keys,
+    node_reveal,
+    node_shares,
+)
 from medveil.runtime.study import StudySpec, sign_approval, verify_approval
 from medveil.runtime.wire import Envelope, WireError, open_envelope
 

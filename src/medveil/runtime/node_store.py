@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import time
 from pathlib import Path
 from typing import Any
-
-import hashlib
 
 import numpy as np
 from sqlalchemy import JSON, Float, Integer, LargeBinary, String, select

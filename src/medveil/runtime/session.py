@@ -15,11 +15,20 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from medveil.analyses.base import Aggregated, AnalysisError, Finished, Params, get_analysis
+from medveil.analyses.base import (
+    Aggregated,
+    AnalysisError,
+    Finished,
+    Params,
+    get_analysis,
+)
 from medveil.crypto.signing import SignatureError
 from medveil.runtime.aggregation import aggregate
 from medveil.runtime.client import HubClient
-from medveil.runtime.secure_aggregation import CoordinatorState, SecureAggregationAborted
+from medveil.runtime.secure_aggregation import (
+    CoordinatorState,
+    SecureAggregationAborted,
+)
 from medveil.runtime.study import StudySpec
 from medveil.runtime.wire import Envelope
 
