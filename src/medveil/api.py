@@ -103,9 +103,13 @@ class Federation:
         return self._frame("histogram", data, variable=variable, edges=[float(e) for e in edges])
 
     def glm(self, formula: str, family: str = "gaussian", data: str | None = None, offset: str | None = None,
-            max_iter: int = 100, tol: float = 1e-8) -> GLMResults:
-        """Generalized linear model equal to statsmodels' GLM on the pooled rows (distributed IRLS)."""
-        outcome = self.run("glm", data, formula=formula, family=family, offset=offset, max_iter=max_iter, tol=tol)
+            weights: str | None = None, max_iter: int = 100, tol: float = 1e-8) -> GLMResults:
+        """Generalized linear model equal to statsmodels' GLM on the pooled rows (distributed IRLS).
+
+        `offset` and `weights` name columns (weights are prior weights: statsmodels' var_weights).
+        With an offset the null deviance is not computed (NaN)."""
+        outcome = self.run("glm", data, formula=formula, family=family, offset=offset, weights=weights,
+                           max_iter=max_iter, tol=tol)
         return replace(outcome.result, provenance=outcome.provenance)
 
     def coxph(self, duration: str, event: str, covariates: Sequence[str], ties: str = "efron",

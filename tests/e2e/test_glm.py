@@ -116,3 +116,23 @@ def test_traffic_envelopes_are_signed_by_their_senders(gbsg2):
         for envelope in fed.session.client.traffic():
             envelope.verify(fed.session.client.public_key(envelope.sender))
             assert open_envelope(envelope.encode()).header == envelope.header
+
+
+@pytest.mark.parametrize("family", ["gaussian", "binomial", "poisson"])
+def test_prior_weights_and_offset_equal_statsmodels(family, gbsg2):
+    frame = gbsg2.assign(w=np.random.default_rng(9).uniform(0.5, 2.0, len(gbsg2)),
+                         log_size=np.log(gbsg2["tsize"]))
+    formula = {"gaussian": "time ~ age + pnodes", "binomial": "cens ~ age + pnodes",
+               "poisson": "pnodes ~ age + C(tgrade)"}[family]
+    family_class = getattr(sm.families, family.capitalize())
+    with mv.Federation.simulate(split_uneven(frame)) as fed:
+        weighted = fed.glm(formula, family=family, weights="w")
+        offset = fed.glm(formula, family=family, offset="log_size")
+    reference = sm.GLM.from_formula(formula, frame, family=family_class(), var_weights=frame["w"]).fit()
+    _assert_matches(weighted, reference)
+    reference = sm.GLM.from_formula(formula, frame, family=family_class(), offset=frame["log_size"]).fit()
+    names = list(offset.params.index)
+    np.testing.assert_allclose(offset.params, reference.params.reindex(names), rtol=1e-6)
+    np.testing.assert_allclose(offset.bse, reference.bse.reindex(names), rtol=1e-6)
+    assert offset.deviance == pytest.approx(reference.deviance, rel=1e-9)
+    assert np.isnan(offset.null_deviance)

@@ -51,6 +51,7 @@ class GLMParams(Params):
     formula: str = Field(min_length=3, max_length=2000)
     family: Literal["gaussian", "binomial", "poisson"] = "gaussian"
     offset: str | None = None
+    weights: str | None = Field(None, description="column of prior weights (statsmodels var_weights, R's weights)")
     max_iter: int = Field(100, ge=1, le=1000)
     tol: float = Field(1e-8, gt=0)
 
@@ -88,14 +89,15 @@ class GLM(Analysis[GLMParams]):
 
     def variables(self, params: GLMParams) -> list[str]:
         lhs, rhs = _formula_variables(params.formula)
-        return sorted(set(lhs) | set(rhs) | ({params.offset} if params.offset else set()))
+        extra = {name for name in (params.offset, params.weights) if name}
+        return sorted(set(lhs) | set(rhs) | extra)
 
     def row_sets(self, params: GLMParams, data: pd.DataFrame) -> list[np.ndarray]:
         return [data[self.variables(params)].notna().all(axis=1).to_numpy()]
 
     def _design(self, params: GLMParams, data: pd.DataFrame, levels: dict[str, list[str]],
-                scratch: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str], int]:
-        """(y, X, offset, column names, rows dropped), built once per task and kept in `scratch`."""
+                scratch: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str], int]:
+        """(y, X, offset, prior weights, column names, rows dropped), built once per task, kept in `scratch`."""
         if "design" in scratch:
             return scratch["design"]
         from formulaic import model_matrix
@@ -117,7 +119,10 @@ class GLM(Analysis[GLMParams]):
             y = y[:, 0]
         x = np.asarray(matrices.rhs, dtype=np.float64)
         offset = complete[params.offset].to_numpy(np.float64) if params.offset else np.zeros(len(y))
-        scratch["design"] = (y, x, offset, list(matrices.rhs.columns), len(data) - len(complete))
+        prior = complete[params.weights].to_numpy(np.float64) if params.weights else np.ones(len(y))
+        if np.any(prior <= 0):
+            raise AnalysisError(f"weights {params.weights!r} must be positive")
+        scratch["design"] = (y, x, offset, prior, list(matrices.rhs.columns), len(data) - len(complete))
         return scratch["design"]
 
     def local(self, params: GLMParams, round_no: int, broadcast: dict[str, Any], data: pd.DataFrame,
@@ -128,12 +133,13 @@ class GLM(Analysis[GLMParams]):
                       for name in _categorical_variables(params, data)}
             return Release(public={"levels": levels})
         family = statsmodels_family(params.family)
-        y, x, offset, columns, dropped = self._design(params, data, broadcast["levels"], scratch)
+        y, x, offset, prior, columns, dropped = self._design(params, data, broadcast["levels"], scratch)
         if round_no == 1:
             require_not_saturated(len(y), x.shape[1], policy)
             if params.family == "binomial" and not np.all((y == 0) | (y == 1)):
                 raise AnalysisError("a binomial response must be 0 or 1")
-            return Release(sums={"n": np.array([len(y)], dtype=np.float64), "sum_y": np.array([y.sum()])},
+            totals = [len(y), y.sum(), prior.sum(), prior @ y, np.log(prior).sum()]
+            return Release(sums={"totals": np.array(totals, dtype=np.float64)},
                            public={"rows": len(y), "rows_dropped": dropped, "columns": columns})
         if "beta" in broadcast:
             linear = x @ np.asarray(broadcast["beta"], dtype=np.float64) + offset
@@ -141,19 +147,20 @@ class GLM(Analysis[GLMParams]):
         else:
             mu = family.starting_mu(y) if params.family == "binomial" else (y + float(broadcast["ybar"])) / 2
             linear = family.predict(mu)
-        weights = family.weights(mu)
+        weights = prior * family.weights(mu)
         z = linear + family.link.deriv(mu) * (y - mu) - offset
         xw = x * weights[:, None]
         sums = {
             "xtwx": xw.T @ x, "xtwz": xw.T @ z,
-            "deviance": np.array([family.deviance(y, mu)]),
-            "pearson": np.array([np.sum((y - mu) ** 2 / family.variance(mu))]),
-            "ssr": np.array([np.sum((y - mu) ** 2)]),
-            "loglike": np.array([family.loglike(y, mu, scale=1.0)]),
+            "deviance": np.array([family.deviance(y, mu, var_weights=prior)]),
+            "pearson": np.array([np.sum(prior * (y - mu) ** 2 / family.variance(mu))]),
+            "ssr": np.array([np.sum(prior * (y - mu) ** 2)]),
+            "loglike": np.array([family.loglike(y, mu, var_weights=prior, scale=1.0)]),
             "not_fitted": np.array([float(np.sum(np.abs(mu - y) > 1e-8))]),
         }
-        if "ybar" in broadcast and not params.offset:
-            sums["null_deviance"] = np.array([family.deviance(y, np.full_like(y, float(broadcast["ybar"])))])
+        if "ybar_weighted" in broadcast and not params.offset:
+            null_mu = np.full_like(y, float(broadcast["ybar_weighted"]))
+            sums["null_deviance"] = np.array([family.deviance(y, null_mu, var_weights=prior)])
         return Release(sums=sums)
 
     def global_step(self, params: GLMParams, round_no: int, aggregated: Aggregated,
@@ -168,11 +175,12 @@ class GLM(Analysis[GLMParams]):
             if len(columns) != 1:
                 raise AnalysisError(f"sites built different design matrices: {sorted(columns)}")
             names = list(next(iter(columns)))
-            n = float(sums["n"][0])
-            ybar = float(sums["sum_y"][0]) / n
-            state = dict(state, columns=names, nobs=n, ybar=ybar, deviances=[np.inf], iteration=0,
+            n, sum_y, sum_w, sum_wy, sum_log_w = (float(v) for v in sums["totals"])
+            # statsmodels starts from the plain mean of y; its null model is the weighted mean.
+            ybar, ybar_weighted = sum_y / n, sum_wy / sum_w
+            state = dict(state, columns=names, nobs=n, sum_log_weights=sum_log_w, deviances=[np.inf], iteration=0,
                          rows_dropped={site: p["rows_dropped"] for site, p in aggregated.public.items()})
-            return NextRound({"levels": state["levels"], "ybar": ybar}, state)
+            return NextRound({"levels": state["levels"], "ybar": ybar, "ybar_weighted": ybar_weighted}, state)
         deviance = float(sums["deviance"][0])
         if "null_deviance" in sums:
             state["null_deviance"] = float(sums["null_deviance"][0])
@@ -186,7 +194,7 @@ class GLM(Analysis[GLMParams]):
                               "parameters may not be identified", RuntimeWarning, stacklevel=2)
             return Finished(GLMResults.from_sums(
                 params=params, beta=state["beta"], xtwx=state["xtwx"], columns=state["columns"],
-                nobs=state["nobs"], deviance=deviance, null_deviance=state.get("null_deviance", np.nan),
+                nobs=state["nobs"], sum_log_weights=state["sum_log_weights"], deviance=deviance, null_deviance=state.get("null_deviance", np.nan),
                 pearson=float(sums["pearson"][0]), ssr=float(sums["ssr"][0]), loglike=float(sums["loglike"][0]),
                 iterations=iteration, converged=converged or perfect, family=statsmodels_family(params.family),
             ))

@@ -32,7 +32,7 @@ class GLMResults:
 
     @classmethod
     def from_sums(cls, *, params: Any, beta: np.ndarray, xtwx: np.ndarray, columns: list[str], nobs: float,
-                  deviance: float, null_deviance: float, pearson: float, ssr: float, loglike: float,
+                  sum_log_weights: float, deviance: float, null_deviance: float, pearson: float, ssr: float, loglike: float,
                   iterations: int, converged: bool, family: Any) -> "GLMResults":
         rank = int(np.linalg.matrix_rank(xtwx))
         df_resid = nobs - rank
@@ -40,7 +40,7 @@ class GLMResults:
         scale = pearson / df_resid if gaussian else 1.0
         if gaussian:
             scale_llf = ssr / nobs
-            llf = -0.5 * (ssr / scale_llf + nobs * np.log(scale_llf) + nobs * np.log(2 * np.pi))
+            llf = -0.5 * (ssr / scale_llf + nobs * np.log(scale_llf) - sum_log_weights + nobs * np.log(2 * np.pi))
         else:
             llf = loglike
         cov = np.linalg.pinv(xtwx) * scale
