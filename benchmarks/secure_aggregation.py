@@ -83,7 +83,7 @@ def main() -> None:
             assert np.allclose(total, expected, rtol=1e-12, atol=1e-12)
             start = time.perf_counter()
             replies = exchange(step, lambda s, st: node_mask(keys[s], s, "bench-task", st, names, releases[s]))
-            total = coordinator.combine({e.sender: e.body() for e in replies}, step, {})["v"]
+            total = coordinator.combine({e.sender: e.body() for e in replies}, "bench-task", step, {})["v"]
             secure_times.append(time.perf_counter() - start)
             step += 1
             assert np.max(np.abs(total - expected)) < 1e-12

@@ -96,3 +96,22 @@ def test_turning_secure_aggregation_off_is_recorded():
         decisions = [e for e in read_audit_log(fed.network.workdir / "site_0" / "state" / "audit.jsonl")
                      if e["kind"] == "decision"]
         assert decisions and all(e["secure_aggregation"] is False for e in decisions)
+
+
+def test_a_session_reuses_its_key_set_until_a_site_drops_out():
+    with mv.Federation.simulate(_sites(4, seed=5), timeout=3, record_hub_traffic=True) as fed:
+        fed.histogram("x", EDGES)
+        fed.describe("y")
+        fed.histogram("y", EDGES)
+
+        def key_steps() -> int:
+            return sum("secagg_public" in body.get("public", {}) for body in fed.hub_traffic()["body"])
+
+        assert key_steps() == 4  # one key exchange for three analyses
+        _drop_at_compute(fed, ["site_3"])
+        fed.histogram("x", EDGES)
+        assert key_steps() == 4
+        del fed.network.nodes["site_3"].node.handle  # the site comes back
+        result = fed.histogram("x", EDGES)
+        assert key_steps() == 8  # the dropout spent the key set; a fresh one was made
+        assert result.attrs["provenance"]["sites"] == ["site_0", "site_1", "site_2", "site_3"]

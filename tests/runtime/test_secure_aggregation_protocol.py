@@ -98,7 +98,7 @@ def test_combine_returns_the_sum():
         assert body["masked"].shape == plain.shape
         assert not np.any(body["masked"] == plain)  # no site's vector travels in the clear
         assert body["layout"] == [["empty", [0, 3]], ["n", []], ["xtwx", [4, 4]], ["xtwz", [4]]]
-    total = state.combine(masked, STEP, {})
+    total = state.combine(masked, TASK, STEP, {})
     assert_close(total, reference(sums, SITES), len(SITES))
     assert total["n"] == 200.0
 
@@ -108,7 +108,7 @@ def test_combine_at_another_step_does_not_unmask():
     sums = site_sums(2)
     masked = {site: node_mask(keys[site], site, TASK, STEP if site != "site_b" else STEP + 1,
                               state.participants, sums[site]) for site in SITES}
-    total = state.combine(masked, STEP, {})
+    total = state.combine(masked, TASK, STEP, {})
     assert not np.allclose(total["xtwx"], reference(sums, SITES)["xtwx"])
 
 
@@ -120,7 +120,7 @@ def test_combine_recovers_the_survivors_sum_after_a_dropout(threshold, dropped):
     # the dropped sites took part in the key exchange, so the survivors mask against them too
     masked = {site: node_mask(keys[site], site, TASK, STEP, state.participants, sums[site]) for site in survivors}
     with pytest.raises(ValueError):
-        state.combine(masked, STEP, {})  # below the threshold nothing is recovered
+        state.combine(masked, TASK, STEP, {})  # below the threshold nothing is recovered
     request = state.unmask_request(dropped, survivors)
     assert set(request["ciphertexts"]) == set(survivors)
     revealed = {}
@@ -128,11 +128,11 @@ def test_combine_recovers_the_survivors_sum_after_a_dropout(threshold, dropped):
         body = node_reveal(keys[site], site, TASK, dropped, request["ciphertexts"][site], submitted=set(survivors))
         assert set(body["revealed"]) == set(dropped)
         revealed[site] = body["revealed"]
-    total = state.combine(masked, STEP, revealed)
+    total = state.combine(masked, TASK, STEP, revealed)
     assert_close(total, reference(sums, survivors), len(survivors))
     # exactly `threshold` helpers are enough
     helpers = {site: revealed[site] for site in survivors[:threshold]}
-    assert_close(state.combine(masked, STEP, helpers), reference(sums, survivors), len(survivors))
+    assert_close(state.combine(masked, TASK, STEP, helpers), reference(sums, survivors), len(survivors))
 
 
 def test_revealed_shares_reconstruct_the_dropped_key():
@@ -176,12 +176,20 @@ def test_combine_refuses_mixed_or_mismatched_bodies():
     sums = site_sums(4)
     masked = {site: node_mask(keys[site], site, TASK, STEP, state.participants, sums[site]) for site in SITES}
     with pytest.raises(ValueError, match="some sites"):
-        state.combine({**masked, "site_d": {"public": {}}}, STEP, {})
+        state.combine({**masked, "site_d": {"public": {}}}, TASK, STEP, {})
     other = node_mask(keys["site_d"], "site_d", TASK, STEP, state.participants, {"other": np.zeros(4)})
     with pytest.raises(ValueError, match="layouts"):
-        state.combine({**masked, "site_d": other}, STEP, {})
-    assert state.combine({site: {} for site in SITES}, STEP, {}) == {}
+        state.combine({**masked, "site_d": other}, TASK, STEP, {})
+    assert state.combine({site: {} for site in SITES}, TASK, STEP, {}) == {}
 
 
 def test_mask_context_separates_steps_and_tasks():
     assert len({mask_context(TASK, 0), mask_context(TASK, 1), mask_context("other", 0)}) == 3
+
+
+def test_a_key_set_is_spent_once_shares_were_revealed():
+    keys, state, _ = setup(3)
+    request = state.unmask_request(["site_c"], ["site_a", "site_b", "site_d"])
+    node_reveal(keys["site_a"], "site_a", TASK, ["site_c"], request["ciphertexts"]["site_a"], submitted=set())
+    with pytest.raises(PermissionError, match="spent"):
+        node_mask(keys["site_a"], "site_a", TASK, STEP, state.participants, {"v": np.zeros(3)})

@@ -209,14 +209,15 @@ class Node:
         if extra and sums:
             release.public["dp_rho"] = self._charge(spec)
         if spec.secure_aggregation and sums:
-            participants = list(body.get("secagg", {}).get("participants", []))
-            keys = self._task_keys(task)
+            secure = body.get("secagg", {})
+            participants = list(secure.get("participants", []))
+            keys = self._keyset(str(secure.get("keyset")))
             if self.site not in participants or not set(participants) <= set(keys.peers):
-                raise Refusal("secure_aggregation", "participants do not match the task's key exchange")
+                raise Refusal("secure_aggregation", "participants do not match the key exchange")
             try:
                 payload = node_mask(keys, self.site, task, step, participants, sums)
-            except FixedPointOverflow as exc:
-                raise Refusal("secure_aggregation", f"release cannot be encoded: {exc}") from exc
+            except (FixedPointOverflow, PermissionError) as exc:
+                raise Refusal("secure_aggregation", f"release cannot be masked: {exc}") from exc
         else:
             payload = {"sums": sums}
         payload["public"] = release.public
@@ -274,10 +275,10 @@ class Node:
             raise Refusal(exhausted.rule, exhausted.detail) from exc
         return rho
 
-    def _task_keys(self, task: str) -> NodeTaskKeys:
-        stored = self.store.get(f"secagg:{task}")
+    def _keyset(self, keyset: str) -> NodeTaskKeys:
+        stored = self.store.get(f"secagg:{keyset}")
         if stored is None:
-            raise Refusal("secure_aggregation", f"no key exchange for task {task!r} at {self.site}")
+            raise Refusal("secure_aggregation", f"no key exchange {keyset!r} at {self.site}")
         return NodeTaskKeys.from_json(stored)
 
     def _secure_step(self, spec: StudySpec, phase: str, task: str, step: int,
@@ -286,30 +287,34 @@ class Node:
         if not spec.secure_aggregation:
             raise Refusal("secure_aggregation", f"study {spec.id!r} does not use secure aggregation")
         secure = body.get("secagg", {})
+        keyset = str(secure.get("keyset"))
         if phase == "keys":
+            if self.store.get(f"secagg:{keyset}") is not None:
+                raise Refusal("secure_aggregation", f"key set {keyset!r} already exists")
             keys, public = node_new_keys()
+            public["keyset"] = keyset
         elif phase == "shares":
-            keys = self._task_keys(task)
-            peers = self._verified_peer_keys(task, secure.get("key_envelopes", {}), spec)
-            public = node_shares(keys, self.site, task, peers, spec.threshold())
+            keys = self._keyset(keyset)
+            peers = self._verified_peer_keys(keyset, secure.get("key_envelopes", {}), spec)
+            public = node_shares(keys, self.site, keyset, peers, spec.threshold())
         elif phase == "unmask":
-            keys = self._task_keys(task)
+            keys = self._keyset(keyset)
             of_step = int(secure["of_step"])
             submitted = set(self.client.get_json(f"/v1/tasks/{task}/rounds/{of_step}/senders"))
             try:
-                public = node_reveal(keys, self.site, task, list(secure["dropped"]),
+                public = node_reveal(keys, self.site, keyset, list(secure["dropped"]),
                                      secure["ciphertexts"].get(self.site, {}), submitted)
             except PermissionError as exc:
                 raise Refusal("secure_aggregation", str(exc)) from exc
         else:
             raise Refusal("malformed", f"unknown phase {phase!r}")
-        self.store.put(f"secagg:{task}", keys.to_json())
+        self.store.put(f"secagg:{keyset}", keys.to_json())
         decision_id = self.audit.append("secure_aggregation", phase=phase, study=spec.id, task=task, step=step,
                                         detail=sorted(public))
         return {"sums": {}, "public": public}, [decision_id]
 
-    def _verified_peer_keys(self, task: str, envelopes: dict[str, bytes], spec: StudySpec) -> dict[str, bytes]:
-        """Each peer's key must come in that peer's own signed reply to this task's key step."""
+    def _verified_peer_keys(self, keyset: str, envelopes: dict[str, bytes], spec: StudySpec) -> dict[str, bytes]:
+        """Each peer's key must come in that peer's own signed reply to this key set's key step."""
         peers = {}
         for site, raw in envelopes.items():
             envelope = open_envelope(raw, self.config.max_message_bytes)
@@ -317,9 +322,10 @@ class Node:
                 envelope.verify(self.client.public_key(site))
             except SignatureError as exc:
                 raise Refusal("secure_aggregation", f"key of {site!r} is not signed by {site!r}") from exc
-            if envelope.sender != site or envelope.header.get("task") != task or site not in spec.sites:
-                raise Refusal("secure_aggregation", f"key envelope of {site!r} is bound to another task or site")
-            peers[site] = base64.b64decode(envelope.body()["public"]["secagg_public"])
+            public = envelope.body()["public"]
+            if envelope.sender != site or public.get("keyset") != keyset or site not in spec.sites:
+                raise Refusal("secure_aggregation", f"key envelope of {site!r} is bound to another key set or site")
+            peers[site] = base64.b64decode(public["secagg_public"])
         if self.site not in peers:
             raise Refusal("secure_aggregation", f"the key exchange does not include {self.site}")
         return peers

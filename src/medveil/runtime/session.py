@@ -90,6 +90,7 @@ class ResearcherSession:
         self.study = study
         self.timeout = timeout
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medveil-results")
+        self._keyset: CoordinatorState | None = None
 
     def close(self) -> None:
         """Wait for result records still being sent to the hub, then close the connection."""
@@ -105,7 +106,7 @@ class ResearcherSession:
         analysis = get_analysis(analysis_name)
         task = _Task(uuid.uuid4().hex, analysis_name, analysis.parse_params(params), dataset, list(self.study.sites))
         task.audit_ids = {site: [] for site in task.sites}
-        secure = self._setup_secure(task) if self.study.secure_aggregation and analysis.releases_sums else None
+        secure = self._secure_keys(task) if self.study.secure_aggregation and analysis.releases_sums else None
         broadcast: dict[str, Any] = {}
         state: dict[str, Any] = {}
         rows: dict[str, int] = {}
@@ -145,25 +146,26 @@ class ResearcherSession:
             public = {site: body["public"] for site, (_, body) in replies.items()}
             return public, aggregate({site: body["sums"] for site, (_, body) in replies.items()})
         step = task.step
-        replies = self._exchange(task, "compute", round_no,
-                                 {"broadcast": broadcast, "secagg": {"participants": secure.participants}},
+        request = {"keyset": secure.keyset, "participants": secure.participants}
+        replies = self._exchange(task, "compute", round_no, {"broadcast": broadcast, "secagg": request},
                                  recipients=secure.participants, tolerate_missing=True)
         dropped = [site for site in secure.participants if site not in replies]
         revealed: dict[str, dict[str, str]] = {}
         if dropped:
+            self._keyset = None  # revealing a key spends the key set; the next task makes a new one
             survivors = sorted(replies)
             if len(survivors) < secure.threshold:
                 raise SecureAggregationError(
                     f"only {len(survivors)} of {len(secure.participants)} sites submitted (threshold "
                     f"{secure.threshold}); round aborted, nothing revealed; missing: {', '.join(dropped)}")
-            request = dict(secure.unmask_request(dropped, survivors), of_step=step)
+            request = dict(secure.unmask_request(dropped, survivors), of_step=step, keyset=secure.keyset)
             answers = self._exchange(task, "unmask", round_no, {"secagg": request}, recipients=survivors,
                                      tolerate_missing=True)
             if len(answers) < secure.threshold:
                 raise SecureAggregationError(
                     f"only {len(answers)} sites helped unmask (threshold {secure.threshold}); round aborted")
             revealed = {site: body["public"]["revealed"] for site, (_, body) in answers.items()}
-        sums = secure.combine({site: body for site, (_, body) in replies.items()}, step, revealed)
+        sums = secure.combine({site: body for site, (_, body) in replies.items()}, task.id, step, revealed)
         if dropped:
             secure.participants = sorted(replies)
             if round_no > 0:
@@ -171,11 +173,16 @@ class ResearcherSession:
                                        "; the round's sum was recovered but earlier rounds included them")
         return {site: body["public"] for site, (_, body) in replies.items()}, sums
 
-    def _setup_secure(self, task: _Task) -> CoordinatorState:
-        """Key exchange and share distribution, once per task."""
-        state = CoordinatorState(task.id, task.sites, self.study.threshold())
-        state.record_keys(self._exchange(task, "keys", 0, {}))
-        state.record_shares(self._exchange(task, "shares", 0, {"secagg": {"key_envelopes": state.key_envelopes}}))
+    def _secure_keys(self, task: _Task) -> CoordinatorState:
+        """The session's key set: made (key exchange + share distribution) with the first secure task
+        and reused, with masks fresh per task and step, until a site drops out."""
+        if self._keyset is not None and self._keyset.participants == sorted(task.sites):
+            return self._keyset
+        state = CoordinatorState(uuid.uuid4().hex, task.sites, self.study.threshold())
+        state.record_keys(self._exchange(task, "keys", 0, {"secagg": {"keyset": state.keyset}}))
+        state.record_shares(self._exchange(task, "shares", 0, {"secagg": {"keyset": state.keyset,
+                                                                          "key_envelopes": state.key_envelopes}}))
+        self._keyset = state
         return state
 
     def _exchange(self, task: _Task, phase: str, round_no: int, body: dict[str, Any], *,
