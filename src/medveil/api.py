@@ -34,18 +34,21 @@ class Federation:
     def simulate(cls, sites: Mapping[str, SiteData], *, record_hub_traffic: bool = False,
                  policy: DisclosurePolicy | None = None, timeout: float = 60.0, processes: bool = False,
                  workdir: str | Path | None = None, hub_db: str | None = None, secure_aggregation: bool = True,
-                 secagg_threshold: int | None = None) -> "Federation":
+                 secagg_threshold: int | None = None, allow_dropouts: bool = False) -> "Federation":
         """Start a real hub and one real node per site on loopback HTTP (threads, or processes).
 
         A site is one table (DataFrame or CSV/Parquet path; dataset "default") or a dict
         {dataset name: table}. The hub keeps its state in `hub_db` (SQLAlchemy URL; a SQLite
         file in the work directory by default). Secure aggregation is on unless turned off here,
-        which the study records and every result's provenance reports.
+        which the study records and every result's provenance reports. A site that does not
+        answer fails the run with an error naming it, unless `allow_dropouts` lets a secure
+        first round go on without it (down to the threshold; the provenance lists who took part).
         """
         network = start_local_network(sites, workdir=workdir, record_hub_traffic=record_hub_traffic,
                                       policy=policy, processes=processes, hub_db=hub_db,
                                       secure_aggregation=secure_aggregation, secagg_threshold=secagg_threshold)
-        return cls(ResearcherSession(network.researcher, network.study, timeout=timeout), network)
+        return cls(ResearcherSession(network.researcher, network.study, timeout=timeout,
+                                     allow_dropouts=allow_dropouts), network)
 
     @property
     def study(self) -> StudySpec:
@@ -147,7 +150,8 @@ class Federation:
         return pd.DataFrame(rows)
 
 
-def connect(url: str, identity: str | Path | SigningKey, study: str, *, timeout: float = 60.0) -> Federation:
+def connect(url: str, identity: str | Path | SigningKey, study: str, *, timeout: float = 60.0,
+            allow_dropouts: bool = False) -> Federation:
     """Reach a deployed hub as the researcher who owns `study` (identity: PEM key file or key)."""
     key = identity if isinstance(identity, SigningKey) else SigningKey.from_pem(Path(identity).read_bytes())
     client = HubClient(url, "", key)
@@ -162,4 +166,4 @@ def connect(url: str, identity: str | Path | SigningKey, study: str, *, timeout:
         client.close()
         raise PermissionError(f"this identity is not the researcher of study {study!r} ({spec.researcher})")
     client.party = spec.researcher
-    return Federation(ResearcherSession(client, spec, timeout=timeout))
+    return Federation(ResearcherSession(client, spec, timeout=timeout, allow_dropouts=allow_dropouts))

@@ -65,9 +65,10 @@ def test_hub_sees_only_uniform_masked_vectors_that_change_every_round():
 
 def test_five_sites_one_dropping_after_sharing_keys_still_give_the_exact_sum():
     sites = _sites(5, seed=2)
-    with mv.Federation.simulate(sites, timeout=3, record_hub_traffic=True) as fed:
+    with mv.Federation.simulate(sites, timeout=3, record_hub_traffic=True, allow_dropouts=True) as fed:
         _drop_at_compute(fed, ["site_3"])
-        result = fed.histogram("x", EDGES)
+        with pytest.warns(RuntimeWarning, match="site_3 dropped out"):
+            result = fed.histogram("x", EDGES)
         phases = fed.hub_traffic()["body"]
     survivors = pd.concat([frame for name, frame in sites.items() if name != "site_3"])["x"]
     inner, _ = np.histogram(survivors, bins=EDGES)
@@ -79,7 +80,7 @@ def test_five_sites_one_dropping_after_sharing_keys_still_give_the_exact_sum():
 
 
 def test_below_the_threshold_the_round_aborts_and_nothing_is_revealed():
-    with mv.Federation.simulate(_sites(5, seed=3), timeout=2, record_hub_traffic=True) as fed:
+    with mv.Federation.simulate(_sites(5, seed=3), timeout=2, record_hub_traffic=True, allow_dropouts=True) as fed:
         assert fed.study.threshold() == 3
         _drop_at_compute(fed, ["site_1", "site_2", "site_4"])
         with pytest.raises(SecureAggregationError, match="threshold 3"):
@@ -99,7 +100,7 @@ def test_turning_secure_aggregation_off_is_recorded():
 
 
 def test_a_session_reuses_its_key_set_until_a_site_drops_out():
-    with mv.Federation.simulate(_sites(4, seed=5), timeout=3, record_hub_traffic=True) as fed:
+    with mv.Federation.simulate(_sites(4, seed=5), timeout=3, record_hub_traffic=True, allow_dropouts=True) as fed:
         fed.histogram("x", EDGES)
         fed.describe("y")
         fed.histogram("y", EDGES)
@@ -109,9 +110,30 @@ def test_a_session_reuses_its_key_set_until_a_site_drops_out():
 
         assert key_steps() == 4  # one key exchange for three analyses
         _drop_at_compute(fed, ["site_3"])
-        fed.histogram("x", EDGES)
+        with pytest.warns(RuntimeWarning):
+            fed.histogram("x", EDGES)
         assert key_steps() == 4
         del fed.network.nodes["site_3"].node.handle  # the site comes back
         result = fed.histogram("x", EDGES)
         assert key_steps() == 8  # the dropout spent the key set; a fresh one was made
         assert result.attrs["provenance"]["sites"] == ["site_0", "site_1", "site_2", "site_3"]
+
+
+def test_without_allow_dropouts_a_silent_site_fails_the_run_by_name():
+    with mv.Federation.simulate(_sites(3, seed=6), timeout=2) as fed:
+        fed.histogram("x", EDGES)
+        _drop_at_compute(fed, ["site_1"])
+        with pytest.raises(mv.SiteTimeoutError, match="site_1"):
+            fed.histogram("x", EDGES)
+
+
+def test_a_dropout_in_a_multi_round_analysis_continues_with_a_fresh_key_set():
+    sites = _sites(4, seed=7)
+    with mv.Federation.simulate(sites, timeout=3, allow_dropouts=True) as fed:
+        _drop_at_compute(fed, ["site_2"])
+        with pytest.warns(RuntimeWarning, match="site_2"):
+            result = fed.describe(["x", "y"])
+    survivors = pd.concat([frame for name, frame in sites.items() if name != "site_2"])
+    np.testing.assert_allclose(result["mean"], survivors[["x", "y"]].mean(), rtol=1e-12)
+    np.testing.assert_allclose(result["sd"], survivors[["x", "y"]].std(), rtol=1e-12)
+    assert result.attrs["provenance"]["sites"] == ["site_0", "site_1", "site_3"]

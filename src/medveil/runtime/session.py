@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 import uuid
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -85,10 +86,13 @@ class _Task:
 class ResearcherSession:
     """Runs registered analyses for one study through a hub."""
 
-    def __init__(self, client: HubClient, study: StudySpec, *, timeout: float = 60.0):
+    def __init__(self, client: HubClient, study: StudySpec, *, timeout: float = 60.0, allow_dropouts: bool = False):
+        """`allow_dropouts`: with secure aggregation, a site silent in an analysis' first round is
+        left out (its masks removed with the survivors' shares) instead of failing the run."""
         self.client = client
         self.study = study
         self.timeout = timeout
+        self.allow_dropouts = allow_dropouts
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medveil-results")
         self._keyset: CoordinatorState | None = None
 
@@ -106,13 +110,14 @@ class ResearcherSession:
         analysis = get_analysis(analysis_name)
         task = _Task(uuid.uuid4().hex, analysis_name, analysis.parse_params(params), dataset, list(self.study.sites))
         task.audit_ids = {site: [] for site in task.sites}
-        secure = self._secure_keys(task) if self.study.secure_aggregation and analysis.releases_sums else None
+        secure_needed = self.study.secure_aggregation and analysis.releases_sums
         broadcast: dict[str, Any] = {}
         state: dict[str, Any] = {}
         rows: dict[str, int] = {}
         dp_spent: dict[str, float] = {}
         round_no = 0
         while True:
+            secure = self._secure_keys(task) if secure_needed else None
             public, sums = self._compute(task, round_no, broadcast, secure)
             for site, facts in public.items():
                 if "rows" in facts:
@@ -148,7 +153,7 @@ class ResearcherSession:
         step = task.step
         request = {"keyset": secure.keyset, "participants": secure.participants}
         replies = self._exchange(task, "compute", round_no, {"broadcast": broadcast, "secagg": request},
-                                 recipients=secure.participants, tolerate_missing=True)
+                                 recipients=secure.participants, tolerate_missing=self.allow_dropouts)
         dropped = [site for site in secure.participants if site not in replies]
         revealed: dict[str, dict[str, str]] = {}
         if dropped:
@@ -167,7 +172,9 @@ class ResearcherSession:
             revealed = {site: body["public"]["revealed"] for site, (_, body) in answers.items()}
         sums = secure.combine({site: body for site, (_, body) in replies.items()}, task.id, step, revealed)
         if dropped:
-            secure.participants = sorted(replies)
+            task.sites = sorted(replies)
+            warnings.warn(f"site(s) {', '.join(dropped)} dropped out; the sum covers {', '.join(task.sites)}",
+                          RuntimeWarning, stacklevel=3)
             if round_no > 0:
                 raise SiteTimeoutError(dropped, self.timeout, step,
                                        "; the round's sum was recovered but earlier rounds included them")
