@@ -31,6 +31,8 @@ def test_efron_equals_lifelines(dataset, gbsg2):
     np.testing.assert_allclose(result.p_values, reference.summary["p"], rtol=1e-4, atol=1e-10)
     assert result.log_likelihood == pytest.approx(reference.log_likelihood_, rel=1e-9)
     assert result.converged and result.provenance["secure_aggregation"] is True
+    assert 0 < result.concordance_error_bound < 0.01
+    assert abs(result.concordance - reference.concordance_index_) <= result.concordance_error_bound
     assert "Efron".lower() in result.summary()
 
 

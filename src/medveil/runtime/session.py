@@ -9,6 +9,7 @@ naming the site, never a hang.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 import warnings
@@ -25,13 +26,16 @@ from medveil.analyses.base import (
 )
 from medveil.crypto.signing import SignatureError
 from medveil.runtime.aggregation import aggregate
-from medveil.runtime.client import HubClient
+from medveil.runtime.client import HubClient, HubError
 from medveil.runtime.secure_aggregation import (
     CoordinatorState,
     SecureAggregationAborted,
 )
 from medveil.runtime.study import StudySpec
 from medveil.runtime.wire import Envelope
+
+
+log = logging.getLogger("medveil.session")
 
 
 class FederationError(RuntimeError):
@@ -101,9 +105,20 @@ class ResearcherSession:
         self._background.shutdown(wait=True)
         self.client.close()
 
-    def _record_result(self, task_id: str, provenance: dict[str, Any]) -> None:
+    def _record_result(self, task_id: str, provenance: dict[str, Any], patience_s: float = 60.0) -> None:
+        """Record the run's provenance at the hub, retrying while the hub is away (e.g. restarting)."""
         envelope = self.client.seal("result", {"status": "done", "summary": provenance}, task=task_id)
-        self.client.post(f"/v1/tasks/{task_id}/result", envelope)
+        deadline, pause = time.monotonic() + patience_s, 0.05
+        while True:
+            try:
+                self.client.post(f"/v1/tasks/{task_id}/result", envelope)
+                return
+            except HubError as exc:
+                if (exc.status and exc.status < 500) or time.monotonic() > deadline:
+                    log.warning("result of task %s not recorded at the hub: %s", task_id, exc)
+                    return
+                time.sleep(pause)
+                pause = min(pause * 2, 2.0)
 
     def run(self, analysis_name: str, params: dict[str, Any], dataset: str,
             progress: Callable[[int], None] | None = None) -> RunOutcome:
