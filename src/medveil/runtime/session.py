@@ -34,7 +34,6 @@ from medveil.runtime.secure_aggregation import (
 from medveil.runtime.study import StudySpec
 from medveil.runtime.wire import Envelope
 
-
 log = logging.getLogger("medveil.session")
 
 
