@@ -137,6 +137,15 @@ class Federation:
                            max_time=max_time)
         return replace(outcome.result, provenance=outcome.provenance)
 
+    def gwas(self, genotypes: str, phenotype: str, data: str | None = None, covariates: Sequence[str] = (),
+             test: str = "allelic", iid: str = "IID") -> pd.DataFrame:
+        """Genome-wide association over PLINK filesets at each site, as PLINK on the pooled data.
+
+        `genotypes` names each site's PLINK dataset, `data` its phenotype table (joined on `iid`);
+        the phenotype is 0 (control) / 1 (case). Only the allelic test exists yet."""
+        return self._frame("gwas", data, genotypes=genotypes, phenotype=phenotype, covariates=list(covariates),
+                           test=test, iid=iid)
+
     def hub_traffic(self) -> pd.DataFrame:
         """Every message the hub relayed, decoded: exactly what the operator can see."""
         rows = []

@@ -12,6 +12,7 @@ BUILTIN_MODULES = (
     "medveil.analyses.glm",
     "medveil.analyses.survival",
     "medveil.analyses.cox",
+    "medveil.analyses.gwas",
 )
 
 

@@ -84,6 +84,11 @@ class Analysis(ABC, Generic[P]):
     def variables(self, params: P) -> list[str]:
         """Columns the analysis reads; the node checks them against the approved list."""
 
+    def genotype_dataset(self, params: P) -> str | None:
+        """Name of a genotype dataset (PLINK) the analysis reads beside its table, if any; the node
+        checks it is approved and passes it to `local` as `genotypes`."""
+        return None
+
     def row_sets(self, params: P, data: pd.DataFrame) -> list[np.ndarray]:
         """Boolean masks of the rows each released statistic rests on, for the differencing guard.
 

@@ -19,7 +19,7 @@ class DatasetConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    kind: Literal["csv", "parquet", "sql"]
+    kind: Literal["csv", "parquet", "sql", "plink"]
     path: Path | None = None
     url: str | None = None
     table: str | None = None
@@ -28,7 +28,7 @@ class DatasetConfig(BaseModel):
 
     @model_validator(mode="after")
     def _where(self) -> "DatasetConfig":
-        if self.kind in ("csv", "parquet") and self.path is None:
+        if self.kind in ("csv", "parquet", "plink") and self.path is None:
             raise ValueError(f"a {self.kind} dataset needs a path")
         if self.kind == "sql" and (self.url is None or (self.table is None) == (self.query is None)):
             raise ValueError("an sql dataset needs a url and exactly one of table or query")
@@ -54,6 +54,8 @@ def load_dataset(name: str, config: DatasetConfig) -> pd.DataFrame:
     """Read one dataset; every failure becomes a DataError naming the dataset and the file."""
     if config.kind == "sql":
         return _load_sql(name, config)
+    if config.kind == "plink":
+        raise DataError(f"dataset {name!r} holds genotypes; analyses read it through its genotype parameter")
     path = config.path
     assert path is not None
     if not path.exists():

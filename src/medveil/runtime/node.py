@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from medveil.analyses.base import AnalysisError, UnknownAnalysis, get_analysis
 from medveil.crypto.secagg import FixedPointOverflow
 from medveil.crypto.signing import SignatureError, SigningKey, VerifyKey
+from medveil.data.genotypes import GenotypeFile
 from medveil.data.sources import DataError, load_dataset
 from medveil.privacy.disclosure import DisclosureRefused, check_differencing
 from medveil.privacy.dp import BudgetExhausted, gaussian_count_noise
@@ -66,7 +67,7 @@ class Node:
         self.client = client or HubClient(config.hub, config.site, identity, max_bytes=config.max_message_bytes)
         self.store = NodeStore(config.state_dir / "node.db")
         self.audit = AuditLog(config.state_dir / "audit.jsonl", config.site)
-        self._cache: dict[str, tuple[tuple, pd.DataFrame]] = {}
+        self._cache: dict[str, tuple[tuple, Any]] = {}
         self._verified: dict[str, tuple[str, StudySpec]] = {}
         self._scratch: OrderedDict[str, dict[str, Any]] = OrderedDict()
 
@@ -182,6 +183,9 @@ class Node:
         if outside:
             raise Refusal("variable_not_approved",
                           f"variables {outside} are not approved for dataset {dataset!r} in study {spec.id!r}")
+        genotype_name = analysis.genotype_dataset(params)
+        if genotype_name is not None and genotype_name not in spec.datasets:
+            raise Refusal("dataset_not_approved", f"dataset {genotype_name!r} is not approved for study {spec.id!r}")
         phase = str(header.get("phase", "compute"))
         if phase != "compute":
             return self._secure_step(spec, phase, task, step, body)
@@ -196,6 +200,8 @@ class Node:
         extra = self._dp_noise(spec, analysis)
         if analysis.uses_scratch:
             extra["scratch"] = self._task_scratch(task)
+        if genotype_name is not None:
+            extra["genotypes"] = self._genotypes(genotype_name)
         decision_id = self.audit.append("decision", decision="run", study=spec.id, task=task, step=step,
                                         round=round_no, analysis=name, dataset=dataset, variables=wanted,
                                         secure_aggregation=spec.secure_aggregation)
@@ -228,6 +234,20 @@ class Node:
             digest=hashlib.sha256(b"".join(k.encode() + v.tobytes() for k, v in sorted(sums.items()))).hexdigest(),
         )
         return payload, [decision_id, release_id]
+
+    def _genotypes(self, dataset: str) -> GenotypeFile:
+        config = self.config.datasets.get(dataset)
+        if config is None or config.kind != "plink":
+            raise Refusal("unknown_dataset", f"genotype dataset {dataset!r} is not registered at {self.site}")
+        key = f"genotypes:{dataset}"
+        cached = self._cache.get(key)
+        if cached is None or cached[0] != config.fingerprint():
+            try:
+                cached = (config.fingerprint(), GenotypeFile(dataset, config.path))
+            except DataError as exc:
+                raise Refusal("data_error", f"{self.site}: {exc}") from exc
+            self._cache[key] = cached
+        return cached[1]
 
     def _task_scratch(self, task: str, keep: int = 4) -> dict[str, Any]:
         """Per-task working memory at the site (e.g. a design matrix reused across rounds); never sent."""

@@ -32,14 +32,18 @@ DEFAULT_DATASET = "default"
 
 def _dataset_config(source: str | Path) -> DatasetConfig:
     path = Path(source)
-    kind = "parquet" if path.suffix.lower() in (".parquet", ".pq") else "csv"
+    suffix = path.suffix.lower()
+    kind = "parquet" if suffix in (".parquet", ".pq") else "plink" if suffix == ".bed" else "csv"
     return DatasetConfig(kind=kind, path=path.resolve())
 
 
 def _columns(name: str, source: TableLike) -> list[str]:
     if isinstance(source, pd.DataFrame):
         return [str(c) for c in source.columns]
-    return [str(c) for c in load_dataset(name, _dataset_config(source)).columns]
+    config = _dataset_config(source)
+    if config.kind == "plink":
+        return []  # a genotype dataset is approved whole; nothing of it is a "variable"
+    return [str(c) for c in load_dataset(name, config).columns]
 
 
 @dataclass

@@ -1,0 +1,103 @@
+"""Federated GWAS (allelic test, frequencies, missingness) against PLINK 1.9 on the pooled fileset."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+import medveil as mv
+
+bed_reader = pytest.importorskip("bed_reader")
+pytestmark = pytest.mark.e2e
+
+
+def _make(directory, n=600, m=300, seed=1):
+    """A seeded pooled fileset and three site filesets (site_1 stores every variant's alleles swapped)."""
+    rng = np.random.default_rng(seed)
+    freq = rng.uniform(0.05, 0.5, m)
+    dosages = rng.binomial(2, freq, size=(n, m)).astype(np.float32)
+    case = rng.integers(0, 2, n)
+    dosages[case == 1, :10] = rng.binomial(2, np.minimum(freq[:10] * 1.6, 0.9), size=(int(case.sum()), 10))
+    dosages[rng.random((n, m)) < 0.01] = np.nan
+    iid = np.array([f"s{i}" for i in range(n)])
+    alleles = np.array([("A", "G"), ("C", "T"), ("A", "C"), ("G", "T")])[rng.integers(0, 4, m)]
+    alleles[:5] = ("A", "T")  # strand-ambiguous: kept, and reported
+    props = dict(iid=iid, fid=iid, sid=[f"rs{i}" for i in range(m)], chromosome=np.repeat(["1", "2"], m // 2),
+                 bp_position=np.arange(m) * 100 + 1000, allele_1=alleles[:, 0], allele_2=alleles[:, 1],
+                 pheno=(case + 1).astype(str))
+    bed_reader.to_bed(directory / "pooled.bed", dosages, properties=props)
+    sites = {}
+    for k, idx in enumerate(np.array_split(rng.permutation(n), 3)):
+        idx = np.sort(idx)
+        sub = {key: (np.asarray(v)[idx] if key in ("iid", "fid", "pheno") else v) for key, v in props.items()}
+        block = dosages[idx]
+        if k == 1:
+            block = 2 - block
+            sub["allele_1"], sub["allele_2"] = props["allele_2"], props["allele_1"]
+        bed_reader.to_bed(directory / f"site{k}.bed", block, properties=sub)
+        sites[f"site_{k}"] = {"cohort": pd.DataFrame({"IID": iid[idx], "case": case[idx]}),
+                              "geno": str(directory / f"site{k}.bed")}
+    return sites, dosages, case
+
+
+@pytest.fixture(scope="module")
+def gwas_run(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("gwas")
+    sites, dosages, case = _make(directory)
+    with mv.Federation.simulate(sites, record_hub_traffic=True) as fed:
+        result = fed.gwas(genotypes="geno", phenotype="case", data="cohort")
+        bodies = list(fed.hub_traffic()["body"])
+    return directory, result, dosages, case, bodies
+
+
+def test_allelic_test_equals_numpy_reference(gwas_run):
+    _, result, dosages, case, _ = gwas_run
+    for j in (0, 3, 50, 299):
+        observed = ~np.isnan(dosages[:, j])
+        d, c = dosages[observed, j], case[observed]
+        ref_case, ref_control = d[c == 1].sum(), d[c == 0].sum()
+        table = np.array([[ref_case, 2 * (c == 1).sum() - ref_case], [ref_control, 2 * (c == 0).sum() - ref_control]])
+        chisq = stats.chi2_contingency(table, correction=False)[0]
+        assert result["CHISQ"].iat[j] == pytest.approx(chisq, rel=1e-10)
+        assert result["OBS_CT"].iat[j] == observed.sum()
+        assert result["F_MISS"].iat[j] == pytest.approx(1 - observed.mean(), rel=1e-12)
+    assert result.attrs["variant_report"]["strand_ambiguous"] == [f"rs{i}" for i in range(5)]
+    assert result.attrs["provenance"]["secure_aggregation"] is True
+
+
+@pytest.mark.skipif(shutil.which("plink1.9") is None, reason="plink1.9 is not installed (Debian package plink1.9)")
+def test_allelic_test_equals_plink_assoc(gwas_run):
+    directory, result, *_ = gwas_run
+    subprocess.run(["plink1.9", "--bfile", str(directory / "pooled"), "--assoc", "--allow-no-sex",
+                    "--out", str(directory / "plink")], check=True, capture_output=True)
+    plink = pd.read_csv(directory / "plink.assoc", sep=r"\s+")
+    merged = result.merge(plink, left_on="ID", right_on="SNP", suffixes=("", "_plink"))
+    assert len(merged) == len(result) == 300
+    assert (merged["A1"] == merged["A1_plink"]).all() and (merged["A2"] == merged["A2_plink"]).all()
+    # PLINK prints 4 significant digits
+    np.testing.assert_allclose(merged["CHISQ"], merged["CHISQ_plink"], rtol=6e-4)
+    np.testing.assert_allclose(merged["F_A"], merged["F_A_plink"], atol=6e-5)
+    np.testing.assert_allclose(merged["F_U"], merged["F_U_plink"], atol=6e-5)
+    np.testing.assert_allclose(merged["OR"], merged["OR_plink"], rtol=6e-4)
+    np.testing.assert_allclose(merged["P"], merged["P_plink"], rtol=6e-4)
+
+
+def test_hub_never_sees_a_sites_genotype_counts(gwas_run):
+    *_, bodies = gwas_run
+    assert all(not body.get("sums") for body in bodies)
+    assert sum("masked" in body for body in bodies) == 3
+
+
+def test_unapproved_genotype_dataset_is_refused(gwas_run, tmp_path):
+    sites, *_ = _make(tmp_path, n=60, m=20, seed=2)
+    with mv.Federation.simulate(sites) as fed:
+        spec = fed.network.add_study("no-genotypes", {"cohort": ["IID", "case"]})
+        session = mv.api.ResearcherSession(fed.network.researcher, spec, timeout=20)
+        with pytest.raises(mv.RefusedError) as error:
+            session.run("gwas", {"genotypes": "geno", "phenotype": "case"}, "cohort")
+    assert error.value.rule == "dataset_not_approved"
