@@ -101,3 +101,27 @@ def test_unapproved_genotype_dataset_is_refused(gwas_run, tmp_path):
         with pytest.raises(mv.RefusedError) as error:
             session.run("gwas", {"genotypes": "geno", "phenotype": "case"}, "cohort")
     assert error.value.rule == "dataset_not_approved"
+
+
+@pytest.mark.skipif(shutil.which("plink1.9") is None, reason="plink1.9 is not installed (Debian package plink1.9)")
+def test_trend_and_hardy_weinberg_equal_plink(gwas_run):
+    directory, result, *_ = gwas_run
+    subprocess.run(["plink1.9", "--bfile", str(directory / "pooled"), "--model", "--hardy", "--allow-no-sex",
+                    "--out", str(directory / "plink_model")], check=True, capture_output=True)
+    model = pd.read_csv(directory / "plink_model.model", sep=r"\s+")
+    trend = model[model["TEST"] == "TREND"].set_index("SNP")
+    hardy = pd.read_csv(directory / "plink_model.hwe", sep=r"\s+")
+    controls = hardy[hardy["TEST"] == "UNAFF"].set_index("SNP")
+    ours = result.set_index("ID")
+    np.testing.assert_allclose(ours["TREND_CHISQ"], trend.loc[ours.index, "CHISQ"].astype(float), rtol=6e-4)
+    assert (ours["GENO_UNAFF"] == controls.loc[ours.index, "GENO"]).all()
+    np.testing.assert_allclose(ours["HWE_P_UNAFF"], controls.loc[ours.index, "P"], rtol=6e-4, atol=1e-300)
+
+
+def test_hardy_weinberg_exact_small_cases():
+    from medveil.analyses.gwas import hwe_exact
+
+    assert hwe_exact(0, 0, 0) == 1.0
+    # 100 samples in perfect equilibrium (p = 0.5) cannot be rejected; an excess of homozygotes is
+    assert hwe_exact(50, 25, 25) == pytest.approx(1.0)
+    assert hwe_exact(10, 45, 45) < 1e-10

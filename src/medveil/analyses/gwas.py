@@ -6,8 +6,9 @@ position with alleles equal or swapped (swapped sites flip their dosages) and re
 strand-ambiguous (A/T, C/G) and mismatched variants. Round 1: each site streams its
 genotypes in SNP blocks and returns, per variant, counts of dosage 0/1/2/missing among cases
 and among controls; only the cross-site sums are decoded. From those the researcher computes
-PLINK 1.9's --freq/--missing figures and the allelic association test (--assoc: 1-df
-chi-square on allele counts, with A1 the pooled minor allele).
+PLINK 1.9's --freq/--missing figures, the allelic association test (--assoc: 1-df chi-square
+on allele counts, with A1 the pooled minor allele), the Cochran-Armitage trend test (--model
+TREND) and the Hardy-Weinberg exact test in controls (--hardy UNAFF).
 What leaks: pooled genotype counts per variant in cases and controls, as a published
 association table shows.
 """
@@ -138,6 +139,46 @@ def _agree_variants(per_site: dict[str, list[list[Any]]]) -> tuple[list[list[Any
     return agreed, {"strand_ambiguous": ambiguous, "allele_mismatch": mismatched, "not_at_every_site": missing}
 
 
+def _trend_chisq(cases: np.ndarray, controls: np.ndarray) -> np.ndarray:
+    """Cochran-Armitage trend chi-square (1 df) on genotype counts, as plink1.9 --model TREND."""
+    weights = np.array([2.0, 1.0, 0.0])
+    r, s = cases.sum(axis=1), controls.sum(axis=1)
+    n = r + s
+    totals = cases + controls
+    with np.errstate(divide="ignore", invalid="ignore"):
+        numerator = n * (n * (cases @ weights) - r * (totals @ weights)) ** 2
+        denominator = r * s * (n * (totals @ weights**2) - (totals @ weights) ** 2)
+        return numerator / denominator
+
+
+def hwe_exact(heterozygotes: int, homozygotes_1: int, homozygotes_2: int) -> float:
+    """Hardy-Weinberg exact test p-value (Wigginton, Cutler and Abecasis 2005), as plink --hardy.
+
+    Written out because no maintained Python package provides it; it is the published SNPHWE
+    recurrence over heterozygote counts."""
+    rare_homs, common_homs = sorted((homozygotes_1, homozygotes_2))
+    rare = 2 * rare_homs + heterozygotes
+    total = heterozygotes + rare_homs + common_homs
+    if total == 0:
+        return 1.0
+    probs = np.zeros(rare + 1)
+    mid = rare * (2 * total - rare) // (2 * total)
+    if mid % 2 != rare % 2:
+        mid += 1
+    probs[mid] = 1.0
+    hets, homr, homc = mid, (rare - mid) // 2, total - mid - (rare - mid) // 2
+    while hets >= 2:
+        probs[hets - 2] = probs[hets] * hets * (hets - 1) / (4.0 * (homr + 1) * (homc + 1))
+        hets, homr, homc = hets - 2, homr + 1, homc + 1
+    hets, homr, homc = mid, (rare - mid) // 2, total - mid - (rare - mid) // 2
+    while hets <= rare - 2:
+        probs[hets + 2] = probs[hets] * 4.0 * homr * homc / ((hets + 2.0) * (hets + 1.0))
+        hets, homr, homc = hets + 2, homr - 1, homc - 1
+    observed = probs[heterozygotes]
+    p_value = probs[probs <= observed * (1 + 1e-8)].sum() / probs.sum()
+    return float(min(1.0, p_value))
+
+
 def _allelic_table(variants: list[list[Any]], counts: np.ndarray, report: dict[str, list[str]]) -> pd.DataFrame:
     """PLINK 1.9 --assoc columns (plus --freq/--missing figures) from pooled genotype counts."""
     controls, cases = counts[:, 0, :], counts[:, 1, :]
@@ -158,6 +199,12 @@ def _allelic_table(variants: list[list[Any]], counts: np.ndarray, report: dict[s
         chisq = np.sum((table - expected) ** 2 / expected, axis=(0, 1))
         odds = (a1_cases * a2_controls) / (a2_cases * a1_controls)
         f_a, f_u = a1_cases / called_cases, a1_controls / called_controls
+    # Genotype counts oriented to A1: homozygous A1, heterozygous, homozygous A2.
+    def oriented(group: np.ndarray) -> np.ndarray:
+        return np.where(minor_is_ref[:, None], group[:, [2, 1, 0]], group[:, [0, 1, 2]])
+
+    a1_case_geno, a1_control_geno = oriented(cases), oriented(controls)
+    trend = _trend_chisq(a1_case_geno, a1_control_geno)
     frame = pd.DataFrame({
         "CHROM": [v[0] for v in variants], "POS": [int(v[1]) for v in variants], "ID": [v[4] for v in variants],
         "A1": [v[2] if m else v[3] for v, m in zip(variants, minor_is_ref)],
@@ -166,6 +213,9 @@ def _allelic_table(variants: list[list[Any]], counts: np.ndarray, report: dict[s
         "OBS_CT": (called / 2).astype(np.int64),
         "F_MISS": counts[:, :, 3].sum(axis=1) / counts.sum(axis=(1, 2)),
         "CHISQ": chisq, "P": stats.chi2.sf(chisq, 1), "OR": odds,
+        "TREND_CHISQ": trend, "TREND_P": stats.chi2.sf(trend, 1),
+        "GENO_UNAFF": [f"{a:.0f}/{b:.0f}/{c:.0f}" for a, b, c in a1_control_geno],
+        "HWE_P_UNAFF": [hwe_exact(int(b), int(a), int(c)) for a, b, c in a1_control_geno],
     })
     finite = frame["CHISQ"].dropna()
     frame.attrs["lambda_gc"] = float(np.median(finite) / stats.chi2.ppf(0.5, 1)) if len(finite) else float("nan")
