@@ -138,13 +138,14 @@ class Federation:
         return replace(outcome.result, provenance=outcome.provenance)
 
     def gwas(self, genotypes: str, phenotype: str, data: str | None = None, covariates: Sequence[str] = (),
-             test: str = "allelic", iid: str = "IID") -> pd.DataFrame:
+             test: str = "allelic", iid: str = "IID", hardy: bool = False) -> pd.DataFrame:
         """Genome-wide association over PLINK filesets at each site, as PLINK on the pooled data.
 
         `genotypes` names each site's PLINK dataset, `data` its phenotype table (joined on `iid`);
-        the phenotype is 0 (control) / 1 (case). Only the allelic test exists yet."""
+        the phenotype is 0 (control) / 1 (case). The allelic and trend tests exist so far;
+        `hardy=True` adds the Hardy-Weinberg exact test in controls."""
         return self._frame("gwas", data, genotypes=genotypes, phenotype=phenotype, covariates=list(covariates),
-                           test=test, iid=iid)
+                           test=test, iid=iid, hardy=hardy)
 
     def hub_traffic(self) -> pd.DataFrame:
         """Every message the hub relayed, decoded: exactly what the operator can see."""

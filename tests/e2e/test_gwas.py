@@ -50,7 +50,7 @@ def gwas_run(tmp_path_factory):
     directory = tmp_path_factory.mktemp("gwas")
     sites, dosages, case = _make(directory)
     with mv.Federation.simulate(sites, record_hub_traffic=True) as fed:
-        result = fed.gwas(genotypes="geno", phenotype="case", data="cohort")
+        result = fed.gwas(genotypes="geno", phenotype="case", data="cohort", hardy=True)
         bodies = list(fed.hub_traffic()["body"])
     return directory, result, dosages, case, bodies
 
