@@ -125,3 +125,34 @@ def test_hardy_weinberg_exact_small_cases():
     # 100 samples in perfect equilibrium (p = 0.5) cannot be rejected; an excess of homozygotes is
     assert hwe_exact(50, 25, 25) == pytest.approx(1.0)
     assert hwe_exact(10, 45, 45) < 1e-10
+
+
+@pytest.mark.skipif(shutil.which("plink2") is None, reason="plink2 is not installed (Debian package plink2)")
+def test_logistic_with_covariates_equals_plink2_glm(tmp_path):
+    sites, *_ = _make(tmp_path)
+    rng = np.random.default_rng(5)
+    for site in sites.values():
+        cohort = site["cohort"]
+        cohort["age"] = rng.normal(50, 10, len(cohort)).round(1)
+        cohort["sex"] = rng.integers(0, 2, len(cohort))
+    covariates = pd.concat(site["cohort"] for site in sites.values())
+    covariates.assign(FID=covariates["IID"])[["FID", "IID", "age", "sex"]].to_csv(tmp_path / "covar.txt", sep="\t",
+                                                                                  index=False)
+    with mv.Federation.simulate(sites) as fed:
+        result = fed.gwas(genotypes="geno", phenotype="case", data="cohort", covariates=["age", "sex"],
+                          test="logistic")
+    subprocess.run(["plink2", "--bfile", str(tmp_path / "pooled"), "--glm", "hide-covar", "--covar",
+                    str(tmp_path / "covar.txt"), "--out", str(tmp_path / "plink2")], check=True, capture_output=True)
+    output = next(tmp_path.glob("plink2*.glm.logistic*"))
+    plink = pd.read_csv(output, sep="\t")
+    plink = plink[plink["TEST"] == "ADD"].set_index("ID")
+    ours = result.set_index("ID")
+    assert (ours["ERRCODE"] == ".").all() and (plink["FIRTH?"] == "N").all()
+    assert (ours["A1"] == plink.loc[ours.index, "A1"]).all()
+    assert (ours["OBS_CT"] == plink.loc[ours.index, "OBS_CT"]).all()
+    # plink2 prints 6 significant digits
+    np.testing.assert_allclose(np.log(ours["OR"]), np.log(plink.loc[ours.index, "OR"]), rtol=1e-4, atol=6e-6)
+    np.testing.assert_allclose(ours["LOG(OR)_SE"], plink.loc[ours.index, "LOG(OR)_SE"], rtol=1e-4)
+    moderate = plink.loc[ours.index, "P"] > 1e-10
+    np.testing.assert_allclose(ours["P"][moderate], plink.loc[ours.index, "P"][moderate], rtol=1e-4)
+    np.testing.assert_allclose(-np.log10(ours["P"]), -np.log10(plink.loc[ours.index, "P"]), rtol=1e-4)

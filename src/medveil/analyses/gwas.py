@@ -42,7 +42,8 @@ class GWASParams(Params):
     genotypes: str
     phenotype: str
     covariates: list[str] = Field(default_factory=list)
-    test: Literal["allelic"] = "allelic"
+    test: Literal["allelic", "logistic"] = "allelic"
+    max_iter: int = Field(25, ge=1, le=100)
     iid: str = "IID"
     hardy: bool = Field(False, description="also run the Hardy-Weinberg exact test in controls (slower)")
     block_size: int = Field(2000, ge=1, le=100_000)
@@ -74,41 +75,79 @@ class GWAS(Analysis[GWASParams]):
             v = genotypes.variants
             return Release(public={"variants": [[c, int(p), a1, a2, i] for c, p, a1, a2, i in
                                                 zip(v["CHROM"], v["POS"], v["A1"], v["A2"], v["ID"])]})
-        samples, case = self._samples(params, data, genotypes)
+        samples, case, covariates = self._samples(params, data, genotypes)
+        if round_no == 1:
+            counts = np.zeros((len(broadcast["variants"]), 2, 4))
+            for chunk, dosages in self._blocks(params, broadcast, genotypes, samples):
+                for group in (0, 1):
+                    rows = dosages[case == group]
+                    for value in (0, 1, 2):
+                        counts[chunk, group, value] = np.sum(rows == value, axis=0)
+                    counts[chunk, group, 3] = np.sum(np.isnan(rows), axis=0)
+            return Release(sums={"genotype_counts": counts},
+                           public={"rows": int(len(samples)), "cases": int(case.sum())})
+        return Release(sums=self._newton_sums(params, broadcast, genotypes, samples, case, covariates))
+
+    def _blocks(self, params: GWASParams, broadcast: dict[str, Any], genotypes: GenotypeFile,
+                samples: np.ndarray):
+        """(variant indices, dosages) per SNP block, counted on the agreed reference allele, or on
+        the pooled minor allele once the broadcast says which that is."""
         agreed = broadcast["variants"]
         position = {_variant_key(c, p): i for i, (c, p) in enumerate(zip(genotypes.variants["CHROM"],
                                                                           genotypes.variants["POS"]))}
         index = np.array([position[_variant_key(c, p)] for c, p, *_ in agreed], dtype=np.int64)
-        own_a1 = genotypes.variants["A1"].to_numpy()[index]
-        flip = own_a1 != np.array([a1 for _, _, a1, *_ in agreed])
-        counts = np.zeros((len(agreed), 2, 4))
+        flip = genotypes.variants["A1"].to_numpy()[index] != np.array([a1 for _, _, a1, *_ in agreed])
+        if "minor_is_ref" in broadcast:
+            flip = flip != ~np.asarray(broadcast["minor_is_ref"], dtype=bool)
         order = np.argsort(index)
         for start in range(0, len(order), params.block_size):
             chunk = order[start:start + params.block_size]
             lo, hi = int(index[chunk].min()), int(index[chunk].max()) + 1
             dosages = genotypes.block(samples, lo, hi)[:, index[chunk] - lo]
-            dosages = np.where(flip[chunk][None, :], 2.0 - dosages, dosages)
-            for group in (0, 1):
-                rows = dosages[case == group]
-                for value in (0, 1, 2):
-                    counts[chunk, group, value] = np.sum(rows == value, axis=0)
-                counts[chunk, group, 3] = np.sum(np.isnan(rows), axis=0)
-        return Release(sums={"genotype_counts": counts},
-                       public={"rows": int(len(samples)), "cases": int(case.sum())})
+            yield chunk, np.where(flip[chunk][None, :], 2.0 - dosages, dosages)
+
+    def _newton_sums(self, params: GWASParams, broadcast: dict[str, Any], genotypes: GenotypeFile,
+                     samples: np.ndarray, case: np.ndarray, covariates: np.ndarray) -> dict[str, np.ndarray]:
+        """Per SNP, X'WX and the score of y ~ 1 + covariates + dosage at the broadcast coefficients;
+        a sample missing a SNP's genotype is left out of that SNP's model (weight 0), as PLINK does."""
+        beta = np.asarray(broadcast["beta"], dtype=np.float64)
+        base = np.column_stack([np.ones(len(samples)), covariates])
+        k = base.shape[1] + 1
+        information = np.zeros((len(beta), k, k))
+        score = np.zeros((len(beta), k))
+        observed_count = np.zeros(len(beta))
+        for chunk, dosages in self._blocks(params, broadcast, genotypes, samples):
+            observed = ~np.isnan(dosages)
+            dose = np.where(observed, dosages, 0.0)
+            linear = base @ beta[chunk, :-1].T + dose * beta[chunk, -1]
+            mu = 1.0 / (1.0 + np.exp(-linear))
+            weight = mu * (1.0 - mu) * observed
+            residual = (case[:, None] - mu) * observed
+            information[chunk, :-1, :-1] = np.einsum("ni,nb,nj->bij", base, weight, base)
+            cross = np.einsum("ni,nb->bi", base, weight * dose)
+            information[chunk, :-1, -1] = cross
+            information[chunk, -1, :-1] = cross
+            information[chunk, -1, -1] = np.sum(weight * dose**2, axis=0)
+            score[chunk, :-1] = (base.T @ residual).T
+            score[chunk, -1] = np.sum(dose * residual, axis=0)
+            observed_count[chunk] = observed.sum(axis=0)
+        return {"information": information, "score": score, "observed": observed_count}
 
     @staticmethod
-    def _samples(params: GWASParams, data: pd.DataFrame, genotypes: GenotypeFile) -> tuple[np.ndarray, np.ndarray]:
-        """Rows of the genotype file joined to the phenotype table on IID; case status 0/1."""
+    def _samples(params: GWASParams, data: pd.DataFrame,
+                 genotypes: GenotypeFile) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows of the genotype file joined to the phenotype table on IID: case status 0/1, covariates."""
         if params.iid not in data.columns:
             raise AnalysisError(f"the phenotype table has no sample id column {params.iid!r}")
-        table = data[[params.iid, params.phenotype]].dropna()
+        table = data[[params.iid, params.phenotype, *params.covariates]].dropna()
         table = table.assign(**{params.iid: table[params.iid].astype(str)}).drop_duplicates(params.iid)
         lookup = {iid: i for i, iid in enumerate(genotypes.iid)}
         table = table[table[params.iid].isin(lookup)]
         case = table[params.phenotype].to_numpy(np.float64)
         if not np.all((case == 0) | (case == 1)):
             raise AnalysisError(f"phenotype {params.phenotype!r} must be 0 (control) or 1 (case)")
-        return np.array([lookup[i] for i in table[params.iid]], dtype=np.int64), case.astype(np.int64)
+        return (np.array([lookup[i] for i in table[params.iid]], dtype=np.int64), case.astype(np.int64),
+                table[params.covariates].to_numpy(np.float64).reshape(len(table), len(params.covariates)))
 
     def global_step(self, params: GWASParams, round_no: int, aggregated: Aggregated,
                     state: dict[str, Any]) -> NextRound | Finished:
@@ -117,8 +156,37 @@ class GWAS(Analysis[GWASParams]):
             if not agreed:
                 raise AnalysisError("the sites share no variant")
             return NextRound({"variants": agreed}, {"variants": agreed, "variant_report": report})
-        return Finished(_allelic_table(state["variants"], aggregated.sums["genotype_counts"],
-                                       state["variant_report"], params.hardy))
+        if round_no == 1:
+            table = _allelic_table(state["variants"], aggregated.sums["genotype_counts"], state["variant_report"],
+                                   params.hardy)
+            minor_is_ref = table.attrs.pop("minor_is_ref")
+            if params.test == "allelic":
+                return Finished(table)
+            k = len(params.covariates) + 2
+            state = dict(state, table=table, beta=np.zeros((len(table), k)), iteration=0, minor_is_ref=minor_is_ref)
+            return NextRound(self._newton_broadcast(state), state)
+        return self._newton_step(params, aggregated.sums, state)
+
+    @staticmethod
+    def _newton_broadcast(state: dict[str, Any]) -> dict[str, Any]:
+        return {"variants": state["variants"], "minor_is_ref": state["minor_is_ref"], "beta": state["beta"]}
+
+    def _newton_step(self, params: GWASParams, sums: dict[str, np.ndarray],
+                     state: dict[str, Any]) -> NextRound | Finished:
+        """One batched Newton step for every SNP's logistic model; finish when all have converged."""
+        information, score = sums["information"], sums["score"]
+        determinant = np.linalg.det(information)
+        usable = np.isfinite(determinant) & (np.abs(determinant) > 1e-300)
+        step = np.full_like(state["beta"], np.nan)
+        step[usable] = np.linalg.solve(information[usable], score[usable][..., None])[..., 0]
+        converged = usable & (np.nanmax(np.abs(step), axis=1) < 1e-9)
+        iteration = state["iteration"] + 1
+        if converged[usable].all() or iteration >= params.max_iter:
+            return Finished(_logistic_table(state["table"], state["beta"], information, sums["observed"],
+                                            converged))
+        beta = np.where(usable[:, None], state["beta"] + np.nan_to_num(step), state["beta"])
+        state = dict(state, beta=beta, iteration=iteration)
+        return NextRound(self._newton_broadcast(state), state)
 
 
 def _agree_variants(per_site: dict[str, list[list[Any]]]) -> tuple[list[list[Any]], dict[str, list[str]]]:
@@ -139,6 +207,29 @@ def _agree_variants(per_site: dict[str, list[list[Any]]]) -> tuple[list[list[Any
             ambiguous.append(vid)
         agreed.append([chrom, pos, a1, a2, vid])
     return agreed, {"strand_ambiguous": ambiguous, "allele_mismatch": mismatched, "not_at_every_site": missing}
+
+
+def _logistic_table(table: pd.DataFrame, beta: np.ndarray, information: np.ndarray, observed: np.ndarray,
+                    converged: np.ndarray) -> pd.DataFrame:
+    """plink2 --glm columns for the dosage term; a SNP whose fit did not converge gets NaN and an ERRCODE."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        variance = np.full(len(beta), np.nan)
+        ok = converged & np.isfinite(np.linalg.det(information))
+        variance[ok] = np.linalg.inv(information[ok])[:, -1, -1]
+        log_or = np.where(ok, beta[:, -1], np.nan)
+        se = np.sqrt(variance)
+        z = log_or / se
+    frame = table[["CHROM", "POS", "ID", "A1", "A2", "A1_FREQ"]].copy()
+    frame["OBS_CT"] = observed.astype(np.int64)
+    frame["OR"] = np.exp(log_or)
+    frame["LOG(OR)_SE"] = se
+    frame["Z_STAT"] = z
+    frame["P"] = 2 * stats.norm.sf(np.abs(z))
+    frame["ERRCODE"] = np.where(ok, ".", "UNFINISHED")
+    frame.attrs.update(table.attrs)
+    finite = frame["Z_STAT"].dropna() ** 2
+    frame.attrs["lambda_gc"] = float(np.median(finite) / stats.chi2.ppf(0.5, 1)) if len(finite) else float("nan")
+    return frame
 
 
 def _trend_chisq(cases: np.ndarray, controls: np.ndarray) -> np.ndarray:
@@ -221,6 +312,7 @@ def _allelic_table(variants: list[list[Any]], counts: np.ndarray, report: dict[s
     })
     if hardy:
         frame["HWE_P_UNAFF"] = [hwe_exact(int(b), int(a), int(c)) for a, b, c in a1_control_geno]
+    frame.attrs["minor_is_ref"] = minor_is_ref
     finite = frame["CHISQ"].dropna()
     frame.attrs["lambda_gc"] = float(np.median(finite) / stats.chi2.ppf(0.5, 1)) if len(finite) else float("nan")
     frame.attrs["variant_report"] = report
