@@ -49,7 +49,10 @@ def write_filesets(directory: Path, samples: int, snps: int, seed: int = 2026) -
                 writers[k + 1].write(block[p, j])
     for writer in writers:
         writer.close()
-    return {f"site_{k}": {"cohort": pd.DataFrame({"IID": iid[p], "case": case[p]}), "geno": str(directory / f"site{k}.bed")}
+    age = rng.normal(50, 10, samples).round(1)
+    sex = rng.integers(0, 2, samples)
+    return {f"site_{k}": {"cohort": pd.DataFrame({"IID": iid[p], "case": case[p], "age": age[p], "sex": sex[p]}),
+                          "geno": str(directory / f"site{k}.bed")}
             for k, p in enumerate(parts)}
 
 
@@ -57,6 +60,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--samples", type=int, default=10_000)
     parser.add_argument("--snps", type=int, default=100_000)
+    parser.add_argument("--test", choices=["allelic", "logistic"], default="allelic")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as workdir:
         directory = Path(workdir)
@@ -65,12 +69,17 @@ def main() -> None:
         print(f"wrote filesets in {time.perf_counter() - start:.1f} s")
         with mv.Federation.simulate(sites, timeout=600) as fed:
             start = time.perf_counter()
-            result = fed.gwas(genotypes="geno", phenotype="case", data="cohort")
+            covariates = ["age", "sex"] if args.test == "logistic" else []
+            result = fed.gwas(genotypes="geno", phenotype="case", data="cohort", test=args.test,
+                              covariates=covariates)
             t_fed = time.perf_counter() - start
-        print(f"allelic test, {args.samples:,} samples x {args.snps:,} SNPs, 3 sites, secure aggregation on")
+        print(f"{args.test} test, {args.samples:,} samples x {args.snps:,} SNPs, 3 sites, secure aggregation on")
         print(f"federated fed.gwas:        {t_fed:7.2f} s  (lambda_gc {result.attrs['lambda_gc']:.3f})")
         if shutil.which("plink1.9") is None:
             print("plink1.9 not installed: no ratio")
+            return
+        if args.test == "logistic":
+            compare_plink2(directory, sites, result, t_fed)
             return
         start = time.perf_counter()
         subprocess.run(["plink1.9", "--bfile", str(directory / "pooled"), "--assoc", "--allow-no-sex",
@@ -81,6 +90,26 @@ def main() -> None:
         worst = float(np.nanmax(np.abs(result["CHISQ"].to_numpy()[finite] / plink["CHISQ"].to_numpy()[finite] - 1)))
         print(f"plink1.9 --assoc (pooled): {t_plink:7.2f} s  ratio federated/plink {t_fed / t_plink:.2f}")
         print(f"max relative difference of CHISQ vs PLINK's printed values: {worst:.1e}")
+
+
+def compare_plink2(directory: Path, sites: dict, result: pd.DataFrame, t_fed: float) -> None:
+    if shutil.which("plink2") is None:
+        print("plink2 not installed: no ratio")
+        return
+    covariates = pd.concat(site["cohort"] for site in sites.values())
+    covariates.assign(FID=covariates["IID"])[["FID", "IID", "age", "sex"]].to_csv(directory / "covar.txt",
+                                                                                  sep="\t", index=False)
+    start = time.perf_counter()
+    subprocess.run(["plink2", "--bfile", str(directory / "pooled"), "--glm", "hide-covar", "--covar",
+                    str(directory / "covar.txt"), "--threads", "2", "--out", str(directory / "plink2")],
+                   check=True, capture_output=True)
+    t_plink = time.perf_counter() - start
+    plink = pd.read_csv(next(directory.glob("plink2*.glm.logistic*")), sep="\t")
+    plink = plink[plink["TEST"] == "ADD"].set_index("ID")
+    ours = result.set_index("ID")
+    worst = float(np.nanmax(np.abs(ours["LOG(OR)_SE"] / plink.loc[ours.index, "LOG(OR)_SE"] - 1)))
+    print(f"plink2 --glm --threads 2:  {t_plink:7.2f} s  ratio federated/plink2 {t_fed / t_plink:.2f}")
+    print(f"max relative difference of LOG(OR)_SE vs plink2's printed values: {worst:.1e}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
     ("glm.py", ["--rows", "3000", "--covariates", "3"]),
     ("cox.py", ["--rows", "3000", "--covariates", "3"]),
     ("gwas.py", ["--samples", "300", "--snps", "200"]),
+    ("gwas.py", ["--samples", "300", "--snps", "200", "--test", "logistic"]),
 ])
 def test_benchmark_runs(script, args):
     completed = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True,

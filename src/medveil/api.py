@@ -142,8 +142,9 @@ class Federation:
         """Genome-wide association over PLINK filesets at each site, as PLINK on the pooled data.
 
         `genotypes` names each site's PLINK dataset, `data` its phenotype table (joined on `iid`);
-        the phenotype is 0 (control) / 1 (case). The allelic and trend tests exist so far;
-        `hardy=True` adds the Hardy-Weinberg exact test in controls."""
+        the phenotype is 0 (control) / 1 (case). `test`: "allelic" (with trend, frequencies and
+        missingness, as plink1.9 --assoc/--model) or "logistic" (Wald, with covariates, as
+        plink2 --glm). `hardy=True` adds the Hardy-Weinberg exact test in controls."""
         return self._frame("gwas", data, genotypes=genotypes, phenotype=phenotype, covariates=list(covariates),
                            test=test, iid=iid, hardy=hardy)
 

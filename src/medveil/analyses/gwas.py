@@ -8,7 +8,11 @@ genotypes in SNP blocks and returns, per variant, counts of dosage 0/1/2/missing
 and among controls; only the cross-site sums are decoded. From those the researcher computes
 PLINK 1.9's --freq/--missing figures, the allelic association test (--assoc: 1-df chi-square
 on allele counts, with A1 the pooled minor allele), the Cochran-Armitage trend test (--model
-TREND) and the Hardy-Weinberg exact test in controls (--hardy UNAFF).
+TREND) and the Hardy-Weinberg exact test in controls (--hardy UNAFF). With test="logistic",
+further rounds fit y ~ 1 + covariates + dosage of the A1 (minor) allele for every SNP at once
+by Newton's method: each site returns per-SNP X'WX and scores at the broadcast coefficients,
+summed securely; the Wald statistics match plink2 --glm, and a SNP whose fit does not converge
+is reported as UNFINISHED with no numbers.
 What leaks: pooled genotype counts per variant in cases and controls, as a published
 association table shows.
 """
