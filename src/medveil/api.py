@@ -81,6 +81,11 @@ class Federation:
         """Run any registered analysis by name; returns its result and provenance."""
         return self.session.run(analysis, params, self._dataset(data))
 
+    def _result(self, analysis: str, data: str | None, **params: Any) -> Any:
+        """Run and return the (frozen) result object carrying its provenance."""
+        outcome = self.run(analysis, data, **params)
+        return replace(outcome.result, provenance=outcome.provenance)
+
     def _frame(self, analysis: str, data: str | None, **params: Any) -> pd.DataFrame:
         outcome = self.run(analysis, data, **params)
         outcome.result.attrs["provenance"] = outcome.provenance
@@ -111,31 +116,27 @@ class Federation:
 
         `offset` and `weights` name columns (weights are prior weights: statsmodels' var_weights).
         With an offset the null deviance is not computed (NaN)."""
-        outcome = self.run("glm", data, formula=formula, family=family, offset=offset, weights=weights,
+        return self._result("glm", data, formula=formula, family=family, offset=offset, weights=weights,
                            max_iter=max_iter, tol=tol)
-        return replace(outcome.result, provenance=outcome.provenance)
 
     def coxph(self, duration: str, event: str, covariates: Sequence[str], ties: str = "efron",
               strata: str | None = None, data: str | None = None, time_unit: float = 1.0,
               max_time: float = 36_500.0) -> CoxResults:
         """Cox proportional-hazards model by exact distributed Newton, equal to a pooled fit."""
-        outcome = self.run("coxph", data, duration=duration, event=event, covariates=list(covariates), ties=ties,
-                           strata=strata, time_unit=time_unit, max_time=max_time)
-        return replace(outcome.result, provenance=outcome.provenance)
+        return self._result("coxph", data, duration=duration, event=event, covariates=list(covariates), ties=ties,
+                            strata=strata, time_unit=time_unit, max_time=max_time)
 
     def kaplan_meier(self, duration: str, event: str, by: str | None = None, data: str | None = None,
                      time_unit: float = 1.0, max_time: float = 36_500.0, alpha: float = 0.05) -> KaplanMeierResult:
         """Kaplan-Meier curves with exponential-Greenwood intervals, equal to lifelines on the pooled rows."""
-        outcome = self.run("kaplan_meier", data, duration=duration, event=event, by=by, time_unit=time_unit,
+        return self._result("kaplan_meier", data, duration=duration, event=event, by=by, time_unit=time_unit,
                            max_time=max_time, alpha=alpha)
-        return replace(outcome.result, provenance=outcome.provenance)
 
     def logrank(self, duration: str, event: str, group: str, data: str | None = None, time_unit: float = 1.0,
                 max_time: float = 36_500.0) -> LogrankResult:
         """Log-rank test across the levels of `group` (multivariate for more than two)."""
-        outcome = self.run("logrank", data, duration=duration, event=event, by=group, time_unit=time_unit,
+        return self._result("logrank", data, duration=duration, event=event, by=group, time_unit=time_unit,
                            max_time=max_time)
-        return replace(outcome.result, provenance=outcome.provenance)
 
     def gwas(self, genotypes: str, phenotype: str, data: str | None = None, covariates: Sequence[str] = (),
              test: str = "allelic", iid: str = "IID", hardy: bool = False) -> pd.DataFrame:

@@ -19,6 +19,7 @@ from medveil.analyses.base import Aggregated, Finished, get_analysis
 from medveil.privacy.disclosure import DisclosurePolicy
 from medveil.runtime.aggregation import aggregate
 from medveil.runtime.wire import pack_body, unpack_body
+from tests.conftest import split_uneven
 
 MAX_ROUNDS = 20
 
@@ -56,11 +57,7 @@ def _run_federated(name: str, params: dict[str, Any], sites: Mapping[str, pd.Dat
 
 def split(frame: pd.DataFrame, shares=(0.45, 0.35, 0.20), seed: int = 11) -> dict[str, pd.DataFrame]:
     """Shuffle and cut a frame into uneven sites (each keeps its own default index)."""
-    shuffled = frame.sample(frac=1.0, random_state=seed).reset_index(drop=True)
-    cuts = np.round(np.cumsum(shares)[:-1] * len(frame)).astype(int)
-    bounds = [0, *cuts, len(frame)]
-    return {f"site_{chr(97 + i)}": shuffled.iloc[bounds[i]:bounds[i + 1]].reset_index(drop=True)
-            for i in range(len(shares))}
+    return split_uneven(frame, shares, seed)
 
 
 def make_synthetic(n: int = 3000, seed: int = 20240611) -> pd.DataFrame:

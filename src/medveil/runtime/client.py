@@ -71,6 +71,21 @@ class HubClient:
     def post(self, path: str, envelope: Envelope) -> dict[str, Any]:
         return self._request("POST", path, content=envelope.encode()).json()
 
+    def post_until_accepted(self, path: str, envelope: Envelope, patience_s: float = 60.0) -> None:
+        """POST, retrying with backoff while the hub is unreachable or failing (e.g. restarting);
+        a refusal (4xx) or running out of patience raises HubError. Safe to repeat: the hub
+        refuses a second copy of the same envelope by its nonce."""
+        deadline, pause = time.monotonic() + patience_s, 0.05
+        while True:
+            try:
+                self.post(path, envelope)
+                return
+            except HubError as exc:
+                if (exc.status and exc.status < 500) or time.monotonic() > deadline:
+                    raise
+                time.sleep(pause)
+                pause = min(pause * 2, 2.0)
+
     def get_json(self, path: str) -> Any:
         return self._request("GET", path).json()
 

@@ -164,14 +164,18 @@ class HubStore:
             s.commit()
             return True
 
-    def party(self, party_id: str) -> Party | None:
-        if party_id not in self._parties:
+    def _cached(self, cache: dict, model: type, key: str) -> Any:
+        """Read an immutable row once; later reads come from memory."""
+        if key not in cache:
             with self._session() as s:
-                found = s.get(Party, party_id)
+                found = s.get(model, key)
             if found is None:
                 return None
-            self._parties[party_id] = found
-        return self._parties[party_id]
+            cache[key] = found
+        return cache[key]
+
+    def party(self, party_id: str) -> Party | None:
+        return self._cached(self._parties, Party, party_id)
 
     def add_study(self, study_id: str, researcher: str, spec: dict[str, Any], envelope: bytes) -> None:
         with self._lock, self._session() as s:
@@ -181,13 +185,7 @@ class HubStore:
             s.commit()
 
     def study(self, study_id: str) -> Study | None:
-        if study_id not in self._studies:
-            with self._session() as s:
-                found = s.get(Study, study_id)
-            if found is None:
-                return None
-            self._studies[study_id] = found
-        return self._studies[study_id]
+        return self._cached(self._studies, Study, study_id)
 
     def studies(self) -> list[Study]:
         with self._session() as s:

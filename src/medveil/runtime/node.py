@@ -381,16 +381,10 @@ class Node:
         return len(items)
 
     def _deliver(self, reply: Envelope) -> None:
-        for attempt in range(50):
-            try:
-                self.client.post("/v1/messages", reply)
-                return
-            except HubError as exc:
-                if exc.status and exc.status < 500:
-                    log.warning("%s: hub refused reply: %s", self.site, exc)
-                    return
-                time.sleep(min(0.05 * 2**attempt, 2.0))
-        log.error("%s: could not deliver reply to the hub", self.site)
+        try:
+            self.client.post_until_accepted("/v1/messages", reply)
+        except HubError as exc:
+            log.warning("%s: reply to task %s not delivered: %s", self.site, reply.header.get("task"), exc)
 
     def serve(self, stop: threading.Event) -> None:
         """Poll until `stop` is set, reconnecting with backoff when the hub is away."""

@@ -94,6 +94,10 @@ class NodeThread:
         self._thread.start()
         return self
 
+    def signal_stop(self) -> None:
+        """Ask the node to stop after its current long-poll, without waiting."""
+        self._stop.set()
+
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(timeout=35)

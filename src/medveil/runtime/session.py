@@ -107,17 +107,10 @@ class ResearcherSession:
     def _record_result(self, task_id: str, provenance: dict[str, Any], patience_s: float = 60.0) -> None:
         """Record the run's provenance at the hub, retrying while the hub is away (e.g. restarting)."""
         envelope = self.client.seal("result", {"status": "done", "summary": provenance}, task=task_id)
-        deadline, pause = time.monotonic() + patience_s, 0.05
-        while True:
-            try:
-                self.client.post(f"/v1/tasks/{task_id}/result", envelope)
-                return
-            except HubError as exc:
-                if (exc.status and exc.status < 500) or time.monotonic() > deadline:
-                    log.warning("result of task %s not recorded at the hub: %s", task_id, exc)
-                    return
-                time.sleep(pause)
-                pause = min(pause * 2, 2.0)
+        try:
+            self.client.post_until_accepted(f"/v1/tasks/{task_id}/result", envelope, patience_s)
+        except HubError as exc:
+            log.warning("result of task %s not recorded at the hub: %s", task_id, exc)
 
     def run(self, analysis_name: str, params: dict[str, Any], dataset: str,
             progress: Callable[[int], None] | None = None) -> RunOutcome:

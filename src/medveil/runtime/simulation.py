@@ -73,7 +73,7 @@ class LocalNetwork:
     def close(self) -> None:
         for runner in self.nodes.values():
             if isinstance(runner, NodeThread):
-                runner._stop.set()
+                runner.signal_stop()
         self.hub.stop()
         for runner in self.nodes.values():
             runner.stop()
