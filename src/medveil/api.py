@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import pandas as pd
 
@@ -139,15 +139,25 @@ class Federation:
                            max_time=max_time)
 
     def gwas(self, genotypes: str, phenotype: str, data: str | None = None, covariates: Sequence[str] = (),
-             test: str = "allelic", iid: str = "IID", hardy: bool = False) -> pd.DataFrame:
+             test: str = "allelic", *, iid: str = "IID", maf: float = 0.0, geno: float = 1.0,
+             hwe: float | None = None, hardy: bool = False, batch_size: int = 20_000,
+             progress: Callable[[int, int], None] | None = None) -> pd.DataFrame:
         """Genome-wide association over PLINK filesets at each site, as PLINK on the pooled data.
 
-        `genotypes` names each site's PLINK dataset, `data` its phenotype table (joined on `iid`);
-        the phenotype is 0 (control) / 1 (case). `test`: "allelic" (with trend, frequencies and
-        missingness, as plink1.9 --assoc/--model) or "logistic" (Wald, with covariates, as
-        plink2 --glm). `hardy=True` adds the Hardy-Weinberg exact test in controls."""
-        return self._frame("gwas", data, genotypes=genotypes, phenotype=phenotype, covariates=list(covariates),
-                           test=test, iid=iid, hardy=hardy)
+        `genotypes` names each site's PLINK dataset, `data` its phenotype table (joined on `iid`).
+        `test`: "allelic" (with trend, frequencies and missingness, as plink1.9 --assoc/--model),
+        "logistic" (Wald, as plink2 --glm), "logistic-score" (one null fit, a score test per SNP)
+        or "linear" (quantitative phenotype, as plink2 --glm); binary phenotypes are 0/1.
+        `maf`/`geno`/`hwe` filter variants as PLINK's options of those names; `hardy=True`
+        adds the Hardy-Weinberg exact test in controls. `progress(done, total)` follows the
+        variants processed. The table's attrs hold lambda_gc, the variant-agreement report and
+        the QC tallies; plot it with `medveil.gwas_plots.manhattan` / `qq`."""
+        params = dict(genotypes=genotypes, phenotype=phenotype, covariates=list(covariates), test=test, iid=iid,
+                      maf=maf, geno=geno, hwe=hwe, hardy=hardy, batch_size=batch_size)
+        outcome = self.session.run("gwas", params, self._dataset(data),
+                                   progress=None if progress is None else _variant_progress(progress))
+        outcome.result.attrs["provenance"] = outcome.provenance
+        return outcome.result
 
     def hub_traffic(self) -> pd.DataFrame:
         """Every message the hub relayed, decoded: exactly what the operator can see."""
@@ -160,6 +170,13 @@ class Federation:
                 "bytes": len(envelope.body_bytes), "body": envelope.body(),
             })
         return pd.DataFrame(rows)
+
+
+def _variant_progress(callback: Callable[[int, int], None]) -> Callable[[int, tuple[int, int] | None], None]:
+    def report(round_no: int, done: tuple[int, int] | None) -> None:
+        if done is not None:
+            callback(*done)
+    return report
 
 
 def connect(url: str, identity: str | Path | SigningKey, study: str, *, timeout: float = 60.0,

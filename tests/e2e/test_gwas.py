@@ -119,7 +119,7 @@ def test_trend_and_hardy_weinberg_equal_plink(gwas_run):
 
 
 def test_hardy_weinberg_exact_small_cases():
-    from medveil.analyses.gwas import hwe_exact
+    from medveil.analyses.gwas_tables import hwe_exact
 
     assert hwe_exact(0, 0, 0) == 1.0
     # 100 samples in perfect equilibrium (p = 0.5) cannot be rejected; an excess of homozygotes is

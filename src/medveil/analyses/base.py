@@ -98,6 +98,10 @@ class Analysis(ABC, Generic[P]):
             return []
         return [data[names].notna().all(axis=1).to_numpy()]
 
+    def progress(self, params: P, state: dict[str, Any]) -> tuple[int, int] | None:
+        """(units done, units in all) after a round, for long analyses that can say; None otherwise."""
+        return None
+
     @abstractmethod
     def local(
         self, params: P, round_no: int, broadcast: dict[str, Any], data: pd.DataFrame, policy: DisclosurePolicy

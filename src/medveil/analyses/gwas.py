@@ -1,20 +1,26 @@
-"""gwas: genome-wide association from securely summed genotype counts, as PLINK on pooled data.
+"""gwas: genome-wide association from securely summed per-variant sums, as PLINK on pooled data.
 
-Round 0 agrees the variants: each site names its variants (chromosome, position, alleles;
-no sample data), and the researcher keeps those every site has, matched by chromosome and
-position with alleles equal or swapped (swapped sites flip their dosages) and reports
-strand-ambiguous (A/T, C/G) and mismatched variants. Round 1: each site streams its
-genotypes in SNP blocks and returns, per variant, counts of dosage 0/1/2/missing among cases
-and among controls; only the cross-site sums are decoded. From those the researcher computes
-PLINK 1.9's --freq/--missing figures, the allelic association test (--assoc: 1-df chi-square
-on allele counts, with A1 the pooled minor allele), the Cochran-Armitage trend test (--model
-TREND) and the Hardy-Weinberg exact test in controls (--hardy UNAFF). With test="logistic",
-further rounds fit y ~ 1 + covariates + dosage of the A1 (minor) allele for every SNP at once
-by Newton's method: each site returns per-SNP X'WX and scores at the broadcast coefficients,
-summed securely; the Wald statistics match plink2 --glm, and a SNP whose fit does not converge
-is reported as UNFINISHED with no numbers.
-What leaks: pooled genotype counts per variant in cases and controls, as a published
-association table shows.
+Round 0 agrees the variants (see `variants`). Regression tests with covariates then fit the
+null model (y ~ 1 + covariates) by Newton's method over summed X'WX and scores. The agreed
+variants are then processed in batches of `batch_size`, one or a few rounds each, so memory
+at a site and at the researcher stays bounded and progress can be shown:
+
+- "counts": each site counts, per variant, samples with 0/1/2 copies of A1 or missing, among
+  controls and cases (popcounts on the packed .bed). From the pooled counts the researcher
+  computes PLINK 1.9's --freq/--missing/--assoc/--model TREND/--hardy figures and applies the
+  --geno/--hwe/--maf filters. test="allelic" stops there.
+- "linear": one round of per-SNP X'X, X'y and y'y (samples missing the genotype left out);
+  the researcher solves each SNP's least squares, as plink2 --glm (quantitative trait).
+- "newton": test="logistic" fits every SNP's y ~ 1 + covariates + dosage at once, warm-started
+  at the null fit; each round the sites return per-SNP X'WX and scores at the broadcast
+  coefficients for the SNPs not yet converged. A SNP that does not converge is UNFINISHED.
+- "score": test="logistic-score", one round: the score U = g'(y - mu0) and its variance under
+  the null model, missing genotypes imputed by the pooled mean (as regenie and SAIGE do).
+
+A1 is the pooled minor allele, as in PLINK 1.9 and plink2 --glm; REF/ALT are .bim columns 6
+and 5 at the first site.
+What leaks: pooled per-variant genotype counts and pooled per-SNP model sums, as published
+association tables show; nothing per sample.
 """
 
 from __future__ import annotations
@@ -23,8 +29,8 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import Field
-from scipy import stats
+from pydantic import Field, model_validator
+from scipy.special import expit
 
 from medveil.analyses.base import (
     Aggregated,
@@ -36,288 +42,360 @@ from medveil.analyses.base import (
     Release,
     register,
 )
+from medveil.analyses.gwas_tables import (
+    allelic_table,
+    lambda_gc,
+    pack_symmetric,
+    qc_keep,
+    regression_table,
+    score_table,
+    unpack_symmetric,
+)
+from medveil.analyses.variants import (
+    agree_variants,
+    aligned_blocks,
+    batch_broadcast,
+    count_genotypes,
+    site_variants,
+)
 from medveil.data.genotypes import GenotypeFile
 from medveil.privacy.disclosure import DisclosurePolicy
 
-AMBIGUOUS = {frozenset("AT"), frozenset("CG")}
+NEWTON_TOLERANCE = 1e-8  # largest coefficient step at which a fit counts as converged
+
+Test = Literal["allelic", "linear", "logistic", "logistic-score"]
 
 
 class GWASParams(Params):
     genotypes: str
     phenotype: str
     covariates: list[str] = Field(default_factory=list)
-    test: Literal["allelic", "logistic"] = "allelic"
-    max_iter: int = Field(25, ge=1, le=100)
+    test: Test = "allelic"
     iid: str = "IID"
-    hardy: bool = Field(False, description="also run the Hardy-Weinberg exact test in controls (slower)")
-    block_size: int = Field(2000, ge=1, le=100_000)
+    maf: float = Field(0.0, ge=0.0, le=0.5, description="drop variants with pooled minor allele frequency below")
+    geno: float = Field(1.0, ge=0.0, le=1.0, description="drop variants with a missing rate above")
+    hwe: float | None = Field(None, gt=0.0, le=1.0, description="drop variants with HWE exact P (controls) below")
+    hardy: bool = Field(False, description="report the Hardy-Weinberg exact test in controls (slower)")
+    max_iter: int = Field(25, ge=1, le=100)
+    batch_size: int = Field(20_000, ge=1, le=1_000_000, description="variants per round")
+    block_size: int = Field(1000, ge=1, le=100_000, description="variants decoded at once at a site")
 
-
-def _variant_key(chrom: str, pos: int) -> str:
-    return f"{chrom}:{int(pos)}"
+    @model_validator(mode="after")
+    def _hwe_needs_hardy(self) -> "GWASParams":
+        if self.hwe is not None and not self.hardy:
+            return self.model_copy(update={"hardy": True})
+        return self
 
 
 @register
 class GWAS(Analysis[GWASParams]):
     name = "gwas"
     Params = GWASParams
+    uses_scratch = True
 
     def variables(self, params: GWASParams) -> list[str]:
-        return [params.phenotype, *params.covariates]
+        return [params.iid, params.phenotype, *params.covariates]
 
     def genotype_dataset(self, params: GWASParams) -> str | None:
         return params.genotypes
 
     def row_sets(self, params: GWASParams, data: pd.DataFrame) -> list[np.ndarray]:
-        return []  # every round uses the same samples; the genotype counts are per variant
+        return []  # every round uses the same samples; the released sums are per variant
+
+    def progress(self, params: GWASParams, state: dict[str, Any]) -> tuple[int, int] | None:
+        if "agreed" not in state:
+            return None
+        return min(state["batch_start"], len(state["agreed"])), len(state["agreed"])
+
+    # -- site side ---------------------------------------------------------------------------
 
     def local(self, params: GWASParams, round_no: int, broadcast: dict[str, Any], data: pd.DataFrame,
-              policy: DisclosurePolicy, genotypes: GenotypeFile | None = None) -> Release:
+              policy: DisclosurePolicy, genotypes: GenotypeFile | None = None,
+              scratch: dict[str, Any] | None = None) -> Release:
         if genotypes is None:
             raise AnalysisError("gwas needs a genotype dataset")
         if round_no == 0:
-            v = genotypes.variants
-            return Release(public={"variants": [[c, int(p), a1, a2, i] for c, p, a1, a2, i in
-                                                zip(v["CHROM"], v["POS"], v["A1"], v["A2"], v["ID"])]})
-        samples, case, covariates = self._samples(params, data, genotypes)
-        if round_no == 1:
-            counts = np.zeros((len(broadcast["variants"]), 2, 4))
-            for chunk, dosages in self._blocks(params, broadcast, genotypes, samples):
-                for group in (0, 1):
-                    rows = dosages[case == group]
-                    for value in (0, 1, 2):
-                        counts[chunk, group, value] = np.sum(rows == value, axis=0)
-                    counts[chunk, group, 3] = np.sum(np.isnan(rows), axis=0)
-            return Release(sums={"genotype_counts": counts},
-                           public={"rows": int(len(samples)), "cases": int(case.sum())})
-        return Release(sums=self._newton_sums(params, broadcast, genotypes, samples, case, covariates))
-
-    def _blocks(self, params: GWASParams, broadcast: dict[str, Any], genotypes: GenotypeFile,
-                samples: np.ndarray):
-        """(variant indices, dosages) per SNP block, counted on the agreed reference allele, or on
-        the pooled minor allele once the broadcast says which that is."""
-        agreed = broadcast["variants"]
-        position = {_variant_key(c, p): i for i, (c, p) in enumerate(zip(genotypes.variants["CHROM"],
-                                                                          genotypes.variants["POS"]))}
-        index = np.array([position[_variant_key(c, p)] for c, p, *_ in agreed], dtype=np.int64)
-        flip = genotypes.variants["A1"].to_numpy()[index] != np.array([a1 for _, _, a1, *_ in agreed])
-        if "minor_is_ref" in broadcast:
-            flip = flip != ~np.asarray(broadcast["minor_is_ref"], dtype=bool)
-        order = np.argsort(index)
-        for start in range(0, len(order), params.block_size):
-            chunk = order[start:start + params.block_size]
-            lo, hi = int(index[chunk].min()), int(index[chunk].max()) + 1
-            dosages = genotypes.block(samples, lo, hi)[:, index[chunk] - lo]
-            yield chunk, np.where(flip[chunk][None, :], 2.0 - dosages, dosages)
-
-    def _newton_sums(self, params: GWASParams, broadcast: dict[str, Any], genotypes: GenotypeFile,
-                     samples: np.ndarray, case: np.ndarray, covariates: np.ndarray) -> dict[str, np.ndarray]:
-        """Per SNP, X'WX and the score of y ~ 1 + covariates + dosage at the broadcast coefficients;
-        a sample missing a SNP's genotype is left out of that SNP's model (weight 0), as PLINK does."""
-        beta = np.asarray(broadcast["beta"], dtype=np.float64)
-        base = np.column_stack([np.ones(len(samples)), covariates])
-        k = base.shape[1] + 1
-        information = np.zeros((len(beta), k, k))
-        score = np.zeros((len(beta), k))
-        observed_count = np.zeros(len(beta))
-        for chunk, dosages in self._blocks(params, broadcast, genotypes, samples):
-            observed = ~np.isnan(dosages)
-            dose = np.where(observed, dosages, 0.0)
-            linear = base @ beta[chunk, :-1].T + dose * beta[chunk, -1]
-            mu = 1.0 / (1.0 + np.exp(-linear))
-            weight = mu * (1.0 - mu) * observed
-            residual = (case[:, None] - mu) * observed
-            information[chunk, :-1, :-1] = np.einsum("ni,nb,nj->bij", base, weight, base)
-            cross = np.einsum("ni,nb->bi", base, weight * dose)
-            information[chunk, :-1, -1] = cross
-            information[chunk, -1, :-1] = cross
-            information[chunk, -1, -1] = np.sum(weight * dose**2, axis=0)
-            score[chunk, :-1] = (base.T @ residual).T
-            score[chunk, -1] = np.sum(dose * residual, axis=0)
-            observed_count[chunk] = observed.sum(axis=0)
-        return {"information": information, "score": score, "observed": observed_count}
+            return Release(public={"variants": site_variants(genotypes)})
+        scratch = {} if scratch is None else scratch
+        if "samples" not in scratch:
+            scratch["samples"] = _samples(params, data, genotypes)
+        samples, y, covariates = scratch["samples"]
+        design = np.column_stack([np.ones(len(samples)), covariates])
+        stage = broadcast["stage"]
+        if stage == "null":
+            return Release(sums=_null_sums(design, y, np.asarray(broadcast["beta"], dtype=np.float64)),
+                           public={"rows": int(len(samples))})
+        batch = broadcast["batch"]
+        if stage == "counts":
+            binary = params.test != "linear"
+            cases = samples[y == 1] if binary else samples[:0]
+            controls = samples[y == 0] if binary else samples
+            counts = count_genotypes(genotypes, batch, [controls, cases], params.block_size)
+            return Release(sums={"genotype_counts": counts}, public={"rows": int(len(samples))})
+        if stage == "score":
+            return Release(sums=self._score_sums(params, broadcast, genotypes, samples, y, design))
+        dosages = _cached_batch(scratch, broadcast, genotypes, samples, params.block_size)
+        if stage == "linear":
+            sums = _moments(design, y, dosages, None, params.block_size)
+        else:
+            active = np.asarray(broadcast["active"], dtype=np.int64)
+            sums = _moments(design, y, dosages[:, active], np.asarray(broadcast["beta"], dtype=np.float64),
+                            params.block_size)
+        return Release(sums=sums)
 
     @staticmethod
-    def _samples(params: GWASParams, data: pd.DataFrame,
-                 genotypes: GenotypeFile) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Rows of the genotype file joined to the phenotype table on IID: case status 0/1, covariates."""
-        if params.iid not in data.columns:
-            raise AnalysisError(f"the phenotype table has no sample id column {params.iid!r}")
-        table = data[[params.iid, params.phenotype, *params.covariates]].dropna()
-        table = table.assign(**{params.iid: table[params.iid].astype(str)}).drop_duplicates(params.iid)
-        lookup = {iid: i for i, iid in enumerate(genotypes.iid)}
-        table = table[table[params.iid].isin(lookup)]
-        case = table[params.phenotype].to_numpy(np.float64)
-        if not np.all((case == 0) | (case == 1)):
-            raise AnalysisError(f"phenotype {params.phenotype!r} must be 0 (control) or 1 (case)")
-        return (np.array([lookup[i] for i in table[params.iid]], dtype=np.int64), case.astype(np.int64),
-                table[params.covariates].to_numpy(np.float64).reshape(len(table), len(params.covariates)))
+    def _score_sums(params: GWASParams, broadcast: dict[str, Any], genotypes: GenotypeFile, samples: np.ndarray,
+                    y: np.ndarray, design: np.ndarray) -> dict[str, np.ndarray]:
+        """Per SNP: score g'(y - mu0), g'W0 g and Z'W0 g under the null fit, mean-imputing missing g."""
+        mu = expit(design @ np.asarray(broadcast["beta"], dtype=np.float64))
+        weight, residual = mu * (1 - mu), y - mu
+        mean = np.asarray(broadcast["mean"], dtype=np.float64)
+        n_snps = len(mean)
+        score, g_w_g, z_w_g = np.zeros(n_snps), np.zeros(n_snps), np.zeros((n_snps, design.shape[1]))
+        for chunk, dosages in aligned_blocks(genotypes, broadcast["batch"], samples, params.block_size):
+            g = np.where(np.isnan(dosages), mean[chunk][None, :], dosages).astype(np.float64)
+            score[chunk] = residual @ g
+            g_w_g[chunk] = weight @ g**2
+            z_w_g[chunk] = (g.T * weight) @ design
+        return {"score": score, "g_w_g": g_w_g, "z_w_g": z_w_g}
+
+    # -- researcher side ---------------------------------------------------------------------
 
     def global_step(self, params: GWASParams, round_no: int, aggregated: Aggregated,
                     state: dict[str, Any]) -> NextRound | Finished:
         if round_no == 0:
-            agreed, report = _agree_variants({site: p["variants"] for site, p in aggregated.public.items()})
-            if not agreed:
-                raise AnalysisError("the sites share no variant")
-            return NextRound({"variants": agreed}, {"variants": agreed, "variant_report": report})
-        if round_no == 1:
-            table = _allelic_table(state["variants"], aggregated.sums["genotype_counts"], state["variant_report"],
-                                   params.hardy)
-            minor_is_ref = table.attrs.pop("minor_is_ref")
-            if params.test == "allelic":
-                return Finished(table)
-            k = len(params.covariates) + 2
-            state = dict(state, table=table, beta=np.zeros((len(table), k)), iteration=0, minor_is_ref=minor_is_ref)
-            return NextRound(self._newton_broadcast(state), state)
-        return self._newton_step(params, aggregated.sums, state)
+            agreed, report = agree_variants({site: p["variants"] for site, p in aggregated.public.items()})
+            state = {"agreed": agreed, "report": report, "batch_start": 0, "tables": [], "removed": {},
+                     "k": len(params.covariates) + 2}
+            if params.test in ("logistic", "logistic-score"):
+                return self._null_round(state, np.zeros(state["k"] - 1), 0)
+            return self._counts_round(params, state)
+        stage = state["stage"]
+        sums = aggregated.sums
+        if stage == "null":
+            return self._null_step(params, state, sums)
+        if stage == "counts":
+            return self._after_counts(params, state, sums["genotype_counts"])
+        if stage == "linear":
+            k = state["k"]
+            information = unpack_symmetric(sums["information"], k)
+            beta = np.full((len(information), k), np.nan)
+            solvable = np.abs(np.linalg.det(information)) > 0
+            beta[solvable] = np.linalg.solve(information[solvable], sums["score"][solvable][..., None])[..., 0]
+            residual_ss = sums["y_y"] - np.einsum("bk,bk->b", beta, sums["score"])
+            table = regression_table(state["batch_table"], "linear", beta, information, sums["observed"],
+                                     solvable, residual_ss)
+            return self._batch_done(params, state, table)
+        if stage == "score":
+            return self._score_step(params, state, sums)
+        return self._newton_step(params, state, sums)
+
+    def _null_round(self, state: dict[str, Any], beta: np.ndarray, iteration: int) -> NextRound:
+        state = dict(state, stage="null", null_beta=beta, null_iteration=iteration)
+        return NextRound({"stage": "null", "beta": beta}, state)
+
+    def _null_step(self, params: GWASParams, state: dict[str, Any], sums: dict[str, np.ndarray]
+                   ) -> NextRound | Finished:
+        """Newton for y ~ 1 + covariates (no genotype), the warm start and the score test's null."""
+        k = state["k"] - 1
+        information = unpack_symmetric(sums["information"], k)
+        try:
+            step = np.linalg.solve(information, sums["score"])
+        except np.linalg.LinAlgError:
+            raise AnalysisError("the null model y ~ 1 + covariates is singular: check the covariates") from None
+        beta = state["null_beta"] + step
+        iteration = state["null_iteration"] + 1
+        if np.max(np.abs(step)) >= NEWTON_TOLERANCE:
+            if iteration >= params.max_iter:
+                raise AnalysisError(f"the null model did not converge in {params.max_iter} iterations")
+            return self._null_round(state, beta, iteration)
+        state = dict(state, null_information=information, null_iterations=iteration)
+        return self._counts_round(params, state)
+
+    def _counts_round(self, params: GWASParams, state: dict[str, Any]) -> NextRound:
+        start = state["batch_start"]
+        stop = min(start + params.batch_size, len(state["agreed"]))
+        state = dict(state, stage="counts", batch_stop=stop)
+        return NextRound({"stage": "counts", "batch": batch_broadcast(state["agreed"], start, stop)}, state)
+
+    def _after_counts(self, params: GWASParams, state: dict[str, Any], counts: np.ndarray) -> NextRound | Finished:
+        """Frequencies, missingness and (for test="allelic") the association tests of one batch; QC filters."""
+        batch = state["agreed"].iloc[state["batch_start"]:state["batch_stop"]].reset_index(drop=True)
+        table = allelic_table(batch, counts, params.hardy)
+        removed = qc_keep(table, params.maf, params.geno, params.hwe)
+        keep = ~np.logical_or.reduce(list(removed.values()))
+        tallies = dict(state["removed"])
+        for name, mask in removed.items():
+            tallies[name] = tallies.get(name, 0) + int(mask.sum())
+        state = dict(state, removed=tallies)
+        if params.test == "allelic":
+            return self._batch_done(params, state, table[keep].drop(columns="A1_IS_A2"))
+        tested = table[keep]
+        state = dict(state, batch_table=tested)
+        if tested.empty:
+            return self._batch_done(params, state, None)
+        rows = np.flatnonzero(keep) + state["batch_start"]
+        counted_is_a2 = np.zeros(len(state["agreed"]), dtype=bool)
+        counted_is_a2[rows] = tested["A1_IS_A2"].to_numpy()
+        broadcast = {"batch": batch_broadcast(state["agreed"].iloc[rows], 0, len(rows), counted_is_a2[rows])}
+        if params.test == "linear":
+            return NextRound(dict(broadcast, stage="linear"), dict(state, stage="linear"))
+        if params.test == "logistic-score":
+            broadcast.update(stage="score", beta=state["null_beta"], mean=2 * tested["A1_FREQ"].to_numpy())
+            return NextRound(broadcast, dict(state, stage="score"))
+        beta = np.zeros((len(tested), state["k"]))
+        beta[:, :-1] = state["null_beta"]
+        state = dict(state, stage="newton", broadcast=broadcast, beta=beta, iteration=0,
+                     converged=np.zeros(len(tested), dtype=bool), failed=np.zeros(len(tested), dtype=bool),
+                     information=np.full((len(tested), state["k"], state["k"]), np.nan), observed=np.zeros(len(tested)))
+        return self._newton_round(state)
 
     @staticmethod
-    def _newton_broadcast(state: dict[str, Any]) -> dict[str, Any]:
-        return {"variants": state["variants"], "minor_is_ref": state["minor_is_ref"], "beta": state["beta"]}
+    def _newton_round(state: dict[str, Any]) -> NextRound:
+        active = np.flatnonzero(~state["converged"] & ~state["failed"])
+        return NextRound(dict(state["broadcast"], stage="newton", active=active, beta=state["beta"][active]), state)
 
-    def _newton_step(self, params: GWASParams, sums: dict[str, np.ndarray],
-                     state: dict[str, Any]) -> NextRound | Finished:
-        """One batched Newton step for every SNP's logistic model; finish when all have converged."""
-        information, score = sums["information"], sums["score"]
-        determinant = np.linalg.det(information)
-        usable = np.isfinite(determinant) & (np.abs(determinant) > 1e-300)
-        step = np.full_like(state["beta"], np.nan)
+    def _newton_step(self, params: GWASParams, state: dict[str, Any], sums: dict[str, np.ndarray]
+                     ) -> NextRound | Finished:
+        """One batched Newton step for every SNP still fitting; SNPs leave the round once converged."""
+        k = state["k"]
+        active = np.flatnonzero(~state["converged"] & ~state["failed"])
+        information = unpack_symmetric(sums["information"], k)
+        score = sums["score"]
+        usable = np.isfinite(information).all(axis=(1, 2)) & (np.abs(np.linalg.det(information)) > 1e-300)
+        step = np.zeros((len(active), k))
         step[usable] = np.linalg.solve(information[usable], score[usable][..., None])[..., 0]
-        converged = usable & (np.nanmax(np.abs(step), axis=1) < 1e-9)
+        done = usable & (np.max(np.abs(step), axis=1) < NEWTON_TOLERANCE)
+        beta, converged, failed = state["beta"].copy(), state["converged"].copy(), state["failed"].copy()
+        beta[active] += step
+        converged[active] = done
+        failed[active] = ~usable
+        stored, observed = state["information"].copy(), state["observed"].copy()
+        stored[active], observed[active] = information, sums["observed"]
         iteration = state["iteration"] + 1
-        if converged[usable].all() or iteration >= params.max_iter:
-            return Finished(_logistic_table(state["table"], state["beta"], information, sums["observed"],
-                                            converged))
-        beta = np.where(usable[:, None], state["beta"] + np.nan_to_num(step), state["beta"])
-        state = dict(state, beta=beta, iteration=iteration)
-        return NextRound(self._newton_broadcast(state), state)
+        state = dict(state, beta=beta, converged=converged, failed=failed, information=stored, observed=observed,
+                     iteration=iteration)
+        if (converged | failed).all() or iteration >= params.max_iter:
+            table = regression_table(state["batch_table"], "logistic", beta, stored, observed, converged)
+            return self._batch_done(params, state, table)
+        return self._newton_round(state)
+
+    def _score_step(self, params: GWASParams, state: dict[str, Any], sums: dict[str, np.ndarray]
+                    ) -> NextRound | Finished:
+        """V = g'Wg - (Z'Wg)' (Z'WZ)^-1 (Z'Wg): the score's variance once the covariates are profiled out."""
+        z_w_g = sums["z_w_g"]
+        projected = np.einsum("bi,ij,bj->b", z_w_g, np.linalg.inv(state["null_information"]), z_w_g)
+        table = state["batch_table"]
+        result = score_table(table, sums["score"], sums["g_w_g"] - projected, table["OBS_CT"].to_numpy())
+        return self._batch_done(params, state, result)
+
+    def _batch_done(self, params: GWASParams, state: dict[str, Any], table: pd.DataFrame | None
+                    ) -> NextRound | Finished:
+        tables = state["tables"] if table is None else [*state["tables"], table]
+        state = dict(state, tables=tables, batch_start=state["batch_stop"])
+        if state["batch_start"] < len(state["agreed"]):
+            return self._counts_round(params, state)
+        return Finished(self._final_table(params, state))
+
+    @staticmethod
+    def _final_table(params: GWASParams, state: dict[str, Any]) -> pd.DataFrame:
+        if not state["tables"]:
+            raise AnalysisError(f"quality control removed every variant: {state['removed']}")
+        frame = pd.concat(state["tables"], ignore_index=True)
+        statistic = {"allelic": "CHISQ", "linear": "T_STAT", "logistic": "Z_STAT", "logistic-score": "CHISQ"}
+        values = frame[statistic[params.test]].to_numpy(np.float64)
+        frame.attrs["lambda_gc"] = lambda_gc(values if params.test in ("allelic", "logistic-score") else values**2)
+        frame.attrs["variant_report"] = state["report"]
+        frame.attrs["qc_removed"] = state["removed"]
+        frame.attrs["test"] = params.test
+        if "null_iterations" in state:
+            frame.attrs["null_model"] = {"coefficients": dict(zip(["intercept", *params.covariates],
+                                                                  map(float, state["null_beta"]))),
+                                         "iterations": state["null_iterations"]}
+        return frame
 
 
-def _agree_variants(per_site: dict[str, list[list[Any]]]) -> tuple[list[list[Any]], dict[str, list[str]]]:
-    """Variants every site holds (by chromosome and position) with matching or swapped alleles."""
-    sites = sorted(per_site)
-    tables = {site: {_variant_key(c, p): (c, p, a1, a2, i) for c, p, a1, a2, i in per_site[site]} for site in sites}
-    reference = tables[sites[0]]
-    agreed, ambiguous, mismatched, missing = [], [], [], []
-    for key, (chrom, pos, a1, a2, vid) in reference.items():
-        held = [tables[s].get(key) for s in sites]
-        if any(h is None for h in held):
-            missing.append(vid)
-            continue
-        if any({h[2], h[3]} != {a1, a2} for h in held):
-            mismatched.append(vid)
-            continue
-        if frozenset((a1, a2)) in AMBIGUOUS:
-            ambiguous.append(vid)
-        agreed.append([chrom, pos, a1, a2, vid])
-    return agreed, {"strand_ambiguous": ambiguous, "allele_mismatch": mismatched, "not_at_every_site": missing}
+def _samples(params: GWASParams, data: pd.DataFrame, genotypes: GenotypeFile
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows of the genotype file joined to the phenotype table on IID (sorted by file row):
+    phenotype and covariates, complete cases only."""
+    table = data[[params.iid, params.phenotype, *params.covariates]].dropna()
+    table = table.assign(**{params.iid: table[params.iid].astype(str)}).drop_duplicates(params.iid)
+    lookup = pd.Series(np.arange(len(genotypes.iid)), index=genotypes.iid)
+    table = table[table[params.iid].isin(lookup.index)]
+    rows = lookup[table[params.iid]].to_numpy(np.int64)
+    order = np.argsort(rows)
+    y = table[params.phenotype].to_numpy(np.float64)[order]
+    if params.test != "linear" and not np.all((y == 0) | (y == 1)):
+        raise AnalysisError(f"phenotype {params.phenotype!r} must be 0 (control) or 1 (case) for test={params.test!r}")
+    covariates = table[params.covariates].to_numpy(np.float64).reshape(len(table), len(params.covariates))
+    return rows[order], y, covariates[order]
 
 
-def _logistic_table(table: pd.DataFrame, beta: np.ndarray, information: np.ndarray, observed: np.ndarray,
-                    converged: np.ndarray) -> pd.DataFrame:
-    """plink2 --glm columns for the dosage term; a SNP whose fit did not converge gets NaN and an ERRCODE."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        variance = np.full(len(beta), np.nan)
-        ok = converged & np.isfinite(np.linalg.det(information))
-        variance[ok] = np.linalg.inv(information[ok])[:, -1, -1]
-        log_or = np.where(ok, beta[:, -1], np.nan)
-        se = np.sqrt(variance)
-        z = log_or / se
-    frame = table[["CHROM", "POS", "ID", "A1", "A2", "A1_FREQ"]].copy()
-    frame["OBS_CT"] = observed.astype(np.int64)
-    frame["OR"] = np.exp(log_or)
-    frame["LOG(OR)_SE"] = se
-    frame["Z_STAT"] = z
-    frame["P"] = 2 * stats.norm.sf(np.abs(z))
-    frame["ERRCODE"] = np.where(ok, ".", "UNFINISHED")
-    frame.attrs.update(table.attrs)
-    finite = frame["Z_STAT"].dropna() ** 2
-    frame.attrs["lambda_gc"] = float(np.median(finite) / stats.chi2.ppf(0.5, 1)) if len(finite) else float("nan")
-    return frame
+def _null_sums(design: np.ndarray, y: np.ndarray, beta: np.ndarray) -> dict[str, np.ndarray]:
+    mu = expit(design @ beta)
+    information = (design.T * (mu * (1 - mu))) @ design
+    return {"information": pack_symmetric(information), "score": design.T @ (y - mu)}
 
 
-def _trend_chisq(cases: np.ndarray, controls: np.ndarray) -> np.ndarray:
-    """Cochran-Armitage trend chi-square (1 df) on genotype counts, as plink1.9 --model TREND."""
-    weights = np.array([2.0, 1.0, 0.0])
-    r, s = cases.sum(axis=1), controls.sum(axis=1)
-    n = r + s
-    totals = cases + controls
-    with np.errstate(divide="ignore", invalid="ignore"):
-        numerator = n * (n * (cases @ weights) - r * (totals @ weights)) ** 2
-        denominator = r * s * (n * (totals @ weights**2) - (totals @ weights) ** 2)
-        return numerator / denominator
+def _cached_batch(scratch: dict[str, Any], broadcast: dict[str, Any], genotypes: GenotypeFile,
+                  samples: np.ndarray, block_size: int) -> np.ndarray:
+    """The batch's dosages (samples x variants, int8, -127 missing), decoded once per batch and kept
+    in the task's scratch across Newton rounds."""
+    batch = broadcast["batch"]
+    key = (batch["chrom"][0], int(batch["pos"][0]), batch["chrom"][-1], int(batch["pos"][-1]), len(batch["pos"]))
+    if scratch.get("batch_key") != key:
+        scratch.pop("batch_dosages", None)
+        dosages = np.empty((len(samples), len(batch["pos"])), dtype=np.int8)
+        for chunk, block in aligned_blocks(genotypes, batch, samples, block_size, dtype="int8"):
+            dosages[:, chunk] = block
+        scratch["batch_key"], scratch["batch_dosages"] = key, dosages
+    return scratch["batch_dosages"]
 
 
-def hwe_exact(heterozygotes: int, homozygotes_1: int, homozygotes_2: int) -> float:
-    """Hardy-Weinberg exact test p-value (Wigginton, Cutler and Abecasis 2005), as plink --hardy.
+def _moments(design: np.ndarray, y: np.ndarray, dosages: np.ndarray, beta: np.ndarray | None,
+             block_size: int) -> dict[str, np.ndarray]:
+    """Per SNP, over the samples with that genotype: X'WX (packed) and X'r for X = [design, dosage].
 
-    Written out because no maintained Python package provides it; it is the published SNPHWE
-    recurrence over heterozygote counts."""
-    rare_homs, common_homs = sorted((homozygotes_1, homozygotes_2))
-    rare = 2 * rare_homs + heterozygotes
-    total = heterozygotes + rare_homs + common_homs
-    if total == 0:
-        return 1.0
-    probs = np.zeros(rare + 1)
-    mid = rare * (2 * total - rare) // (2 * total)
-    if mid % 2 != rare % 2:
-        mid += 1
-    probs[mid] = 1.0
-    hets, homr, homc = mid, (rare - mid) // 2, total - mid - (rare - mid) // 2
-    while hets >= 2:
-        probs[hets - 2] = probs[hets] * hets * (hets - 1) / (4.0 * (homr + 1) * (homc + 1))
-        hets, homr, homc = hets - 2, homr + 1, homc + 1
-    hets, homr, homc = mid, (rare - mid) // 2, total - mid - (rare - mid) // 2
-    while hets <= rare - 2:
-        probs[hets + 2] = probs[hets] * 4.0 * homr * homc / ((hets + 2.0) * (hets + 1.0))
-        hets, homr, homc = hets + 2, homr - 1, homc - 1
-    observed = probs[heterozygotes]
-    p_value = probs[probs <= observed * (1 + 1e-8)].sum() / probs.sum()
-    return float(min(1.0, p_value))
-
-
-def _allelic_table(variants: list[list[Any]], counts: np.ndarray, report: dict[str, list[str]],
-                   hardy: bool) -> pd.DataFrame:
-    """PLINK 1.9 --assoc columns (plus --freq/--missing figures) from pooled genotype counts."""
-    controls, cases = counts[:, 0, :], counts[:, 1, :]
-    ref_cases = 2 * cases[:, 2] + cases[:, 1]  # copies of the reference file's A1 allele
-    ref_controls = 2 * controls[:, 2] + controls[:, 1]
-    called_cases = 2 * cases[:, :3].sum(axis=1)
-    called_controls = 2 * controls[:, :3].sum(axis=1)
-    ref_total = ref_cases + ref_controls
-    called = called_cases + called_controls
-    minor_is_ref = ref_total <= called - ref_total
-    a1_cases = np.where(minor_is_ref, ref_cases, called_cases - ref_cases)
-    a1_controls = np.where(minor_is_ref, ref_controls, called_controls - ref_controls)
-    a2_cases, a2_controls = called_cases - a1_cases, called_controls - a1_controls
-    with np.errstate(divide="ignore", invalid="ignore"):
-        table = np.stack([[a1_cases, a2_cases], [a1_controls, a2_controls]])
-        total = table.sum(axis=(0, 1))
-        expected = table.sum(axis=1, keepdims=True) * table.sum(axis=0, keepdims=True) / total
-        chisq = np.sum((table - expected) ** 2 / expected, axis=(0, 1))
-        odds = (a1_cases * a2_controls) / (a2_cases * a1_controls)
-        f_a, f_u = a1_cases / called_cases, a1_controls / called_controls
-    # Genotype counts oriented to A1: homozygous A1, heterozygous, homozygous A2.
-    def oriented(group: np.ndarray) -> np.ndarray:
-        return np.where(minor_is_ref[:, None], group[:, [2, 1, 0]], group[:, [0, 1, 2]])
-
-    a1_case_geno, a1_control_geno = oriented(cases), oriented(controls)
-    trend = _trend_chisq(a1_case_geno, a1_control_geno)
-    frame = pd.DataFrame({
-        "CHROM": [v[0] for v in variants], "POS": [int(v[1]) for v in variants], "ID": [v[4] for v in variants],
-        "A1": [v[2] if m else v[3] for v, m in zip(variants, minor_is_ref)],
-        "A2": [v[3] if m else v[2] for v, m in zip(variants, minor_is_ref)],
-        "F_A": f_a, "F_U": f_u, "A1_FREQ": np.where(minor_is_ref, ref_total, called - ref_total) / called,
-        "OBS_CT": (called / 2).astype(np.int64),
-        "F_MISS": counts[:, :, 3].sum(axis=1) / counts.sum(axis=(1, 2)),
-        "CHISQ": chisq, "P": stats.chi2.sf(chisq, 1), "OR": odds,
-        "TREND_CHISQ": trend, "TREND_P": stats.chi2.sf(trend, 1),
-        "GENO_UNAFF": [f"{a:.0f}/{b:.0f}/{c:.0f}" for a, b, c in a1_control_geno],
-    })
-    if hardy:
-        frame["HWE_P_UNAFF"] = [hwe_exact(int(b), int(a), int(c)) for a, b, c in a1_control_geno]
-    frame.attrs["minor_is_ref"] = minor_is_ref
-    finite = frame["CHISQ"].dropna()
-    frame.attrs["lambda_gc"] = float(np.median(finite) / stats.chi2.ppf(0.5, 1)) if len(finite) else float("nan")
-    frame.attrs["variant_report"] = report
-    return frame
+    Linear (beta None): W = I and r = y, plus y'y. Logistic: the IRLS weights mu(1 - mu) and
+    residuals y - mu at each SNP's coefficients `beta`. Products of design columns are formed
+    once, so every sum is a matrix product over samples."""
+    n, p = design.shape
+    k = p + 1
+    rows, cols = np.triu_indices(p)
+    products = design[:, rows] * design[:, cols]
+    n_snps = dosages.shape[1]
+    information = np.zeros((n_snps, k, k))
+    score = np.zeros((n_snps, k))
+    observed_count = np.zeros(n_snps)
+    y_y = np.zeros(n_snps)
+    for start in range(0, n_snps, block_size):
+        block = dosages[:, start:start + block_size]
+        observed = block >= 0
+        dose = np.where(observed, block, 0).astype(np.float64)
+        if beta is None:
+            weight = observed.astype(np.float64)
+            residual = y[:, None] * weight
+            y_y[start:start + block.shape[1]] = (y**2) @ weight
+        else:
+            part = beta[start:start + block.shape[1]]
+            mu = expit(design @ part[:, :-1].T + dose * part[:, -1])
+            weight = mu * (1 - mu) * observed
+            residual = (y[:, None] - mu) * observed
+        span = slice(start, start + block.shape[1])
+        packed = (products.T @ weight).T
+        full = np.zeros((block.shape[1], p, p))
+        full[:, rows, cols] = packed
+        full[:, cols, rows] = packed
+        information[span, :p, :p] = full
+        cross = (design.T @ (weight * dose)).T
+        information[span, :p, -1] = cross
+        information[span, -1, :p] = cross
+        information[span, -1, -1] = np.einsum("nb,nb->b", weight, dose**2)
+        score[span, :p] = (design.T @ residual).T
+        score[span, -1] = np.einsum("nb,nb->b", dose, residual)
+        observed_count[span] = observed.sum(axis=0)
+    sums = {"information": pack_symmetric(information), "score": score, "observed": observed_count}
+    if beta is None:
+        sums["y_y"] = y_y
+    return sums

@@ -10,9 +10,11 @@ import pandas as pd
 
 from medveil.data.sources import DataError
 
+BED_MAGIC = bytes([0x6C, 0x1B, 0x01])  # PLINK 1 .bed, variant-major
+
 
 class GenotypeFile:
-    """One site's genotypes: samples (IID), variants (CHROM, POS, ID, A1, A2) and A1 dosages."""
+    """One site's genotypes: samples (IID, parents), variants (CHROM, POS, ID, A1, A2) and A1 dosages."""
 
     def __init__(self, name: str, path: Path):
         try:
@@ -23,20 +25,64 @@ class GenotypeFile:
         for suffix in (".bed", ".bim", ".fam"):
             if not path.with_suffix(suffix).exists():
                 raise DataError(f"dataset {name!r}: {path.with_suffix(suffix)} does not exist")
+        self.path = path.with_suffix(".bed")
         try:
             self._bed = open_bed(path)
             self.iid = np.asarray(self._bed.iid).astype(str)
+            self.father = np.asarray(self._bed.father).astype(str)
+            self.mother = np.asarray(self._bed.mother).astype(str)
             self.variants = pd.DataFrame({
                 "CHROM": np.asarray(self._bed.chromosome).astype(str), "POS": np.asarray(self._bed.bp_position),
                 "ID": np.asarray(self._bed.sid).astype(str), "A1": np.asarray(self._bed.allele_1).astype(str),
                 "A2": np.asarray(self._bed.allele_2).astype(str),
             })
+            with open(self.path, "rb") as handle:
+                magic = handle.read(3)
         except Exception as exc:
             raise DataError(f"dataset {name!r}: cannot read PLINK fileset {path}: {exc}") from exc
+        if magic != BED_MAGIC:
+            raise DataError(f"dataset {name!r}: {self.path} is not a variant-major PLINK 1 .bed file")
+        self.bytes_per_variant = (len(self.iid) + 3) // 4
+        expected = 3 + self.bytes_per_variant * len(self.variants)
+        if self.path.stat().st_size != expected:
+            raise DataError(f"dataset {name!r}: {self.path} has {self.path.stat().st_size} bytes, "
+                            f"expected {expected} for {len(self.iid)} samples x {len(self.variants)} variants")
+        self._positions: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
 
-    def block(self, samples: np.ndarray, start: int, stop: int) -> np.ndarray:
-        """A1 dosages (0, 1, 2; NaN missing) of `samples` x variants [start, stop)."""
-        return self._bed.read(index=np.s_[samples, start:stop], dtype="float32")
+    def block(self, samples: np.ndarray, start: int, stop: int, dtype: str = "float32") -> np.ndarray:
+        """A1 dosages (0, 1, 2; NaN missing, or -127 for int8) of `samples` x variants [start, stop)."""
+        return self._bed.read(index=np.s_[samples, start:stop], dtype=dtype)
+
+    def packed(self, rows: np.ndarray) -> np.ndarray:
+        """The raw .bed bytes of the given variant rows: 2 bits per sample, 4 samples per byte."""
+        mapped = np.memmap(self.path, dtype=np.uint8, mode="r", offset=3,
+                           shape=(len(self.variants), self.bytes_per_variant))
+        try:
+            return np.array(mapped[np.asarray(rows, dtype=np.int64)])
+        finally:
+            del mapped
+
+    def index_of(self, chrom: list[str], pos: np.ndarray) -> np.ndarray:
+        """Row of each (chromosome, position) in this fileset; DataError naming any that is absent."""
+        if self._positions is None:
+            self._positions = {}
+            for name, rows in self.variants.groupby("CHROM", sort=False).indices.items():
+                order = np.argsort(self.variants["POS"].to_numpy()[rows], kind="stable")
+                self._positions[str(name)] = (self.variants["POS"].to_numpy(np.int64)[rows][order], rows[order])
+        chrom = np.asarray(chrom, dtype=object)
+        index = np.full(len(pos), -1, dtype=np.int64)
+        for name in pd.unique(chrom):
+            wanted = chrom == name
+            if name not in self._positions:
+                continue
+            positions, rows = self._positions[name]
+            at = np.clip(np.searchsorted(positions, pos[wanted]), 0, len(positions) - 1)
+            index[wanted] = np.where(positions[at] == pos[wanted], rows[at], -1)
+        if (index < 0).any():
+            first = int(np.argmax(index < 0))
+            raise DataError(f"{int((index < 0).sum())} requested variant(s) are not in {self.path.name}, "
+                            f"e.g. {chrom[first]}:{int(pos[first])}")
+        return index
 
     def close(self) -> None:
         self._bed.__exit__(None, None, None)

@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from medveil.runtime.wire import canonical_json
 
 GENESIS = "0" * 64
@@ -24,6 +26,22 @@ class AuditError(ValueError):
 
 def _entry_hash(entry: dict[str, Any]) -> str:
     return hashlib.sha256(canonical_json({k: v for k, v in entry.items() if k != "hash"})).hexdigest()
+
+
+def summarised(value: Any, limit: int = 64) -> Any:
+    """`value` with arrays and long lists replaced by their SHA-256 and size, so the log records
+    what was released (verifiably) without growing with the number of variants."""
+    if isinstance(value, np.ndarray):
+        return {"sha256": hashlib.sha256(np.ascontiguousarray(value).tobytes()).hexdigest(),
+                "dtype": str(value.dtype), "shape": list(value.shape)}
+    if isinstance(value, dict):
+        return {str(k): summarised(v, limit) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        if len(value) > limit:
+            text = json.dumps(value, sort_keys=True, default=str).encode()
+            return {"sha256": hashlib.sha256(text).hexdigest(), "length": len(value)}
+        return [summarised(v, limit) for v in value]
+    return value
 
 
 class AuditLog:

@@ -29,7 +29,7 @@ from medveil.data.genotypes import GenotypeFile
 from medveil.data.sources import DataError, load_dataset
 from medveil.privacy.disclosure import DisclosureRefused, check_differencing
 from medveil.privacy.dp import BudgetExhausted, gaussian_count_noise
-from medveil.runtime.audit import AuditLog
+from medveil.runtime.audit import AuditLog, summarised
 from medveil.runtime.client import HubClient, HubError
 from medveil.runtime.config import SiteConfig, load_site_config
 from medveil.runtime.node_store import NodeStore
@@ -229,7 +229,7 @@ class Node:
         payload["public"] = release.public
         release_id = self.audit.append(
             "release", study=spec.id, task=task, step=step, round=round_no, analysis=name,
-            arrays={k: list(v.shape) for k, v in sums.items()}, public=release.public,
+            arrays={k: list(v.shape) for k, v in sums.items()}, public=summarised(release.public),
             masked=bool(spec.secure_aggregation and sums),
             digest=hashlib.sha256(b"".join(k.encode() + v.tobytes() for k, v in sorted(sums.items()))).hexdigest(),
         )

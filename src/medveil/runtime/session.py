@@ -21,6 +21,7 @@ from medveil.analyses.base import (
     Aggregated,
     AnalysisError,
     Finished,
+    NextRound,
     Params,
     get_analysis,
 )
@@ -113,7 +114,8 @@ class ResearcherSession:
             log.warning("result of task %s not recorded at the hub: %s", task_id, exc)
 
     def run(self, analysis_name: str, params: dict[str, Any], dataset: str,
-            progress: Callable[[int], None] | None = None) -> RunOutcome:
+            progress: Callable[[int, tuple[int, int] | None], None] | None = None) -> RunOutcome:
+        """Run an analysis to its result; `progress(round, (done, total) or None)` is called after each round."""
         analysis = get_analysis(analysis_name)
         task = _Task(uuid.uuid4().hex, analysis_name, analysis.parse_params(params), dataset, list(self.study.sites))
         task.audit_ids = {site: [] for site in task.sites}
@@ -136,7 +138,9 @@ class ResearcherSession:
             except AnalysisError as exc:
                 raise AnalysisFailed(f"{analysis_name}: {exc}") from exc
             if progress is not None:
-                progress(round_no)
+                state_now = outcome.state if isinstance(outcome, NextRound) else state
+                done = analysis.progress(task.params, state_now)
+                progress(round_no, (done[1], done[1]) if isinstance(outcome, Finished) and done else done)
             if isinstance(outcome, Finished):
                 provenance = {
                     "study": self.study.id, "task": task.id, "analysis": analysis_name, "dataset": dataset,
