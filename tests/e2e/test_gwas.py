@@ -19,10 +19,12 @@ pytestmark = pytest.mark.e2e
 def _make(directory, n=600, m=300, seed=1):
     """A seeded pooled fileset and three site filesets (site_1 stores every variant's alleles swapped)."""
     rng = np.random.default_rng(seed)
-    freq = rng.uniform(0.05, 0.5, m)
+    freq = rng.uniform(0.05, 0.95, m)
     dosages = rng.binomial(2, freq, size=(n, m)).astype(np.float32)
     case = rng.integers(0, 2, n)
+    age, sex = rng.normal(50, 10, n).round(1), rng.integers(0, 2, n)
     dosages[case == 1, :10] = rng.binomial(2, np.minimum(freq[:10] * 1.6, 0.9), size=(int(case.sum()), 10))
+    height = (160 + 0.2 * age + 8 * sex + 4 * dosages[:, 20:25].sum(axis=1) + rng.normal(0, 6, n)).round(2)
     dosages[rng.random((n, m)) < 0.01] = np.nan
     iid = np.array([f"s{i}" for i in range(n)])
     alleles = np.array([("A", "G"), ("C", "T"), ("A", "C"), ("G", "T")])[rng.integers(0, 4, m)]
@@ -40,7 +42,9 @@ def _make(directory, n=600, m=300, seed=1):
             block = 2 - block
             sub["allele_1"], sub["allele_2"] = props["allele_2"], props["allele_1"]
         bed_reader.to_bed(directory / f"site{k}.bed", block, properties=sub)
-        sites[f"site_{k}"] = {"cohort": pd.DataFrame({"IID": iid[idx], "case": case[idx]}),
+        cohort = pd.DataFrame({"IID": iid[idx], "case": case[idx], "age": age[idx], "sex": sex[idx],
+                               "height": height[idx]})
+        sites[f"site_{k}"] = {"cohort": cohort,
                               "geno": str(directory / f"site{k}.bed")}
     return sites, dosages, case
 
@@ -127,17 +131,18 @@ def test_hardy_weinberg_exact_small_cases():
     assert hwe_exact(10, 45, 45) < 1e-10
 
 
+def _write_covariates(directory, sites) -> None:
+    """age, sex and height of every sample, as plink2 --covar / --pheno files."""
+    cohort = pd.concat(site["cohort"] for site in sites.values())
+    cohort = cohort.assign(FID=cohort["IID"])
+    cohort[["FID", "IID", "age", "sex"]].to_csv(directory / "covar.txt", sep="\t", index=False)
+    cohort[["FID", "IID", "height"]].to_csv(directory / "pheno.txt", sep="\t", index=False)
+
+
 @pytest.mark.skipif(shutil.which("plink2") is None, reason="plink2 is not installed (Debian package plink2)")
 def test_logistic_with_covariates_equals_plink2_glm(tmp_path):
     sites, *_ = _make(tmp_path)
-    rng = np.random.default_rng(5)
-    for site in sites.values():
-        cohort = site["cohort"]
-        cohort["age"] = rng.normal(50, 10, len(cohort)).round(1)
-        cohort["sex"] = rng.integers(0, 2, len(cohort))
-    covariates = pd.concat(site["cohort"] for site in sites.values())
-    covariates.assign(FID=covariates["IID"])[["FID", "IID", "age", "sex"]].to_csv(tmp_path / "covar.txt", sep="\t",
-                                                                                  index=False)
+    _write_covariates(tmp_path, sites)
     with mv.Federation.simulate(sites) as fed:
         result = fed.gwas(genotypes="geno", phenotype="case", data="cohort", covariates=["age", "sex"],
                           test="logistic")
@@ -156,3 +161,97 @@ def test_logistic_with_covariates_equals_plink2_glm(tmp_path):
     moderate = plink.loc[ours.index, "P"] > 1e-10
     np.testing.assert_allclose(ours["P"][moderate], plink.loc[ours.index, "P"][moderate], rtol=1e-4)
     np.testing.assert_allclose(-np.log10(ours["P"]), -np.log10(plink.loc[ours.index, "P"]), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(shutil.which("plink2") is None, reason="plink2 is not installed (Debian package plink2)")
+def test_linear_with_covariates_equals_plink2_glm(tmp_path):
+    sites, *_ = _make(tmp_path)
+    _write_covariates(tmp_path, sites)
+    with mv.Federation.simulate(sites) as fed:
+        result = fed.gwas(genotypes="geno", phenotype="height", data="cohort", covariates=["age", "sex"],
+                          test="linear")
+    subprocess.run(["plink2", "--bfile", str(tmp_path / "pooled"), "--pheno", str(tmp_path / "pheno.txt"),
+                    "--glm", "hide-covar", "--covar", str(tmp_path / "covar.txt"), "--out", str(tmp_path / "plink2")],
+                   check=True, capture_output=True)
+    plink = pd.read_csv(tmp_path / "plink2.height.glm.linear", sep="\t").set_index("ID")
+    ours = result.set_index("ID")
+    assert (ours["ERRCODE"] == ".").all() and (ours["A1"] == plink.loc[ours.index, "A1"]).all()
+    assert (ours["OBS_CT"] == plink.loc[ours.index, "OBS_CT"]).all()
+    np.testing.assert_allclose(ours["BETA"], plink.loc[ours.index, "BETA"], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(ours["SE"], plink.loc[ours.index, "SE"], rtol=1e-4)
+    np.testing.assert_allclose(ours["T_STAT"], plink.loc[ours.index, "T_STAT"], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(-np.log10(ours["P"]), -np.log10(plink.loc[ours.index, "P"]), rtol=1e-4, atol=1e-5)
+    assert ours.loc[[f"rs{i}" for i in range(20, 25)], "P"].max() < 0.01  # the simulated effects are found
+
+
+def test_score_test_equals_statsmodels_on_pooled_data(tmp_path):
+    sm = pytest.importorskip("statsmodels.api")
+    sites, dosages, case = _make(tmp_path, n=300, m=40)
+    with mv.Federation.simulate(sites) as fed:
+        result = fed.gwas(genotypes="geno", phenotype="case", data="cohort", covariates=["age", "sex"],
+                          test="logistic-score")
+    pooled = pd.concat(site["cohort"] for site in sites.values()).set_index("IID").loc[[f"s{i}" for i in
+                                                                                        range(len(case))]]
+    design = sm.add_constant(pooled[["age", "sex"]].to_numpy(float))
+    null = sm.GLM(pooled["case"].to_numpy(float), design, family=sm.families.Binomial()).fit(tol=1e-12)
+    for j in (0, 7, 21, 39):
+        row = result.set_index("ID").loc[f"rs{j}"]
+        g = dosages[:, j].astype(float)
+        a1_is_listed = row["A1"] == row["ALT"]
+        g = g if a1_is_listed else 2 - g
+        g = np.where(np.isnan(g), np.nanmean(g), g)
+        chisq = float(np.atleast_1d(null.score_test(exog_extra=g[:, None])[0])[0])
+        assert row["CHISQ"] == pytest.approx(chisq, rel=1e-6)
+        assert row["P"] == pytest.approx(stats.chi2.sf(chisq, 1), rel=1e-5)
+    assert result.attrs["null_model"]["coefficients"]["age"] == pytest.approx(null.params[1], rel=1e-7)
+
+
+def test_batches_give_the_same_table_and_report_progress(tmp_path):
+    sites, *_ = _make(tmp_path, n=240, m=90)
+    seen = []
+    with mv.Federation.simulate(sites) as fed:
+        whole = fed.gwas(genotypes="geno", phenotype="case", data="cohort", covariates=["age"], test="logistic")
+        batched = fed.gwas(genotypes="geno", phenotype="case", data="cohort", covariates=["age"], test="logistic",
+                           batch_size=25, progress=lambda done, total: seen.append((done, total)))
+    pd.testing.assert_frame_equal(whole, batched, check_exact=False, rtol=1e-9)
+    assert seen[-1] == (90, 90) and [d for d, _ in seen] == sorted(d for d, _ in seen)
+    assert {d for d, _ in seen} >= {25, 50, 75, 90}
+
+
+@pytest.mark.skipif(shutil.which("plink1.9") is None, reason="plink1.9 is not installed (Debian package plink1.9)")
+def test_frequencies_missingness_and_filters_equal_plink(gwas_run, tmp_path):
+    directory, result, *_ = gwas_run
+    out = str(tmp_path / "qc")
+    subprocess.run(["plink1.9", "--bfile", str(directory / "pooled"), "--freq", "--missing", "--allow-no-sex",
+                    "--out", out], check=True, capture_output=True)
+    freq = pd.read_csv(out + ".frq", sep=r"\s+").set_index("SNP")
+    missing = pd.read_csv(out + ".lmiss", sep=r"\s+").set_index("SNP")
+    ours = result.set_index("ID")
+    assert (ours["A1"] == freq.loc[ours.index, "A1"]).all()
+    np.testing.assert_allclose(ours["A1_FREQ"], freq.loc[ours.index, "MAF"], atol=6e-5)  # 4 significant digits
+    np.testing.assert_allclose(ours["F_MISS"], missing.loc[ours.index, "F_MISS"], atol=6e-5)
+    sites, *_ = _make(tmp_path)
+    with mv.Federation.simulate(sites) as fed:
+        filtered = fed.gwas(genotypes="geno", phenotype="case", data="cohort", maf=0.2, geno=0.012, hwe=1e-3)
+    subprocess.run(["plink1.9", "--bfile", str(tmp_path / "pooled"), "--maf", "0.2", "--geno", "0.012", "--hwe",
+                    "1e-3", "--allow-no-sex", "--write-snplist", "--out", out], check=True, capture_output=True)
+    kept = set((tmp_path / "qc.snplist").read_text().split())
+    assert set(filtered["ID"]) == kept
+    assert sum(filtered.attrs["qc_removed"].values()) >= 300 - len(kept)
+
+
+def test_a_fit_that_cannot_converge_is_reported_not_printed(tmp_path):
+    sites, dosages, case = _make(tmp_path, n=120, m=12, seed=4)
+    # rs11 separates cases from controls perfectly at every site: its odds ratio is infinite
+    for k, site in enumerate(sites.values()):
+        path = tmp_path / f"site{k}.bed"
+        block = bed_reader.open_bed(path).read()
+        cohort = site["cohort"].set_index("IID")
+        carrier, other = (0.0, 2.0) if k == 1 else (2.0, 0.0)  # site_1 lists the alleles swapped
+        block[:, 11] = np.where(cohort.loc[bed_reader.open_bed(path).iid, "case"].to_numpy() == 1, carrier, other)
+        props = bed_reader.open_bed(path).properties
+        bed_reader.to_bed(path, block, properties=props)
+    with mv.Federation.simulate(sites) as fed:
+        result = fed.gwas(genotypes="geno", phenotype="case", data="cohort", test="logistic").set_index("ID")
+    assert result.loc["rs11", "ERRCODE"] == "UNFINISHED" and np.isnan(result.loc["rs11", "P"])
+    assert (result.drop(index="rs11")["ERRCODE"] == ".").all()
