@@ -37,6 +37,12 @@ class Pedigree:
     dosages: np.ndarray  # copies of allele_1, read back from the .bed
     mendel_errors: list[tuple[int, int]]  # (child row, SNP) where the child's genotype cannot be inherited
 
+    def affected_trios(self) -> np.ndarray:
+        return trios(self.iid, self.father, self.mother, self.affected)
+
+    def all_children(self) -> np.ndarray:
+        return trios(self.iid, self.father, self.mother, np.ones(len(self.iid), dtype=bool))
+
 
 def _simulate(directory, seed: int = 20240613) -> Pedigree:
     """Trios (some with an unaffected or a second affected sibling), one-parent families, unrelated founders."""
@@ -50,15 +56,15 @@ def _simulate(directory, seed: int = 20240613) -> Pedigree:
         haplotypes.append((rng.random((2, N_SNPS)) < freq).astype(int))
         return len(people) - 1
 
-    def child(fid, role, father_row, mother_row, affected, father="", mother=""):
+    def child(fid, role, father_row, mother_row, affected, father_iid=None, mother_iid=None):
         passed = []
         for parent in (father_row, mother_row):
             alleles = haplotypes[parent]
             heterozygous = alleles[0] != alleles[1]
             p_a1 = np.where(affected & np.isin(np.arange(N_SNPS), OVER_TRANSMITTED), 0.8, 0.5)
             passed.append(np.where(heterozygous, rng.random(N_SNPS) < p_a1, alleles[0]).astype(int))
-        people.append(dict(fid=fid, iid=f"{fid}_{role}", father=father or people[father_row]["iid"],
-                           mother=mother or people[mother_row]["iid"], sex=int(rng.integers(1, 3)),
+        people.append(dict(fid=fid, iid=f"{fid}_{role}", father=father_iid or people[father_row]["iid"],
+                           mother=mother_iid or people[mother_row]["iid"], sex=int(rng.integers(1, 3)),
                            pheno="2" if affected else "1"))
         haplotypes.append(np.array(passed))
 
@@ -73,7 +79,7 @@ def _simulate(directory, seed: int = 20240613) -> Pedigree:
     for family in range(6):
         fid = f"onep{family}"
         father, stand_in = founder(fid, "father", 1), founder(f"{fid}x", "mother", 2)
-        child(fid, "child", father, stand_in, affected=True, mother="0" if family % 2 else "absent_mother")
+        child(fid, "child", father, stand_in, affected=True, mother_iid="0" if family % 2 else "absent_mother")
     for person in range(30):
         founder(f"ind{person}", "self", int(rng.integers(1, 3)))
 
@@ -81,8 +87,8 @@ def _simulate(directory, seed: int = 20240613) -> Pedigree:
     dosages[rng.random(dosages.shape) < 0.01] = np.nan
     iids = [p["iid"] for p in people]
     row_of = {name: row for row, name in enumerate(iids)}
-    candidates = [(row, snp) for row, p in enumerate(people) if p["pheno"] == "2" and p["father"] in row_of
-                  and p["mother"] in row_of for snp in range(N_SNPS)]
+    candidates = [(row, snp) for row, p in enumerate(people) if p["father"] in row_of and p["mother"] in row_of
+                  for snp in range(N_SNPS)]
     mendel_errors = []
     for pick in rng.permutation(len(candidates)):
         row, snp = candidates[pick]
@@ -121,21 +127,29 @@ def pedigree(tmp_path_factory) -> Pedigree:
     return _simulate(tmp_path_factory.mktemp("tdt"))
 
 
-def reference_counts(dosages: np.ndarray, trio_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Loop over trios and SNPs: find the alleles each parent passed on; heterozygous parents' count as T or U."""
+def inheritances(dosages: np.ndarray, child: int, father: int, mother: int, snp: int) -> list[tuple[int, int]] | None:
+    """Copies of allele_1 (from father, from mother) that explain the child's genotype; None if one is missing."""
+    genotypes = dosages[[child, father, mother], snp]
+    if np.isnan(genotypes).any():
+        return None
+    kid, dad, mum = (int(g) for g in genotypes)
+    return [(f, m) for f in _passable(dad) for m in _passable(mum) if f + m == kid]
+
+
+def reference_counts(dosages: np.ndarray, trio_rows: np.ndarray,
+                     family_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Loop over trios and SNPs: skip the family where any child is unexplained, else count het parents' alleles."""
     t, u = np.zeros(dosages.shape[1]), np.zeros(dosages.shape[1])
     for child, father, mother in trio_rows:
+        siblings = [row for row in family_rows if (row[1], row[2]) == (father, mother)]
         for snp in range(dosages.shape[1]):
-            genotypes = dosages[[child, father, mother], snp]
-            if np.isnan(genotypes).any():
+            ways = inheritances(dosages, child, father, mother, snp)
+            if not ways or any(inheritances(dosages, *sibling, snp) == [] for sibling in siblings):
                 continue
-            kid, dad, mum = (int(g) for g in genotypes)
-            ways = [(f, m) for f in _passable(dad) for m in _passable(mum) if f + m == kid]
-            if not ways:
-                continue
-            passed_by_het = sum(copies for copies, parent in zip(ways[0], (dad, mum)) if parent == 1)
+            parents = dosages[[father, mother], snp]
+            passed_by_het = sum(copies for copies, parent in zip(ways[0], parents) if parent == 1)
             t[snp] += passed_by_het
-            u[snp] += (dad == 1) + (mum == 1) - passed_by_het
+            u[snp] += (parents == 1).sum() - passed_by_het
     return t, u
 
 
@@ -159,14 +173,15 @@ def family_sites(pedigree: Pedigree, seed: int = 5) -> dict[str, np.ndarray]:
 def summed_over_sites(pedigree: Pedigree) -> tuple[np.ndarray, np.ndarray]:
     t, u = np.zeros(N_SNPS), np.zeros(N_SNPS)
     for rows in family_sites(pedigree).values():
-        site_trios = trios(pedigree.iid[rows], pedigree.father[rows], pedigree.mother[rows], pedigree.affected[rows])
-        site_t, site_u = tdt_counts(pedigree.dosages[rows], site_trios)
+        iid, father, mother = pedigree.iid[rows], pedigree.father[rows], pedigree.mother[rows]
+        site_t, site_u = tdt_counts(pedigree.dosages[rows], trios(iid, father, mother, pedigree.affected[rows]),
+                                    family_rows=trios(iid, father, mother, np.ones(len(rows), dtype=bool)))
         t, u = t + site_t, u + site_u
     return t, u
 
 
 def test_trios_are_affected_children_with_both_parents_sampled(pedigree):
-    found = trios(pedigree.iid, pedigree.father, pedigree.mother, pedigree.affected)
+    found = pedigree.affected_trios()
     expected = reference_trios(pedigree.iid, pedigree.father, pedigree.mother, pedigree.affected)
     assert [tuple(row) for row in found] == expected
     assert len(found) == N_TRIOS + sum(family % 11 == 0 for family in range(N_TRIOS))
@@ -180,21 +195,26 @@ def test_trios_need_unique_iids():
 
 
 def test_counts_equal_loop_over_trios(pedigree):
-    rows = trios(pedigree.iid, pedigree.father, pedigree.mother, pedigree.affected)
-    t, u = tdt_counts(pedigree.dosages, rows)
-    ref_t, ref_u = reference_counts(pedigree.dosages, rows)
+    t, u = tdt_counts(pedigree.dosages, pedigree.affected_trios(), family_rows=pedigree.all_children())
+    ref_t, ref_u = reference_counts(pedigree.dosages, pedigree.affected_trios(), pedigree.all_children())
     np.testing.assert_array_equal(t, ref_t)
     np.testing.assert_array_equal(u, ref_u)
     assert t.dtype == u.dtype == np.float64
 
 
-def test_mendel_errors_are_skipped_not_counted(pedigree):
-    rows = trios(pedigree.iid, pedigree.father, pedigree.mother, pedigree.affected)
-    t, u = tdt_counts(pedigree.dosages, rows)
+def test_a_mendel_error_in_any_child_drops_the_family_at_that_snp(pedigree):
+    rows, children = pedigree.affected_trios(), pedigree.all_children()
     masked = pedigree.dosages.copy()
-    for child, snp in pedigree.mendel_errors:
-        masked[child, snp] = np.nan
-    np.testing.assert_array_equal(np.stack(tdt_counts(masked, rows)), np.stack([t, u]))
+    for erring_child, snp in pedigree.mendel_errors:
+        family = children[(children[:, 1:] == children[children[:, 0] == erring_child, 1:]).all(axis=1)]
+        masked[np.unique(family), snp] = np.nan
+    np.testing.assert_array_equal(np.stack(tdt_counts(pedigree.dosages, rows, family_rows=children)),
+                                  np.stack(tdt_counts(masked, rows)))
+    errors_in_unaffected = [(child, snp) for child, snp in pedigree.mendel_errors if not pedigree.affected[child]]
+    assert errors_in_unaffected, "the fixture should put some Mendel errors in unaffected siblings"
+    only_own = np.stack(tdt_counts(pedigree.dosages, rows))
+    with_siblings = np.stack(tdt_counts(pedigree.dosages, rows, family_rows=children))
+    assert (only_own != with_siblings).any()
     assert len(pedigree.mendel_errors) == N_MENDEL_ERRORS
 
 
@@ -211,7 +231,7 @@ def test_table_marks_untestable_snps_as_plink_does():
     assert table.loc[2, "OR"] == 0
     assert table.loc[3, "OR"] == pytest.approx(12 / 4)
     assert table.loc[3, "CHISQ"] == pytest.approx((12 - 4) ** 2 / 16)
-    assert table.loc[3, "P"] == pytest.approx(stats.chi2.sf(4.0, 1))
+    assert table.loc[3, "P"] == pytest.approx(stats.chi2.sf((12 - 4) ** 2 / 16, 1))
 
 
 @pytest.mark.skipif(shutil.which("plink1.9") is None, reason="plink1.9 is not installed (Debian package plink1.9)")
@@ -234,36 +254,48 @@ def test_counts_summed_over_sites_equal_plink_tdt(pedigree, tmp_path):
 
 
 @st.composite
-def multisite_trios(draw):
-    """Trio genotypes (0/1/2/NaN per member and SNP) and the site each trio lives at."""
-    n_trios = draw(st.integers(0, 12))
+def multisite_families(draw):
+    """Families (two parents, one to three children of any phenotype) with genotypes 0/1/2/NaN, each at one site."""
     n_snps = draw(st.integers(1, 5))
     genotype = st.sampled_from([0.0, 1.0, 2.0, np.nan])
-    values = draw(st.lists(genotype, min_size=n_trios * 3 * n_snps, max_size=n_trios * 3 * n_snps))
-    site = draw(st.lists(st.integers(0, 2), min_size=n_trios, max_size=n_trios))
-    return np.array(values).reshape(n_trios, 3, n_snps), np.array(site, dtype=int)
+    families = []
+    for _ in range(draw(st.integers(0, 8))):
+        affected = draw(st.lists(st.booleans(), min_size=1, max_size=3))
+        values = draw(st.lists(genotype, min_size=(2 + len(affected)) * n_snps,
+                               max_size=(2 + len(affected)) * n_snps))
+        families.append((np.array(affected), np.array(values).reshape(-1, n_snps), draw(st.integers(0, 2))))
+    return n_snps, families
 
 
-def site_samples(genotypes: np.ndarray, trio_ids: np.ndarray):
-    """One site's sample arrays: child, father, mother of each trio, in that order."""
-    iid = np.array([f"t{k}_{member}" for k in trio_ids for member in ("child", "father", "mother")])
-    father = np.array([f"t{k}_father" if member == "child" else "0" for k in trio_ids
-                       for member in ("child", "father", "mother")])
-    mother = np.array([name.replace("father", "mother") if name != "0" else "0" for name in father])
-    affected = np.array([member == "child" for _ in trio_ids for member in ("child", "father", "mother")])
-    return iid, father, mother, affected, genotypes[trio_ids].reshape(-1, genotypes.shape[2])
+def samples(families, n_snps: int):
+    """Sample arrays (iid, father, mother, affected, dosages) of these families: parents first, then children."""
+    iid, father, mother, affected, dosages = [], [], [], [], [np.zeros((0, n_snps))]
+    for number, (children_affected, genotypes, _) in enumerate(families):
+        parents = [f"fam{number}_father", f"fam{number}_mother"]
+        iid += parents + [f"fam{number}_child{k}" for k in range(len(children_affected))]
+        father += ["0", "0"] + [parents[0]] * len(children_affected)
+        mother += ["0", "0"] + [parents[1]] * len(children_affected)
+        affected += [False, False, *children_affected]
+        dosages.append(genotypes)
+    return np.array(iid, dtype=str), np.array(father, dtype=str), np.array(mother, dtype=str), \
+        np.array(affected, dtype=bool), np.concatenate(dosages)
+
+
+def counts_with_families(iid, father, mother, affected, dosages) -> np.ndarray:
+    every_child = trios(iid, father, mother, np.ones(len(iid), dtype=bool))
+    return np.stack(tdt_counts(dosages, trios(iid, father, mother, affected), family_rows=every_child))
 
 
 @settings(max_examples=200, deadline=None)
-@given(multisite_trios())
+@given(multisite_families())
 def test_per_site_counts_add_up_to_counts_on_the_union(data):
-    genotypes, site = data
-    everyone = site_samples(genotypes, np.arange(len(site)))
-    union_t, union_u = tdt_counts(everyone[4], trios(*everyone[:4]))
-    summed_t, summed_u = np.zeros(genotypes.shape[2]), np.zeros(genotypes.shape[2])
-    for k in range(3):
-        iid, father, mother, affected, dosages = site_samples(genotypes, np.flatnonzero(site == k))
-        t, u = tdt_counts(dosages, trios(iid, father, mother, affected))
-        summed_t, summed_u = summed_t + t, summed_u + u
-    np.testing.assert_array_equal(summed_t, union_t)
-    np.testing.assert_array_equal(summed_u, union_u)
+    n_snps, families = data
+    union = samples(families, n_snps)
+    pooled = counts_with_families(*union)
+    summed = sum((counts_with_families(*samples([f for f in families if f[2] == site], n_snps)) for site in range(3)),
+                 start=np.zeros((2, n_snps)))
+    np.testing.assert_array_equal(summed, pooled)
+    iid, father, mother, affected, dosages = union
+    reference = reference_counts(dosages, trios(iid, father, mother, affected),
+                                 trios(iid, father, mother, np.ones(len(iid), dtype=bool)))
+    np.testing.assert_array_equal(pooled, np.stack(reference))
