@@ -255,3 +255,35 @@ def test_a_fit_that_cannot_converge_is_reported_not_printed(tmp_path):
         result = fed.gwas(genotypes="geno", phenotype="case", data="cohort", test="logistic").set_index("ID")
     assert result.loc["rs11", "ERRCODE"] == "UNFINISHED" and np.isnan(result.loc["rs11", "P"])
     assert (result.drop(index="rs11")["ERRCODE"] == ".").all()
+
+
+@pytest.mark.skipif(shutil.which("plink1.9") is None, reason="plink1.9 is not installed (Debian package plink1.9)")
+def test_tdt_over_sites_equals_plink_tdt(tmp_path):
+    from tests.analyses.test_gwas_family import _simulate, family_sites
+
+    pedigree = _simulate(tmp_path)
+    pooled = bed_reader.open_bed(pedigree.bed)
+    props = pooled.properties
+    sites = {}
+    for name, rows in family_sites(pedigree).items():
+        sample_props = {key: (np.asarray(value)[rows] if key in ("fid", "iid", "father", "mother", "sex", "pheno")
+                              else value) for key, value in props.items()}
+        bed_reader.to_bed(tmp_path / f"{name}.bed", pedigree.dosages[rows], properties=sample_props)
+        cohort = pd.DataFrame({"IID": pedigree.iid[rows], "affected": pedigree.affected[rows].astype(int)})
+        sites[name] = {"cohort": cohort, "geno": str(tmp_path / f"{name}.bed")}
+    with mv.Federation.simulate(sites) as fed:
+        result = fed.gwas(genotypes="geno", phenotype="affected", data="cohort", test="tdt")
+    out = str(tmp_path / "plink")
+    subprocess.run(["plink1.9", "--bfile", str(tmp_path / "pooled"), "--tdt", "--freq", "--out", out], check=True,
+                   capture_output=True)
+    plink = pd.read_csv(out + ".tdt", sep=r"\s+").set_index("SNP")
+    freq = pd.read_csv(out + ".frq", sep=r"\s+").set_index("SNP")
+    ours = result.set_index("ID")
+    assert len(ours) == len(plink)
+    assert (ours["A1"] == plink.loc[ours.index, "A1"]).all()
+    np.testing.assert_array_equal(ours["T"], plink.loc[ours.index, "T"])
+    np.testing.assert_array_equal(ours["U"], plink.loc[ours.index, "U"])
+    np.testing.assert_allclose(ours["CHISQ"], plink.loc[ours.index, "CHISQ"], rtol=6e-4)
+    np.testing.assert_allclose(ours["P"], plink.loc[ours.index, "P"], rtol=6e-4)
+    np.testing.assert_allclose(ours["A1_FREQ"], freq.loc[ours.index, "MAF"], atol=6e-5)
+    assert ours.loc[[f"rs{j}" for j in range(5)], "P"].max() < 0.05  # the over-transmitted SNPs stand out

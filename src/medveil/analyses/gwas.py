@@ -16,6 +16,9 @@ at a site and at the researcher stays bounded and progress can be shown:
   coefficients for the SNPs not yet converged. A SNP that does not converge is UNFINISHED.
 - "score": test="logistic-score", one round: the score U = g'(y - mu0) and its variance under
   the null model, missing genotypes imputed by the pooled mean (as regenie and SAIGE do).
+- "tdt": test="tdt", one round: each site counts transmissions of A1 from heterozygous parents
+  to affected children in its own families (trios from the .fam; affection is the phenotype),
+  and the pooled T and U give plink1.9 --tdt. Frequencies then come from founders, as PLINK's.
 
 A1 is the pooled minor allele, as in PLINK 1.9 and plink2 --glm; REF/ALT are .bim columns 6
 and 5 at the first site.
@@ -42,6 +45,7 @@ from medveil.analyses.base import (
     Release,
     register,
 )
+from medveil.analyses.gwas_family import tdt_counts, tdt_table, trios
 from medveil.analyses.gwas_tables import (
     allelic_table,
     lambda_gc,
@@ -63,7 +67,7 @@ from medveil.privacy.disclosure import DisclosurePolicy
 
 NEWTON_TOLERANCE = 1e-8  # largest coefficient step at which a fit counts as converged
 
-Test = Literal["allelic", "linear", "logistic", "logistic-score"]
+Test = Literal["allelic", "linear", "logistic", "logistic-score", "tdt"]
 
 
 class GWASParams(Params):
@@ -127,13 +131,18 @@ class GWAS(Analysis[GWASParams]):
                            public={"rows": int(len(samples))})
         batch = broadcast["batch"]
         if stage == "counts":
-            binary = params.test != "linear"
-            cases = samples[y == 1] if binary else samples[:0]
-            controls = samples[y == 0] if binary else samples
+            if params.test == "tdt":
+                controls, cases = _founders(genotypes), samples[:0]
+            elif params.test == "linear":
+                controls, cases = samples, samples[:0]
+            else:
+                controls, cases = samples[y == 0], samples[y == 1]
             counts = count_genotypes(genotypes, batch, [controls, cases], params.block_size)
             return Release(sums={"genotype_counts": counts}, public={"rows": int(len(samples))})
         if stage == "score":
             return Release(sums=self._score_sums(params, broadcast, genotypes, samples, y, design))
+        if stage == "tdt":
+            return Release(sums=self._transmissions(params, batch, genotypes, samples[y == 1]))
         dosages = _cached_batch(scratch, broadcast, genotypes, samples, params.block_size)
         if stage == "linear":
             sums = _moments(design, y, dosages, None, params.block_size)
@@ -158,6 +167,20 @@ class GWAS(Analysis[GWASParams]):
             g_w_g[chunk] = weight @ g**2
             z_w_g[chunk] = (g.T * weight) @ design
         return {"score": score, "g_w_g": g_w_g, "z_w_g": z_w_g}
+
+    @staticmethod
+    def _transmissions(params: GWASParams, batch: dict[str, Any], genotypes: GenotypeFile,
+                       affected: np.ndarray) -> dict[str, np.ndarray]:
+        """Per SNP, A1 transmitted (T) and not transmitted (U) to this site's affected children."""
+        is_affected = np.zeros(len(genotypes.iid), dtype=bool)
+        is_affected[affected] = True
+        trio_rows = trios(genotypes.iid, genotypes.father, genotypes.mother, is_affected)
+        family_rows = trios(genotypes.iid, genotypes.father, genotypes.mother, np.ones(len(genotypes.iid), bool))
+        transmitted, untransmitted = np.zeros(len(batch["pos"])), np.zeros(len(batch["pos"]))
+        everyone = np.arange(len(genotypes.iid))
+        for chunk, dosages in aligned_blocks(genotypes, batch, everyone, params.block_size):
+            transmitted[chunk], untransmitted[chunk] = tdt_counts(dosages, trio_rows, family_rows)
+        return {"transmitted": transmitted, "untransmitted": untransmitted}
 
     # -- researcher side ---------------------------------------------------------------------
 
@@ -188,6 +211,10 @@ class GWAS(Analysis[GWASParams]):
             return self._batch_done(params, state, table)
         if stage == "score":
             return self._score_step(params, state, sums)
+        if stage == "tdt":
+            table = state["batch_table"][["CHROM", "POS", "ID", "A1", "A2", "A1_FREQ"]].reset_index(drop=True)
+            counts = tdt_table(sums["transmitted"], sums["untransmitted"])
+            return self._batch_done(params, state, pd.concat([table, counts], axis=1))
         return self._newton_step(params, state, sums)
 
     def _null_round(self, state: dict[str, Any], beta: np.ndarray, iteration: int) -> NextRound:
@@ -238,8 +265,8 @@ class GWAS(Analysis[GWASParams]):
         counted_is_a2 = np.zeros(len(state["agreed"]), dtype=bool)
         counted_is_a2[rows] = tested["A1_IS_A2"].to_numpy()
         broadcast = {"batch": batch_broadcast(state["agreed"].iloc[rows], 0, len(rows), counted_is_a2[rows])}
-        if params.test == "linear":
-            return NextRound(dict(broadcast, stage="linear"), dict(state, stage="linear"))
+        if params.test in ("linear", "tdt"):
+            return NextRound(dict(broadcast, stage=params.test), dict(state, stage=params.test))
         if params.test == "logistic-score":
             broadcast.update(stage="score", beta=state["null_beta"], mean=2 * tested["A1_FREQ"].to_numpy())
             return NextRound(broadcast, dict(state, stage="score"))
@@ -302,9 +329,9 @@ class GWAS(Analysis[GWASParams]):
         if not state["tables"]:
             raise AnalysisError(f"quality control removed every variant: {state['removed']}")
         frame = pd.concat(state["tables"], ignore_index=True)
-        statistic = {"allelic": "CHISQ", "linear": "T_STAT", "logistic": "Z_STAT", "logistic-score": "CHISQ"}
-        values = frame[statistic[params.test]].to_numpy(np.float64)
-        frame.attrs["lambda_gc"] = lambda_gc(values if params.test in ("allelic", "logistic-score") else values**2)
+        statistic = {"linear": "T_STAT", "logistic": "Z_STAT"}.get(params.test, "CHISQ")
+        values = frame[statistic].to_numpy(np.float64)
+        frame.attrs["lambda_gc"] = lambda_gc(values if statistic == "CHISQ" else values**2)
         frame.attrs["variant_report"] = state["report"]
         frame.attrs["qc_removed"] = state["removed"]
         frame.attrs["test"] = params.test
@@ -330,6 +357,13 @@ def _samples(params: GWASParams, data: pd.DataFrame, genotypes: GenotypeFile
         raise AnalysisError(f"phenotype {params.phenotype!r} must be 0 (control) or 1 (case) for test={params.test!r}")
     covariates = table[params.covariates].to_numpy(np.float64).reshape(len(table), len(params.covariates))
     return rows[order], y, covariates[order]
+
+
+def _founders(genotypes: GenotypeFile) -> np.ndarray:
+    """Samples with neither parent in the fileset: PLINK computes allele frequencies from these."""
+    present = set(genotypes.iid)
+    has_parent = np.array([f in present or m in present for f, m in zip(genotypes.father, genotypes.mother)])
+    return np.flatnonzero(~has_parent)
 
 
 def _null_sums(design: np.ndarray, y: np.ndarray, beta: np.ndarray) -> dict[str, np.ndarray]:
