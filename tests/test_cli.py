@@ -86,3 +86,25 @@ def test_deployment_through_the_cli(tmp_path):
         for process in [*nodes, hub]:
             process.terminate()
             process.wait(timeout=10)
+
+
+@pytest.mark.e2e
+def test_run_gwas_writes_the_table_and_plots(tmp_path):
+    from tests.e2e.test_gwas import _make
+
+    sites, *_ = _make(tmp_path, n=180, m=60)
+    with mv.Federation.simulate(sites) as fed:
+        key = tmp_path / "researcher.key"
+        key.write_bytes(fed.network.researcher.key.to_pem())
+        output = _invoke("run", "gwas", "case", "--genotypes", "geno", "--data", "cohort", "--test", "logistic",
+                         "--covariate", "age", "--maf", "0.1", "--out", str(tmp_path / "gwas.tsv"),
+                         "--manhattan", str(tmp_path / "manhattan.png"), "--qq", str(tmp_path / "qq.png"),
+                         "--hub", fed.network.hub.url, "--identity", str(key), "--study", fed.study.id)
+        expected = fed.gwas(genotypes="geno", phenotype="case", data="cohort", covariates=["age"], test="logistic",
+                            maf=0.1)
+    written = pd.read_csv(tmp_path / "gwas.tsv", sep="\t")
+    np.testing.assert_allclose(written["P"], expected["P"], rtol=1e-12)
+    assert "lambda_gc" in output and "removed by quality control" in output
+    assert expected.nsmallest(1, "P")["ID"].iat[0] in output
+    for plot in ("manhattan.png", "qq.png"):
+        assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -276,6 +276,53 @@ def run_histogram(variable: str = typer.Argument(...), edges: str = typer.Option
         _run(lambda: fed.histogram(variable, bins, data=data).set_index("left"), "histogram")
 
 
+@run_app.command("gwas")
+def run_gwas(phenotype: str = typer.Argument(..., help="0/1 trait (or quantitative for --test linear)"),
+             genotypes: str = typer.Option(..., help="the sites' PLINK dataset name"),
+             test: str = typer.Option("allelic", help="allelic | logistic | logistic-score | linear | tdt"),
+             covariate: list[str] = typer.Option([], help="a covariate column (repeat the option for more)"),
+             maf: float = typer.Option(0.0, help="drop variants with minor allele frequency below"),
+             geno: float = typer.Option(1.0, help="drop variants with a missing rate above"),
+             hwe: Optional[float] = typer.Option(None, help="drop variants with HWE exact P in controls below"),
+             out: Optional[Path] = typer.Option(None, help="write the whole table here (tab-separated)"),
+             manhattan: Optional[Path] = typer.Option(None, help="write a Manhattan plot here (PNG)"),
+             qq: Optional[Path] = typer.Option(None, help="write a QQ plot here (PNG)"),
+             top: int = typer.Option(10, help="how many of the strongest associations to show"),
+             hub: str = HubOpt, identity: Path = IdentityOpt, study: str = StudyOpt,
+             data: Optional[str] = DataOpt) -> None:
+    """Genome-wide association across the sites' genotypes, as PLINK on the pooled data."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from medveil import gwas_plots
+    from medveil.runtime.session import FederationError
+
+    start = time.monotonic()
+    with _connect(hub, identity, study) as fed, Progress(
+            TextColumn("variants"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("gwas", total=None)
+        try:
+            table = fed.gwas(genotypes=genotypes, phenotype=phenotype, data=data, covariates=covariate, test=test,
+                             maf=maf, geno=geno, hwe=hwe,
+                             progress=lambda done, total: bar.update(task, completed=done, total=total))
+        except (FederationError, ValueError) as exc:
+            raise _fail(str(exc)) from exc
+    if out is not None:
+        table.to_csv(out, sep="\t", index=False)
+    for path, plot in ((manhattan, gwas_plots.manhattan), (qq, gwas_plots.qq)):
+        if path is not None:
+            plot(table, path, title=f"{phenotype} ({test})")
+    shown = [c for c in table.columns if c not in ("REF", "ALT", "A2", "F_A", "F_U", "F_MISS", "GENO_UNAFF")]
+    strongest = table.nsmallest(top, "P")[shown].set_index("ID")
+    _show(strongest, f"gwas {test}: {len(table):,} variants, lambda_gc {table.attrs['lambda_gc']:.3f} "
+                     f"({time.monotonic() - start:.2f} s)")
+    removed = {name: count for name, count in table.attrs["qc_removed"].items() if count}
+    if removed:
+        console.print(f"removed by quality control: {removed}")
+    for path in (out, manhattan, qq):
+        if path is not None:
+            console.print(f"wrote {path}")
+
+
 @audit_app.command("verify")
 def audit_verify(path: Path = typer.Argument(..., help="a node's audit.jsonl")) -> None:
     """Check every hash link of a node's audit log."""
