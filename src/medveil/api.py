@@ -10,6 +10,7 @@ import pandas as pd
 
 from medveil.analyses.cox import CoxResults
 from medveil.analyses.glm_results import GLMResults
+from medveil.analyses.pca import PCAResult
 from medveil.analyses.survival import KaplanMeierResult, LogrankResult
 from medveil.crypto.signing import SigningKey, VerifyKey
 from medveil.privacy.disclosure import DisclosurePolicy
@@ -158,6 +159,15 @@ class Federation:
                                    progress=None if progress is None else _variant_progress(progress))
         outcome.result.attrs["provenance"] = outcome.provenance
         return outcome.result
+
+    def pca(self, genotypes: str, components: int = 10, data: str | None = None, **options: Any) -> PCAResult:
+        """Principal components of the pooled genotypes, as plink2 --pca meanimpute on the pooled fileset.
+
+        `genotypes` names each site's PLINK dataset, `data` the table whose `iid` column lists the
+        samples. `options`: iid, maf, oversampling, max_iter, tolerance, block_size, seed. The
+        result holds the GRM's eigenvalues and the variant loadings; sample scores never leave a
+        site, which computes its own with `PCAResult.project`."""
+        return self._result("pca", data, genotypes=genotypes, components=components, **options)
 
     def hub_traffic(self) -> pd.DataFrame:
         """Every message the hub relayed, decoded: exactly what the operator can see."""

@@ -13,6 +13,7 @@ BUILTIN_MODULES = (
     "medveil.analyses.survival",
     "medveil.analyses.cox",
     "medveil.analyses.gwas",
+    "medveil.analyses.pca",
 )
 
 

@@ -117,12 +117,18 @@ def allelic_table(variants: pd.DataFrame, counts: np.ndarray, hardy: bool) -> pd
         "F_A": f_a, "F_U": f_u, "A1_FREQ": a1_freq, "OBS_CT": (called / 2).astype(np.int64),
         "F_MISS": missing_rate, "CHISQ": chisq, "P": stats.chi2.sf(chisq, 1), "OR": odds,
         "TREND_CHISQ": trend, "TREND_P": stats.chi2.sf(trend, 1),
-        "GENO_UNAFF": [f"{a:.0f}/{b:.0f}/{c:.0f}" for a, b, c in a1_control_geno],
+        "GENO_UNAFF": _slashed(a1_control_geno),
         "A1_IS_A2": a1_is_a2,
     })
     if hardy:
         frame["HWE_P_UNAFF"] = [hwe_exact(int(b), int(a), int(c)) for a, b, c in a1_control_geno]
     return frame
+
+
+def _slashed(counts: np.ndarray) -> pd.Series:
+    """Genotype counts written as PLINK writes them: "hom/het/hom"."""
+    text = pd.DataFrame(counts.astype(np.int64)).astype(str)
+    return text[0] + "/" + text[1] + "/" + text[2]
 
 
 def qc_keep(table: pd.DataFrame, maf: float, geno: float, hwe: float | None) -> dict[str, np.ndarray]:

@@ -18,7 +18,7 @@ import pandas as pd
 from medveil.analyses.base import AnalysisError
 from medveil.data.genotypes import GenotypeFile
 
-AMBIGUOUS = {frozenset("AT"), frozenset("CG")}
+STRAND_AMBIGUOUS_PAIRS = ["AT", "TA", "CG", "GC"]
 
 
 def site_variants(genotypes: GenotypeFile) -> dict[str, Any]:
@@ -42,6 +42,8 @@ def agree_variants(per_site: dict[str, dict[str, Any]]) -> tuple[pd.DataFrame, d
     matching = pd.Series(True, index=agreed.index)
     for site in sites[1:]:
         other = frames[site].drop_duplicates(["CHROM", "POS"], keep=False)
+        if other.reset_index(drop=True).equals(agreed.reset_index(drop=True)):
+            continue  # the usual case: the same array or imputation panel at every site
         joined = agreed[["CHROM", "POS", "A1", "A2"]].merge(other[["CHROM", "POS", "A1", "A2"]], how="left",
                                                             on=["CHROM", "POS"], suffixes=("", "_o"))
         joined.index = agreed.index
@@ -55,8 +57,8 @@ def agree_variants(per_site: dict[str, dict[str, Any]]) -> tuple[pd.DataFrame, d
         "allele_mismatch": agreed.loc[present & ~matching, "ID"].tolist(),
     }
     agreed = agreed[present & matching].reset_index(drop=True)
-    alleles = [frozenset((a, b)) for a, b in zip(agreed["A1"], agreed["A2"])]
-    report["strand_ambiguous"] = agreed.loc[[a in AMBIGUOUS for a in alleles], "ID"].tolist()
+    pair = agreed["A1"] + agreed["A2"]
+    report["strand_ambiguous"] = agreed.loc[pair.isin(STRAND_AMBIGUOUS_PAIRS), "ID"].tolist()
     if agreed.empty:
         raise AnalysisError("the sites share no variant")
     return agreed[["CHROM", "POS", "ID", "A1", "A2"]], report

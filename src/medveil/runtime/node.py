@@ -212,7 +212,7 @@ class Node:
         except (AnalysisError, ValueError, TypeError) as exc:
             raise Refusal("analysis_error", str(exc)) from exc
         sums = {k: np.asarray(v, dtype=np.float64) for k, v in release.sums.items()}
-        if extra and sums:
+        if "noise" in extra and sums:
             release.public["dp_rho"] = self._charge(spec)
         if spec.secure_aggregation and sums:
             secure = body.get("secagg", {})
