@@ -141,7 +141,7 @@ class Federation:
 
     def gwas(self, genotypes: str, phenotype: str, data: str | None = None, covariates: Sequence[str] = (),
              test: str = "allelic", *, iid: str = "IID", maf: float = 0.0, geno: float = 1.0,
-             hwe: float | None = None, hardy: bool = False, batch_size: int = 20_000,
+             hwe: float | None = None, hardy: bool = False, batch_size: int | None = None,
              progress: Callable[[int, int], None] | None = None) -> pd.DataFrame:
         """Genome-wide association over PLINK filesets at each site, as PLINK on the pooled data.
 

@@ -81,14 +81,19 @@ class GWASParams(Params):
     hwe: float | None = Field(None, gt=0.0, le=1.0, description="drop variants with HWE exact P (controls) below")
     hardy: bool = Field(False, description="report the Hardy-Weinberg exact test in controls (slower)")
     max_iter: int = Field(25, ge=1, le=100)
-    batch_size: int = Field(20_000, ge=1, le=1_000_000, description="variants per round")
+    batch_size: int | None = Field(None, ge=1, le=1_000_000,
+                                   description="variants per round (default: 100,000 for counting tests, 20,000 for "
+                                               "regressions, whose sites keep a batch of dosages in memory)")
     block_size: int = Field(1000, ge=1, le=100_000, description="variants decoded at once at a site")
 
     @model_validator(mode="after")
-    def _hwe_needs_hardy(self) -> "GWASParams":
+    def _defaults(self) -> "GWASParams":
+        update: dict[str, Any] = {}
         if self.hwe is not None and not self.hardy:
-            return self.model_copy(update={"hardy": True})
-        return self
+            update["hardy"] = True
+        if self.batch_size is None:
+            update["batch_size"] = 20_000 if self.test in ("linear", "logistic") else 100_000
+        return self.model_copy(update=update) if update else self
 
 
 @register

@@ -121,19 +121,19 @@ def count_genotypes(genotypes: GenotypeFile, batch: dict[str, Any], groups: list
     sizes = np.array([len(group) for group in groups], dtype=np.int64)
     counts = np.zeros((len(index), len(groups), 4))
     words = len(masks[0])
-    for start in range(0, len(index), block_size):
-        rows = index[start:start + block_size]
-        packed = genotypes.packed(rows)
-        padded = np.zeros((len(rows), words * 8), dtype=np.uint8)
-        padded[:, :packed.shape[1]] = packed
-        data = padded.view("<u8")
+    order = np.argsort(index, kind="stable")
+    buffer = np.zeros((min(block_size, len(index)), words * 8), dtype=np.uint8)
+    for start in range(0, len(order), block_size):
+        chunk = order[start:start + block_size]
+        data = genotypes.packed(index[chunk], out=buffer[:len(chunk)]).view("<u8")
         low, high = data & _LOW_BITS, (data >> np.uint64(1)) & _LOW_BITS
         # .bed codes per sample: 00 two copies of the file's A1, 10 one copy, 11 none, 01 missing
         classes = {0: high & low, 1: high & ~low, 3: low & ~high}
-        block = counts[start:start + len(rows)]
+        block = np.empty((len(chunk), len(groups), 4))
         for g, mask in enumerate(masks):
             for dosage, bits in classes.items():
                 block[:, g, dosage] = np.bitwise_count(bits & mask).sum(axis=1, dtype=np.int64)
             block[:, g, 2] = sizes[g] - block[:, g, [0, 1, 3]].sum(axis=1)
+        counts[chunk] = block
     counts[flip] = counts[flip][:, :, [2, 1, 0, 3]]
     return counts

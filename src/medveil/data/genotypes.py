@@ -3,6 +3,7 @@ site's memory stays bounded whatever the number of SNPs."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -53,14 +54,25 @@ class GenotypeFile:
         """A1 dosages (0, 1, 2; NaN missing, or -127 for int8) of `samples` x variants [start, stop)."""
         return self._bed.read(index=np.s_[samples, start:stop], dtype=dtype)
 
-    def packed(self, rows: np.ndarray) -> np.ndarray:
-        """The raw .bed bytes of the given variant rows: 2 bits per sample, 4 samples per byte."""
-        mapped = np.memmap(self.path, dtype=np.uint8, mode="r", offset=3,
-                           shape=(len(self.variants), self.bytes_per_variant))
-        try:
-            return np.array(mapped[np.asarray(rows, dtype=np.int64)])
-        finally:
-            del mapped
+    def packed(self, rows: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+        """The raw .bed bytes of the given variant rows (ascending): 2 bits per sample, 4 samples per
+        byte. Reads the span they cover when it is dense, row by row otherwise; `out` may be a wider
+        zero-padded buffer to fill."""
+        rows = np.asarray(rows, dtype=np.int64)
+        width = self.bytes_per_variant
+        if out is None:
+            out = np.empty((len(rows), width), dtype=np.uint8)
+        if not len(rows):
+            return out
+        lo, hi = int(rows[0]), int(rows[-1]) + 1
+        with open(self.path, "rb", buffering=0) as handle:
+            if hi - lo <= 2 * len(rows):
+                span = np.frombuffer(os.pread(handle.fileno(), (hi - lo) * width, 3 + lo * width), dtype=np.uint8)
+                out[:, :width] = span.reshape(hi - lo, width)[rows - lo]
+            else:
+                for i, row in enumerate(rows):
+                    out[i, :width] = np.frombuffer(os.pread(handle.fileno(), width, 3 + int(row) * width), np.uint8)
+        return out
 
     def index_of(self, chrom: list[str], pos: np.ndarray) -> np.ndarray:
         """Row of each (chromosome, position) in this fileset; DataError naming any that is absent."""

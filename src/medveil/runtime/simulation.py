@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Mapping, Union
 
 import pandas as pd
+from threadpoolctl import threadpool_limits
 
 from medveil.analyses.base import registered_names
 from medveil.crypto.signing import SigningKey
@@ -54,6 +55,7 @@ class LocalNetwork:
     workdir: Path
     nodes: dict[str, Any] = field(default_factory=dict)
     _tempdir: Any = None
+    _blas_limit: Any = None
 
     def add_study(self, study_id: str, datasets: dict[str, list[str]], *, analyses: list[str] | None = None,
                   approved_by: list[str] | None = None, **options: Any) -> StudySpec:
@@ -79,6 +81,9 @@ class LocalNetwork:
             runner.stop()
         if self._tempdir is not None:
             self._tempdir.cleanup()
+        if self._blas_limit is not None:
+            self._blas_limit.restore_original_limits()
+            self._blas_limit = None
 
 
 def start_local_network(
@@ -124,6 +129,10 @@ def start_local_network(
         raise
     if processes:
         _wait_until_polling(network)
+    else:
+        # Nodes in threads share this process's BLAS pool, where each site would have its own
+        # machine: one BLAS thread per caller stops them oversubscribing the cores.
+        network._blas_limit = threadpool_limits(limits=1, user_api="blas")
     return network
 
 
