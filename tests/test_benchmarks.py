@@ -19,6 +19,8 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
     ("cox.py", ["--rows", "3000", "--covariates", "3"]),
     ("gwas.py", ["--samples", "300", "--snps", "200"]),
     ("gwas.py", ["--samples", "300", "--snps", "200", "--test", "logistic"]),
+    ("gwas.py", ["--samples", "300", "--snps", "200", "--test", "logistic-score"]),
+    ("gwas_memory.py", ["--samples", "200", "--snps", "300", "--batch-size", "100"]),
 ])
 def test_benchmark_runs(script, args):
     completed = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True,
