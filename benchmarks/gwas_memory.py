@@ -4,7 +4,7 @@ A seeded site fileset is written at M and at 2M SNPs. For each, a fresh process 
 what that site's node runs for a whole `fed.gwas(..., test="logistic")` over the file: the
 variant listing, then per batch of variants the genotype counts and a Newton round (dosages
 decoded once per batch and kept for the batch's rounds), and reports its peak resident set
-size (ru_maxrss). The site's memory is bounded by the batch, not by the file.
+size (VmHWM). The site's memory is bounded by the batch, not by the file.
 
     python benchmarks/gwas_memory.py [--samples 3333] [--snps 50000]
 """
@@ -47,7 +47,16 @@ def site_run(path: Path, samples: int, batch_size: int) -> None:
         beta = np.zeros((len(batch["pos"]), 3))
         analysis.local(params, 2, {"stage": "newton", "batch": batch, "active": np.arange(len(beta)), "beta": beta},
                        cohort, policy, genotypes=genotypes, scratch=scratch)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(peak_rss_mib())
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set (VmHWM). Not ru_maxrss: Linux carries that over from the
+    parent through fork and exec, so it would report the memory the parent used to write the file."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def write_site(path: Path, samples: int, snps: int) -> None:

@@ -291,7 +291,13 @@ def run_gwas(phenotype: str = typer.Argument(..., help="0/1 trait (or quantitati
              hub: str = HubOpt, identity: Path = IdentityOpt, study: str = StudyOpt,
              data: Optional[str] = DataOpt) -> None:
     """Genome-wide association across the sites' genotypes, as PLINK on the pooled data."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     from medveil import gwas_plots
     from medveil.runtime.session import FederationError

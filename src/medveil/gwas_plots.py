@@ -15,11 +15,12 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from medveil.plotting import axes, save
+
 CHROMOSOME_ORDER = {"X": 1, "Y": 2, "XY": 3, "MT": 4}
 CHROMOSOME_ALIASES = {"M": "MT"}
 SMALLEST_P = float(np.finfo(np.float64).smallest_subnormal)
 MANHATTAN_COLOURS = ("#23395d", "#6f9fd8")
-DPI = 150
 BAND_POINTS = 2000  # ranks, log-spaced, at which the QQ band is evaluated: smooth, and fast for 10^7 SNPs
 
 
@@ -44,7 +45,7 @@ def manhattan(table: pd.DataFrame, path: str | Path | None = None, *, p_column: 
     names = sorted(frame["CHROM"].unique(), key=lambda name: (chromosome_sort_key(name), str(name)))
     frame["_order"] = frame["CHROM"].map({name: rank for rank, name in enumerate(names)})
     frame = frame.sort_values(["_order", "POS"], kind="stable")
-    ax = _axes(ax, path, figsize=(11, 4.5))
+    ax = axes(ax, path, figsize=(11, 4.5))
     gap = 0.02 * max(_total_span(frame), 1)
     offset = 0.0
     ticks, labels = [], []
@@ -69,7 +70,7 @@ def manhattan(table: pd.DataFrame, path: str | Path | None = None, *, p_column: 
     ax.set_title(title or f"Manhattan plot ({len(frame):,} SNPs)", loc="left")
     if notes:
         ax.set_title("\n".join(notes), loc="right", fontsize="small", color="dimgray")
-    return _save(ax, path)
+    return save(ax, path)
 
 
 def qq(table: pd.DataFrame, path: str | Path | None = None, *, p_column: str = "P", title: str | None = None,
@@ -87,7 +88,7 @@ def qq(table: pd.DataFrame, path: str | Path | None = None, *, p_column: str = "
     lambda_gc = table.attrs.get("lambda_gc")
     if lambda_gc is None:
         lambda_gc = genomic_inflation(frame[p_column].to_numpy(dtype=np.float64))
-    ax = _axes(ax, path, figsize=(5.5, 5.5))
+    ax = axes(ax, path, figsize=(5.5, 5.5))
     ax.fill_between(band_x, lower, upper, color="lightgray", linewidth=0, label="95% band under the null")
     ax.plot([0, expected[0]], [0, expected[0]], color="firebrick", linestyle="--", linewidth=0.9, label="y = x")
     ax.scatter(expected, observed, s=8, linewidths=0, color=MANHATTAN_COLOURS[0], label="SNPs")
@@ -97,7 +98,7 @@ def qq(table: pd.DataFrame, path: str | Path | None = None, *, p_column: str = "
     legend = ax.legend(loc="upper left", fontsize="small", frameon=False, title=heading, title_fontsize="small")
     legend.get_title().set_horizontalalignment("left")
     ax.set_title(title or f"QQ plot ({count:,} SNPs)")
-    return _save(ax, path)
+    return save(ax, path)
 
 
 def genomic_inflation(p_values: np.ndarray) -> float:
@@ -139,25 +140,3 @@ def _total_span(frame: pd.DataFrame) -> float:
     """Sum over chromosomes of the distance from the first plotted SNP to the last."""
     extent = frame.groupby("_order")["POS"].agg(["min", "max"])
     return float((extent["max"] - extent["min"]).sum())
-
-
-def _axes(ax: Any, path: str | Path | None, figsize: tuple[float, float]) -> Any:
-    """The Axes to draw on: the caller's, a figure outside pyplot when saving to a file, else pyplot's."""
-    if ax is not None:
-        return ax
-    try:
-        if path is not None:
-            from matplotlib.figure import Figure
-
-            return Figure(figsize=figsize).subplots()
-        import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise ImportError("plots need matplotlib: pip install 'medveil[stats]'") from exc
-    return plt.subplots(figsize=figsize)[1]
-
-
-def _save(ax: Any, path: str | Path | None) -> Any:
-    """Write the Axes' figure as PNG when `path` is given; return the Axes."""
-    if path is not None:
-        ax.figure.savefig(path, dpi=DPI, bbox_inches="tight", format="png")
-    return ax

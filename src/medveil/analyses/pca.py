@@ -50,6 +50,7 @@ from medveil.analyses.variants import (
     site_variants,
 )
 from medveil.data.genotypes import GenotypeFile
+from medveil.plotting import axes, save
 from medveil.privacy.disclosure import DisclosurePolicy, require_min_count
 
 AUTOSOMES = frozenset(str(number) for number in range(1, 23))
@@ -117,25 +118,14 @@ class PCAResult:
 
     def plot(self, path: str | None = None, ax: Any = None) -> Any:
         """Scree plot of the eigenvalues; saved as PNG when `path` is given."""
-        try:
-            import matplotlib
-
-            if ax is None and path is not None:
-                matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError as exc:
-            raise ImportError("plots need matplotlib: pip install 'medveil[stats]'") from exc
-        if ax is None:
-            _, ax = plt.subplots(figsize=(6, 4))
+        ax = axes(ax, path, figsize=(6, 4))
         positions = np.arange(1, len(self.eigenvalues) + 1)
         ax.plot(positions, self.eigenvalues, marker="o")
         ax.set_xticks(positions, self.pc_names)
         ax.set_xlabel("principal component")
         ax.set_ylabel("eigenvalue of the GRM")
         ax.set_title(f"Scree plot (federated, {len(self.provenance.get('sites', []))} sites)")
-        if path is not None:
-            ax.figure.savefig(path, dpi=120, bbox_inches="tight")
-        return ax
+        return save(ax, path)
 
 
 def genotype_scale(frequency: np.ndarray) -> np.ndarray:

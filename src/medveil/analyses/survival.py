@@ -34,6 +34,7 @@ from medveil.analyses.base import (
     register,
     union_of_levels,
 )
+from medveil.plotting import axes, save
 from medveil.privacy.disclosure import (
     DisclosurePolicy,
     releasable_levels,
@@ -139,16 +140,7 @@ class KaplanMeierResult:
 
     def plot(self, path: str | None = None, ax: Any = None) -> Any:
         """Step curves with confidence bands; saved as PNG when `path` is given."""
-        try:
-            import matplotlib
-
-            if ax is None and path is not None:
-                matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError as exc:
-            raise ImportError("plots need matplotlib: pip install 'medveil[stats]'") from exc
-        if ax is None:
-            _, ax = plt.subplots(figsize=(7, 4.5))
+        ax = axes(ax, path, figsize=(7, 4.5))
         for group, table in self.tables.items():
             line = ax.step(table.index, table["survival"], where="post", label=group)[0]
             ax.fill_between(table.index, table["ci_lower"], table["ci_upper"], step="post", alpha=0.2,
@@ -158,9 +150,7 @@ class KaplanMeierResult:
         ax.set_ylim(0, 1.02)
         ax.set_title(f"Kaplan-Meier (federated, {len(self.provenance.get('sites', []))} sites)")
         ax.legend()
-        if path is not None:
-            ax.figure.savefig(path, dpi=120, bbox_inches="tight")
-        return ax
+        return save(ax, path)
 
 
 def kaplan_meier_table(times: np.ndarray, events: np.ndarray, removed: np.ndarray, alpha: float) -> pd.DataFrame:
