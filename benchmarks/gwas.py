@@ -1,12 +1,14 @@
-"""GWAS allelic test, federated vs plink1.9 --assoc on the pooled fileset, in the same run.
+"""GWAS, federated vs PLINK on the pooled fileset, in the same run.
 
-Seeded synthetic genotypes (binary phenotype), written once as a pooled fileset and as three
-site filesets (samples split), SNP by SNP with bed-reader's writer so memory stays small.
-Federated: `fed.gwas(..., test="allelic")`, 3 sites (threads), secure aggregation on, loopback
-HTTP; the timer covers the call (federation up). Peer: `plink1.9 --assoc` on the pooled fileset.
-Peak memory per site is the GWAS local step's block buffer (block_size x samples float32).
+Seeded synthetic genotypes (binary phenotype, age and sex), written once as a pooled fileset
+and as three site filesets (samples split), SNP by SNP with bed-reader's writer so memory stays
+small. Federated: `fed.gwas(..., test=...)`, 3 sites, secure aggregation on, loopback HTTP; the
+timer covers the call (federation up). Peers: `plink1.9 --assoc` for the allelic test,
+`plink2 --glm --threads 2` (Wald, age and sex as covariates) for logistic and logistic-score.
+Site memory is measured by gwas_memory.py.
 
-    python benchmarks/gwas.py [--samples 10000] [--snps 100000]
+    python benchmarks/gwas.py [--samples 10000] [--snps 100000] [--test allelic|logistic|logistic-score]
+                              [--workdir DIR] [--processes]
 """
 
 from __future__ import annotations
