@@ -139,6 +139,14 @@ def _write_covariates(directory, sites) -> None:
     cohort[["FID", "IID", "height"]].to_csv(directory / "pheno.txt", sep="\t", index=False)
 
 
+def _plink2_glm(directory, *options: str) -> pd.DataFrame:
+    """plink2 --glm (age and sex as covariates) on the pooled fileset: the genotype rows, by variant ID."""
+    subprocess.run(["plink2", "--bfile", str(directory / "pooled"), *options, "--glm", "hide-covar", "--covar",
+                    str(directory / "covar.txt"), "--out", str(directory / "plink2")], check=True, capture_output=True)
+    plink = pd.read_csv(next(directory.glob("plink2*.glm.*")), sep="\t")
+    return plink[plink["TEST"] == "ADD"].set_index("ID")
+
+
 @pytest.mark.skipif(shutil.which("plink2") is None, reason="plink2 is not installed (Debian package plink2)")
 def test_logistic_with_covariates_equals_plink2_glm(tmp_path):
     sites, *_ = _make(tmp_path)
@@ -146,11 +154,7 @@ def test_logistic_with_covariates_equals_plink2_glm(tmp_path):
     with mv.Federation.simulate(sites) as fed:
         result = fed.gwas(genotypes="geno", phenotype="case", data="cohort", covariates=["age", "sex"],
                           test="logistic")
-    subprocess.run(["plink2", "--bfile", str(tmp_path / "pooled"), "--glm", "hide-covar", "--covar",
-                    str(tmp_path / "covar.txt"), "--out", str(tmp_path / "plink2")], check=True, capture_output=True)
-    output = next(tmp_path.glob("plink2*.glm.logistic*"))
-    plink = pd.read_csv(output, sep="\t")
-    plink = plink[plink["TEST"] == "ADD"].set_index("ID")
+    plink = _plink2_glm(tmp_path)
     ours = result.set_index("ID")
     assert (ours["ERRCODE"] == ".").all() and (plink["FIRTH?"] == "N").all()
     assert (ours["A1"] == plink.loc[ours.index, "A1"]).all()
@@ -170,10 +174,7 @@ def test_linear_with_covariates_equals_plink2_glm(tmp_path):
     with mv.Federation.simulate(sites) as fed:
         result = fed.gwas(genotypes="geno", phenotype="height", data="cohort", covariates=["age", "sex"],
                           test="linear")
-    subprocess.run(["plink2", "--bfile", str(tmp_path / "pooled"), "--pheno", str(tmp_path / "pheno.txt"),
-                    "--glm", "hide-covar", "--covar", str(tmp_path / "covar.txt"), "--out", str(tmp_path / "plink2")],
-                   check=True, capture_output=True)
-    plink = pd.read_csv(tmp_path / "plink2.height.glm.linear", sep="\t").set_index("ID")
+    plink = _plink2_glm(tmp_path, "--pheno", str(tmp_path / "pheno.txt"))
     ours = result.set_index("ID")
     assert (ours["ERRCODE"] == ".").all() and (ours["A1"] == plink.loc[ours.index, "A1"]).all()
     assert (ours["OBS_CT"] == plink.loc[ours.index, "OBS_CT"]).all()

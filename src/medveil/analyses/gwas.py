@@ -267,9 +267,7 @@ class GWAS(Analysis[GWASParams]):
         if tested.empty:
             return self._batch_done(params, state, None)
         rows = np.flatnonzero(keep) + state["batch_start"]
-        counted_is_a2 = np.zeros(len(state["agreed"]), dtype=bool)
-        counted_is_a2[rows] = tested["A1_IS_A2"].to_numpy()
-        broadcast = {"batch": batch_broadcast(state["agreed"].iloc[rows], 0, len(rows), counted_is_a2[rows])}
+        broadcast = {"batch": batch_broadcast(state["agreed"].iloc[rows], 0, len(rows), tested["A1_IS_A2"].to_numpy())}
         if params.test in ("linear", "tdt"):
             return NextRound(dict(broadcast, stage=params.test), dict(state, stage=params.test))
         if params.test == "logistic-score":
