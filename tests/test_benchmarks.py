@@ -20,6 +20,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
     ("gwas.py", ["--samples", "300", "--snps", "200"]),
     ("gwas.py", ["--samples", "300", "--snps", "200", "--test", "logistic"]),
     ("gwas.py", ["--samples", "300", "--snps", "200", "--test", "logistic-score"]),
+    ("pca.py", ["--samples", "300", "--snps", "500"]),
     ("gwas_memory.py", ["--samples", "200", "--snps", "300", "--batch-size", "100"]),
 ])
 def test_benchmark_runs(script, args):

@@ -288,3 +288,13 @@ def test_tdt_over_sites_equals_plink_tdt(tmp_path):
     np.testing.assert_allclose(ours["P"], plink.loc[ours.index, "P"], rtol=6e-4)
     np.testing.assert_allclose(ours["A1_FREQ"], freq.loc[ours.index, "MAF"], atol=6e-5)
     assert ours.loc[[f"rs{j}" for j in range(5)], "P"].max() < 0.05  # the over-transmitted SNPs stand out
+
+
+def test_a_quantitative_phenotype_is_refused_for_a_case_control_test(tmp_path):
+    sites, *_ = _make(tmp_path, n=90, m=10)
+    with mv.Federation.simulate(sites) as fed:
+        with pytest.raises(mv.RefusedError) as error:
+            fed.gwas(genotypes="geno", phenotype="height", data="cohort", test="logistic")
+        with pytest.raises(ValueError, match="batch_size"):  # checked before anything is sent
+            fed.gwas(genotypes="geno", phenotype="case", data="cohort", batch_size=0)
+    assert error.value.rule == "analysis_error" and "0 (control) or 1 (case)" in str(error.value)
