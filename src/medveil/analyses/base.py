@@ -28,6 +28,16 @@ class UnknownAnalysis(AnalysisError):
     pass
 
 
+class BroadcastRefused(Exception):
+    """A broadcast the site cannot vouch for (never released by it, out of order, too large);
+    `rule` names the check, as a node refusal quotes it."""
+
+    def __init__(self, rule: str, message: str):
+        super().__init__(f"[{rule}] {message}")
+        self.rule = rule
+        self.detail = message
+
+
 class Params(BaseModel):
     """Base class of every analysis' typed parameters."""
 
@@ -89,14 +99,28 @@ class Analysis(ABC, Generic[P]):
         checks it is approved and passes it to `local` as `genotypes`."""
         return None
 
-    def row_sets(self, params: P, data: pd.DataFrame) -> list[np.ndarray]:
-        """Boolean masks of the rows each released statistic rests on, for the differencing guard.
+    def row_sets(self, params: P, data: pd.DataFrame, round_no: int = 0,
+                 broadcast: dict[str, Any] | None = None) -> list[np.ndarray]:
+        """Boolean masks of the rows each statistic released in this round rests on (each bin, each
+        cell), for the differencing guard; the node calls it before every compute round.
 
-        By default one set: rows complete in every variable the analysis reads."""
+        By default one set, in round 0: rows complete in every variable the analysis reads."""
         names = self.variables(params)
-        if not names:
+        if not names or round_no != 0:
             return []
         return [data[names].notna().all(axis=1).to_numpy()]
+
+    def check_broadcast(self, params: P, round_no: int, broadcast: dict[str, Any], memory: dict[str, Any]) -> None:
+        """Refuse, with `BroadcastRefused`, a broadcast this site cannot vouch for.
+
+        The node calls it before `local` in every compute round, after checking the rounds come
+        in order. `memory` is the task's state held by this node (wire-encodable, kept on disk):
+        `memory["released"][r]` is what this site released publicly in round r; an analysis may
+        record there what later rounds must match (agreed levels, grids, batches). An analysis
+        that overrides nothing accepts no broadcast at all."""
+        if broadcast:
+            raise BroadcastRefused("unexpected_broadcast",
+                                   f"{self.name} expects no broadcast, got keys {sorted(broadcast)[:10]}")
 
     def progress(self, params: P, state: dict[str, Any]) -> tuple[int, int] | None:
         """(units done, units in all) after a round, for long analyses that can say; None otherwise."""

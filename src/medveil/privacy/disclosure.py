@@ -27,7 +27,10 @@ class DisclosurePolicy(BaseModel):
                                                                      "parameters per row at a site (saturation)")
     min_time_unit: float = Field(0.0, ge=0, description="coarsest-needed time grid: survival analyses on a "
                                                          "finer grid are refused (e.g. 7 for weeks)")
-    dp_budget_rho: float = Field(1.0, gt=0, description="zCDP budget (rho) each study may spend at this site")
+    dp_budget_rho: float = Field(1.0, gt=0, description="zCDP budget (rho) each researcher may spend at this "
+                                                         "site, across all of their studies")
+    max_broadcast_bytes: int = Field(64 * 1024 * 1024, gt=0, description="largest broadcast a task step may "
+                                                                          "carry to this site")
 
 
 class DisclosureRefused(Exception):

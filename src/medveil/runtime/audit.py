@@ -57,6 +57,12 @@ class AuditLog:
             for entry in read_audit_log(self.path):
                 self._seq, self._last = entry["seq"], entry["hash"]
 
+    def head(self) -> dict[str, Any]:
+        """The log's current head (last sequence number and hash), quoted in every signed reply so
+        that researchers and the hub hold evidence of what the log said at that moment."""
+        with self._lock:
+            return {"seq": self._seq, "hash": self._last}
+
     def append(self, kind: str, **fields: Any) -> str:
         with self._lock:
             entry = {"seq": self._seq + 1, "id": f"{self.party}:{self._seq + 1}", "at": time.time(),

@@ -1,10 +1,18 @@
 """The node: a site's enforcement point, polling its hub for tasks over outbound connections.
 
-Threat model: the hub and the researcher may be malicious. For each task the node checks the
-researcher's signature, that its own steward signed an approval of exactly this study, that
-the analysis is registered and allowed, that the dataset and variables are approved, and that
-the message was never seen before. Only aggregates that pass the site's disclosure policy
-leave, and every request, decision and release is written to the hash-chained audit log.
+Threat model: the hub and the researcher may be malicious. Every step of a task passes an
+ordered pipeline of guards, each a small method naming the rule it enforces (`task_guards`,
+`compute_guards`): the header's types, the steward's signed approval of exactly this study, the
+researcher's signature and freshness, replay, the analysis, parameters, dataset and variables
+approved, the task's pinned parameters, rounds in order, a broadcast this site can vouch for
+from what it released itself earlier in the task (`Analysis.check_broadcast`), and the
+differencing guard on the rows behind each released statistic. Only aggregates that pass the
+site's disclosure policy leave; differential-privacy noise is charged to the researcher's
+account at this site as it is drawn. Every request, decision and release is written to the
+hash-chained audit log (with digests of the parameters and broadcast), and every reply quotes
+the log's head. A message that cannot be handled is refused or quarantined; the polling loop
+never dies. What the node learns: the researcher's requests; what it releases: aggregates that
+passed its rules (masked under secure aggregation, so the hub and researcher see only totals).
 """
 
 from __future__ import annotations
@@ -12,27 +20,30 @@ from __future__ import annotations
 import base64
 import hashlib
 import logging
+import math
+import os
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
 from pydantic import ValidationError
 
-from medveil.analyses.base import AnalysisError, UnknownAnalysis, get_analysis
+from medveil.analyses.base import Analysis, AnalysisError, BroadcastRefused, Params, UnknownAnalysis, get_analysis
 from medveil.crypto.secagg import FixedPointOverflow
 from medveil.crypto.signing import SignatureError, SigningKey, VerifyKey
 from medveil.data.genotypes import GenotypeFile
 from medveil.data.sources import DataError, load_dataset
 from medveil.privacy.disclosure import DisclosureRefused, check_differencing
-from medveil.privacy.dp import BudgetExhausted, gaussian_count_noise
+from medveil.privacy.dp import BudgetExhausted, CountNoise, gaussian_count_noise
 from medveil.runtime.audit import AuditLog, summarised
 from medveil.runtime.client import HubClient, HubError
 from medveil.runtime.config import SiteConfig, load_site_config
-from medveil.runtime.node_store import NodeStore
+from medveil.runtime.node_store import NodeStore, TaskState
 from medveil.runtime.secure_aggregation import (
     NodeTaskKeys,
     node_mask,
@@ -41,10 +52,14 @@ from medveil.runtime.secure_aggregation import (
     node_shares,
 )
 from medveil.runtime.study import StudySpec, sign_approval, verify_approval
-from medveil.runtime.wire import Envelope, WireError, open_envelope
+from medveil.runtime.wire import Envelope, WireError, canonical_json, open_envelope, pack_body
 
 log = logging.getLogger("medveil.node")
 MAX_TASK_AGE_S = 3600.0
+MAX_STEP = 1_000_000
+TASK_RETENTION_S = 7 * 24 * 3600.0
+PHASES = ("keys", "shares", "compute", "unmask")
+REQUEST_FIELDS = ("study", "task", "step", "phase", "round", "analysis", "sender", "nonce")
 
 
 class Refusal(Exception):
@@ -53,6 +68,71 @@ class Refusal(Exception):
     def __init__(self, rule: str, message: str):
         super().__init__(message)
         self.rule = rule
+
+
+def _loggable(value: Any, limit: int = 128) -> Any:
+    """A header value as the audit log may hold it: strings and bounded ints as they are,
+    anything else (NaN, floats, lists from a hostile header) as a short repr."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, int) and abs(value) <= 2**53:
+        return value
+    if isinstance(value, str):
+        return value[:limit]
+    return repr(value)[:limit]
+
+
+@dataclass
+class TaskStep:
+    """One task message as the guards see it; each guard fills in what the later ones use."""
+
+    envelope: Envelope
+    spec: StudySpec | None = None
+    analysis: Analysis | None = None
+    params: Params | None = None
+    params_sha256: str = ""
+    body: dict[str, Any] = field(default_factory=dict)
+    broadcast: dict[str, Any] = field(default_factory=dict)
+    variables: list[str] = field(default_factory=list)
+    state: TaskState | None = None
+    data: pd.DataFrame | None = None
+
+    @property
+    def header(self) -> dict[str, Any]:
+        return self.envelope.header
+
+    @property
+    def task(self) -> str:
+        return self.header["task"]
+
+    @property
+    def step(self) -> int:
+        return self.header["step"]
+
+    @property
+    def round_no(self) -> int:
+        return self.header["round"]
+
+    @property
+    def phase(self) -> str:
+        return self.header["phase"]
+
+    @property
+    def dataset(self) -> str:
+        return self.header["dataset"]
+
+
+class ChargedNoise:
+    """DP noise that charges the site's budget before each draw; `charged` is the rho spent."""
+
+    def __init__(self, noise: CountNoise, rho: float, charge: Callable[[], None]):
+        self._noise, self._rho, self._charge = noise, rho, charge
+        self.charged = 0.0
+
+    def __call__(self, counts: np.ndarray) -> np.ndarray:
+        self._charge()
+        self.charged += self._rho
+        return self._noise(counts)
 
 
 class Node:
@@ -70,6 +150,8 @@ class Node:
         self._cache: dict[str, tuple[tuple, Any]] = {}
         self._verified: dict[str, tuple[str, StudySpec]] = {}
         self._scratch: OrderedDict[str, dict[str, Any]] = OrderedDict()
+        self._tasks: OrderedDict[str, TaskState] = OrderedDict()
+        self.store.prune_tasks(TASK_RETENTION_S)
 
     @classmethod
     def from_config_file(cls, path: Path) -> "Node":
@@ -123,117 +205,255 @@ class Node:
         self._verified[study_id] = (signature, spec)
         return spec
 
-    # --- task handling ---------------------------------------------------------------------
+    # --- task handling: an ordered pipeline of guards, each naming its rule ------------------
 
     def handle(self, raw: bytes) -> Envelope | None:
-        """Check and run one task message; return the signed reply (a release or a refusal)."""
+        """Check and run one task message; return the signed reply (a release or a refusal).
+
+        A message whose envelope or header cannot be parsed gets no reply (nothing trustworthy
+        to bind one to); it is refused in the audit log. Nothing a message holds can raise out."""
         try:
             envelope = open_envelope(raw, self.config.max_message_bytes)
         except WireError as exc:
             self.audit.append("refusal", rule="malformed", detail=str(exc))
             return None
         header = envelope.header
-        context = {k: header.get(k) for k in ("study", "task", "step", "phase", "round", "analysis", "sender", "nonce")}
+        context = {k: _loggable(header.get(k)) for k in REQUEST_FIELDS}
         request_id = self.audit.append("request", **context)
-        bound = {"study": header.get("study"), "task": header.get("task"), "step": header.get("step"),
-                 "round": header.get("round")}
+        bound = {k: context[k] for k in ("study", "task", "step", "round")}
         try:
-            if envelope.kind != "task":
-                raise Refusal("malformed", f"expected a task, got {envelope.kind!r}")
-            release, decision_ids = self._run(envelope)
+            release, decision_ids = self._run(TaskStep(envelope))
         except Exception as exc:
-            refusal = exc if isinstance(exc, Refusal) else Refusal("internal_error", f"{type(exc).__name__}: {exc}")
-            refusal_id = self.audit.append("refusal", rule=refusal.rule, detail=str(refusal), **context)
-            log.info("%s refused %s: [%s] %s", self.site, header.get("task"), refusal.rule, refusal)
+            # An unexpected error's text may hold data values: the researcher gets its type only.
+            refusal = exc if isinstance(exc, Refusal) else Refusal(
+                "internal_error", f"{type(exc).__name__} at {self.site}; the site's audit log has the details")
+            detail = str(refusal) if isinstance(exc, Refusal) else f"{type(exc).__name__}: {exc}"
+            refusal_id = self.audit.append("refusal", rule=refusal.rule, detail=detail, **context)
+            log.info("%s refused %s: [%s] %s", self.site, context["task"], refusal.rule, detail)
             return self.client.seal("reply", {"rule": refusal.rule, "message": str(refusal)}, status="refused",
-                                    audit_ids=[request_id, refusal_id], **bound)
-        return self.client.seal("reply", release, status="ok", audit_ids=[request_id, *decision_ids], **bound)
+                                    audit_ids=[request_id, refusal_id], audit_head=self.audit.head(), **bound)
+        return self.client.seal("reply", release, status="ok", audit_ids=[request_id, *decision_ids],
+                                audit_head=self.audit.head(), **bound)
 
-    def _run(self, envelope: Envelope) -> tuple[dict[str, Any], list[str]]:
-        header = envelope.header
-        spec = self.approved_study(str(header.get("study")))
-        if header.get("sender") != spec.researcher:
-            raise Refusal("wrong_researcher", f"{header.get('sender')!r} is not the researcher of study {spec.id!r}")
+    def task_guards(self) -> list[Callable[["TaskStep"], None]]:
+        """The checks every step of a task passes, in order; each raises a Refusal naming its rule.
+        Later capabilities (expiry, revocation, consent, metering) add a guard here."""
+        return [self._guard_is_task, self._guard_study_approved, self._guard_sender_is_researcher,
+                self._guard_signed_by_researcher, self._guard_fresh, self._guard_not_replayed,
+                self._guard_analysis_allowed, self._guard_parameters_valid, self._guard_dataset_approved,
+                self._guard_variables_approved, self._guard_same_task, self._guard_in_order]
+
+    def compute_guards(self) -> list[Callable[["TaskStep"], None]]:
+        """The further checks of a compute step, once the data are at hand."""
+        return [self._guard_columns_present, self._guard_broadcast_vouched, self._guard_differencing]
+
+    def _run(self, step: "TaskStep") -> tuple[dict[str, Any], list[str]]:
+        for guard in self.task_guards():
+            guard(step)
+        if step.phase != "compute":
+            result = self._secure_step(step.spec, step.phase, step.task, step.step, step.body)
+            self._advance(step, released=None)
+            return result
+        step.data = self._data(step.dataset)
+        for guard in self.compute_guards():
+            guard(step)
+        return self._compute(step)
+
+    def _guard_is_task(self, step: "TaskStep") -> None:
+        if step.envelope.kind != "task":
+            raise Refusal("malformed", f"expected a task, got {step.envelope.kind!r}")
+        header = step.header
+        for name in ("study", "task", "analysis", "dataset", "phase"):
+            if not isinstance(header.get(name), str):
+                raise Refusal("malformed", f"task header field {name!r} must be a string")
+        for name in ("step", "round"):
+            value = header.get(name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_STEP:
+                raise Refusal("malformed", f"task header field {name!r} must be an integer in 0..{MAX_STEP}")
+        issued = header.get("issued_at")
+        if not isinstance(issued, (int, float)) or isinstance(issued, bool) or not math.isfinite(issued):
+            raise Refusal("malformed", "task header field 'issued_at' must be a finite number")
+        if step.phase not in PHASES:
+            raise Refusal("malformed", f"unknown phase {step.phase[:32]!r}")
+
+    def _guard_study_approved(self, step: "TaskStep") -> None:
+        step.spec = self.approved_study(step.header["study"])
+
+    def _guard_sender_is_researcher(self, step: "TaskStep") -> None:
+        if step.envelope.sender != step.spec.researcher:
+            raise Refusal("wrong_researcher",
+                          f"{_loggable(step.envelope.sender)!r} is not the researcher of study {step.spec.id!r}")
+
+    def _guard_signed_by_researcher(self, step: "TaskStep") -> None:
         try:
-            envelope.verify(VerifyKey.from_text(spec.researcher_key))
+            step.envelope.verify(VerifyKey.from_text(step.spec.researcher_key))
         except SignatureError as exc:
             raise Refusal("bad_signature", str(exc)) from exc
-        if abs(time.time() - float(header["issued_at"])) > MAX_TASK_AGE_S:
+
+    def _guard_fresh(self, step: "TaskStep") -> None:
+        if abs(time.time() - float(step.header["issued_at"])) > MAX_TASK_AGE_S:
             raise Refusal("stale", "task was issued too long ago")
-        task, step = str(header.get("task")), int(header.get("step", -1))
-        if not self.store.claim(str(header["nonce"]), task, step):
-            raise Refusal("replay", f"task {task!r} step {step} was already handled")
-        name = str(header.get("analysis"))
+
+    def _guard_not_replayed(self, step: "TaskStep") -> None:
+        if not self.store.claim(str(step.header["nonce"]), step.task, step.step):
+            raise Refusal("replay", f"task {step.task!r} step {step.step} was already handled")
+
+    def _guard_analysis_allowed(self, step: "TaskStep") -> None:
+        name = step.header["analysis"]
         try:
-            analysis = get_analysis(name)
+            step.analysis = get_analysis(name)
         except UnknownAnalysis as exc:
             raise Refusal("unknown_analysis", str(exc)) from exc
-        if name not in spec.analyses:
-            raise Refusal("analysis_not_approved", f"analysis {name!r} is not approved for study {spec.id!r}")
-        body = envelope.body(self.config.max_message_bytes)
+        if name not in step.spec.analyses:
+            raise Refusal("analysis_not_approved", f"analysis {name!r} is not approved for study {step.spec.id!r}")
+
+    def _guard_parameters_valid(self, step: "TaskStep") -> None:
         try:
-            params = analysis.parse_params(body.get("params", {}))
+            step.body = step.envelope.body(self.config.max_message_bytes)
+        except WireError as exc:
+            raise Refusal("malformed", str(exc)) from exc
+        raw = step.body.get("params", {})
+        if not isinstance(raw, dict):
+            raise Refusal("invalid_parameters", "parameters must be a map")
+        try:
+            step.params = step.analysis.parse_params(raw)
         except ValidationError as exc:
-            raise Refusal("invalid_parameters", f"invalid parameters for {name}: {exc}") from exc
-        dataset = str(header.get("dataset"))
-        if dataset not in spec.datasets:
-            raise Refusal("dataset_not_approved", f"dataset {dataset!r} is not approved for study {spec.id!r}")
-        wanted = analysis.variables(params)
-        outside = [v for v in wanted if v not in spec.datasets[dataset]]
-        if outside:
-            raise Refusal("variable_not_approved",
-                          f"variables {outside} are not approved for dataset {dataset!r} in study {spec.id!r}")
-        genotype_name = analysis.genotype_dataset(params)
-        if genotype_name is not None and genotype_name not in spec.datasets:
-            raise Refusal("dataset_not_approved", f"dataset {genotype_name!r} is not approved for study {spec.id!r}")
-        phase = str(header.get("phase", "compute"))
-        if phase != "compute":
-            return self._secure_step(spec, phase, task, step, body)
-        data = self._data(dataset)
-        missing = [v for v in wanted if v not in data.columns]
-        if missing:
-            raise Refusal("missing_column", f"column(s) {missing} not found in dataset {dataset!r} at {self.site}")
-        round_no = int(header["round"])
-        row_sets = analysis.row_sets(params, data) if round_no == 0 and self.config.policy.differencing_guard else []
-        if row_sets:
-            self._check_differencing(spec.id, dataset, row_sets)
-        extra = self._dp_noise(spec, analysis)
-        if analysis.uses_scratch:
-            extra["scratch"] = self._task_scratch(task)
-        if genotype_name is not None:
-            extra["genotypes"] = self._genotypes(genotype_name)
-        decision_id = self.audit.append("decision", decision="run", study=spec.id, task=task, step=step,
-                                        round=round_no, analysis=name, dataset=dataset, variables=wanted,
-                                        secure_aggregation=spec.secure_aggregation)
-        try:
-            release = analysis.local(params, round_no, body.get("broadcast", {}), data, self.config.policy, **extra)
+            raise Refusal("invalid_parameters", f"invalid parameters for {step.analysis.name}: {exc}") from exc
         except DisclosureRefused as exc:
             raise Refusal(exc.rule, exc.detail) from exc
+        broadcast = step.body.get("broadcast", {})
+        if not isinstance(broadcast, dict):
+            raise Refusal("broadcast_malformed", "a broadcast must be a map")
+        step.broadcast = broadcast
+
+    def _guard_dataset_approved(self, step: "TaskStep") -> None:
+        spec, params = step.spec, step.params
+        if step.dataset not in spec.datasets:
+            raise Refusal("dataset_not_approved", f"dataset {step.dataset!r} is not approved for study {spec.id!r}")
+        genotypes = step.analysis.genotype_dataset(params)
+        if genotypes is not None and genotypes not in spec.datasets:
+            raise Refusal("dataset_not_approved", f"dataset {genotypes!r} is not approved for study {spec.id!r}")
+
+    def _guard_variables_approved(self, step: "TaskStep") -> None:
+        step.variables = step.analysis.variables(step.params)
+        outside = [v for v in step.variables if v not in step.spec.datasets[step.dataset]]
+        if outside:
+            raise Refusal("variable_not_approved", f"variables {outside} are not approved for dataset "
+                                                   f"{step.dataset!r} in study {step.spec.id!r}")
+
+    def _guard_same_task(self, step: "TaskStep") -> None:
+        """Every step of a task carries the study, analysis, dataset and parameters of its first step."""
+        params_sha256 = hashlib.sha256(canonical_json(step.params.model_dump(mode="json"))).hexdigest()
+        state = self._task_state(step.task)
+        if state is None:
+            state = TaskState(step.task, step.spec.id, step.analysis.name, step.dataset, params_sha256)
+        elif (state.study, state.analysis, state.dataset, state.params_sha256) != (
+                step.spec.id, step.analysis.name, step.dataset, params_sha256):
+            raise Refusal("task_mismatch", f"step {step.step} of task {step.task!r} changes its study, analysis, "
+                                           "dataset or parameters")
+        step.state, step.params_sha256 = state, params_sha256
+
+    def _guard_in_order(self, step: "TaskStep") -> None:
+        """Steps come in increasing order; compute rounds one after another from round 0; set-up
+        steps of secure aggregation sit in round 0 and an unmask step in the last compute round."""
+        state, round_no = step.state, step.round_no
+        if step.step <= state.last_step:
+            raise Refusal("round_order", f"step {step.step} of task {step.task!r} comes after step {state.last_step}")
+        expected = {"compute": state.last_round + 1, "unmask": state.last_round}.get(step.phase, 0)
+        if round_no != expected:
+            raise Refusal("round_order", f"a {step.phase} step of task {step.task!r} must be in round {expected}, "
+                                         f"not {round_no}")
+
+    def _guard_columns_present(self, step: "TaskStep") -> None:
+        missing = [v for v in step.variables if v not in step.data.columns]
+        if missing:
+            raise Refusal("missing_column", f"column(s) {missing} not found in dataset {step.dataset!r} at {self.site}")
+
+    def _guard_broadcast_vouched(self, step: "TaskStep") -> None:
+        size = len(pack_body(step.broadcast))
+        if size > self.config.policy.max_broadcast_bytes:
+            raise Refusal("broadcast_too_large", f"the broadcast has {size} bytes, more than this site's limit of "
+                                                 f"{self.config.policy.max_broadcast_bytes}")
+        try:
+            step.analysis.check_broadcast(step.params, step.round_no, step.broadcast, step.state.memory)
+        except BroadcastRefused as exc:
+            raise Refusal(exc.rule, exc.detail) from exc
+
+    def _guard_differencing(self, step: "TaskStep") -> None:
+        if not self.config.policy.differencing_guard:
+            return
+        try:
+            row_sets = step.analysis.row_sets(step.params, step.data, step.round_no, step.broadcast)
+        except (AnalysisError, ValueError, TypeError, KeyError) as exc:
+            raise Refusal("analysis_error", str(exc)) from exc
+        if row_sets:
+            self._check_differencing(step.spec.id, step.dataset, row_sets)
+
+    def _compute(self, step: "TaskStep") -> tuple[dict[str, Any], list[str]]:
+        """Run the LOCAL step, charge any DP noise it drew, mask the sums, record the release."""
+        spec, analysis, round_no = step.spec, step.analysis, step.round_no
+        extra: dict[str, Any] = {}
+        noise = self._dp_noise(spec, analysis)
+        if noise is not None:
+            extra["noise"] = noise
+        if analysis.uses_scratch:
+            extra["scratch"] = self._task_scratch(step.task)
+        genotype_name = analysis.genotype_dataset(step.params)
+        if genotype_name is not None:
+            extra["genotypes"] = self._genotypes(genotype_name)
+        decision_id = self.audit.append(
+            "decision", decision="run", study=spec.id, task=step.task, step=step.step, round=round_no,
+            analysis=analysis.name, dataset=step.dataset, variables=step.variables,
+            secure_aggregation=spec.secure_aggregation, params_sha256=step.params_sha256,
+            broadcast_sha256=hashlib.sha256(pack_body(step.broadcast)).hexdigest())
+        try:
+            release = analysis.local(step.params, round_no, step.broadcast, step.data, self.config.policy, **extra)
+        except DisclosureRefused as exc:
+            raise Refusal(exc.rule, exc.detail) from exc
+        except FixedPointOverflow as exc:
+            raise Refusal("analysis_error", "a value is too large to be released") from exc
         except (AnalysisError, ValueError, TypeError) as exc:
             raise Refusal("analysis_error", str(exc)) from exc
         sums = {k: np.asarray(v, dtype=np.float64) for k, v in release.sums.items()}
-        if "noise" in extra and sums:
-            release.public["dp_rho"] = self._charge(spec)
-        if spec.secure_aggregation and sums:
-            secure = body.get("secagg", {})
-            participants = list(secure.get("participants", []))
-            keys = self._keyset(str(secure.get("keyset")))
-            if self.site not in participants or not set(participants) <= set(keys.peers):
-                raise Refusal("secure_aggregation", "participants do not match the key exchange")
-            try:
-                payload = node_mask(keys, self.site, task, step, participants, sums)
-            except (FixedPointOverflow, PermissionError) as exc:
-                raise Refusal("secure_aggregation", f"release cannot be masked: {exc}") from exc
-        else:
-            payload = {"sums": sums}
+        if noise is not None and noise.charged:
+            release.public["dp_rho"] = noise.charged
+        payload = self._mask_release(spec, step.task, step.step, step.body, sums) if spec.secure_aggregation and sums \
+            else {"sums": sums}
         payload["public"] = release.public
+        self._advance(step, released=release.public)
         release_id = self.audit.append(
-            "release", study=spec.id, task=task, step=step, round=round_no, analysis=name,
+            "release", study=spec.id, task=step.task, step=step.step, round=round_no, analysis=analysis.name,
             arrays={k: list(v.shape) for k, v in sums.items()}, public=summarised(release.public),
             masked=bool(spec.secure_aggregation and sums),
             digest=hashlib.sha256(b"".join(k.encode() + v.tobytes() for k, v in sorted(sums.items()))).hexdigest(),
         )
         return payload, [decision_id, release_id]
+
+    def _task_state(self, task: str) -> TaskState | None:
+        cached = self._tasks.get(task)
+        if cached is None:
+            cached = self.store.task_state(task)
+            if cached is not None:
+                self._remember_task(cached)
+        return cached
+
+    def _remember_task(self, state: TaskState, keep: int = 16) -> None:
+        self._tasks[state.task] = state
+        self._tasks.move_to_end(state.task)
+        while len(self._tasks) > keep:
+            self._tasks.popitem(last=False)
+
+    def _advance(self, step: "TaskStep", released: dict[str, Any] | None) -> None:
+        """Record that this step was handled (and, for a compute step, what it released)."""
+        state = step.state
+        state.last_step = step.step
+        released_round = None
+        if step.phase == "compute":
+            state.last_round = step.round_no
+            state.memory.setdefault("released", {})[step.round_no] = released
+            released_round = step.round_no
+        self.store.save_task_state(state, released_round)
+        self._remember_task(state)
 
     def _genotypes(self, dataset: str) -> GenotypeFile:
         config = self.config.datasets.get(dataset)
@@ -273,27 +493,48 @@ class Node:
         for row_set in row_sets:
             self.store.add_row_set(study, dataset, version, row_set)
 
-    def _dp_noise(self, spec: StudySpec, analysis: Any) -> dict[str, Any]:
-        """Keyword arguments for the local step: OpenDP noise when the study asks for DP."""
+    def dp_account(self, spec: StudySpec) -> str:
+        """The budget a DP release is charged to: this site's account for the study's researcher,
+        shared by all of that researcher's studies, so a new study does not refill it."""
+        return f"researcher:{spec.researcher}"
+
+    def _dp_noise(self, spec: StudySpec, analysis: Any) -> "ChargedNoise | None":
+        """OpenDP noise for the local step when the study asks for DP; it charges the budget as it
+        is drawn, so a release refused after its noise was drawn is still paid for."""
         rho = spec.dp_rho_per_release
         if rho is None:
-            return {}
+            return None
         if not analysis.supports_dp:
             raise Refusal("dp_unsupported", f"analysis {analysis.name!r} has no differentially private release yet")
-        spent = self.store.budget_spent(spec.id)
-        if spent + rho > self.config.policy.dp_budget_rho * (1 + 1e-12):
-            exhausted = BudgetExhausted(spec.id, spent, rho, self.config.policy.dp_budget_rho)
+        account, budget = self.dp_account(spec), self.config.policy.dp_budget_rho
+        spent = self.store.budget_spent(account)
+        if spent + rho > budget * (1 + 1e-12):
+            exhausted = BudgetExhausted(spec.researcher, spent, rho, budget)
             raise Refusal(exhausted.rule, exhausted.detail)
-        return {"noise": gaussian_count_noise(rho)}
 
-    def _charge(self, spec: StudySpec) -> float:
-        rho = float(spec.dp_rho_per_release or 0.0)
+        def charge() -> None:
+            try:
+                self.store.charge_budget(account, rho, budget)
+            except OverflowError as exc:
+                exhausted = BudgetExhausted(spec.researcher, float(exc.args[0]), rho, budget)
+                raise DisclosureRefused(exhausted.rule, exhausted.detail) from exc
+
+        return ChargedNoise(gaussian_count_noise(rho), rho, charge)
+
+    # --- secure aggregation (the site's side) ------------------------------------------------
+
+    def _mask_release(self, spec: StudySpec, task: str, step: int, body: dict[str, Any],
+                      sums: dict[str, np.ndarray]) -> dict[str, Any]:
+        """The masked payload of a compute step's sums."""
+        secure = body.get("secagg", {})
+        participants = list(secure.get("participants", []))
+        keys = self._keyset(str(secure.get("keyset")))
+        if self.site not in participants or not set(participants) <= set(keys.peers):
+            raise Refusal("secure_aggregation", "participants do not match the key exchange")
         try:
-            self.store.charge_budget(spec.id, rho, self.config.policy.dp_budget_rho)
-        except OverflowError as exc:
-            exhausted = BudgetExhausted(spec.id, float(exc.args[0]), rho, self.config.policy.dp_budget_rho)
-            raise Refusal(exhausted.rule, exhausted.detail) from exc
-        return rho
+            return node_mask(keys, self.site, task, step, participants, sums)
+        except (FixedPointOverflow, PermissionError) as exc:
+            raise Refusal("secure_aggregation", f"release cannot be masked: {exc}") from exc
 
     def _keyset(self, keyset: str) -> NodeTaskKeys:
         stored = self.store.get(f"secagg:{keyset}")
@@ -350,6 +591,8 @@ class Node:
             raise Refusal("secure_aggregation", f"the key exchange does not include {self.site}")
         return peers
 
+    # --- data ------------------------------------------------------------------------------
+
     def _data(self, dataset: str) -> pd.DataFrame:
         if dataset in self.frames:
             return self.frames[dataset]
@@ -370,15 +613,33 @@ class Node:
     # --- the polling loop ------------------------------------------------------------------
 
     def poll_once(self, wait: float) -> int:
-        """Fetch waiting tasks (long-poll up to `wait` s), handle and answer them; return how many."""
+        """Fetch waiting tasks (long-poll up to `wait` s), handle and answer them; return how many.
+
+        A message the node fails on is quarantined and skipped, so no message can stop the node."""
         cursor = int(self.store.get("cursor", 0))
         items = self.client.inbox(cursor, wait)
         for seq, raw in items:
-            reply = self.handle(raw)
-            if reply is not None:
-                self._deliver(reply)
+            try:
+                reply = self.handle(raw)
+                if reply is not None:
+                    self._deliver(reply)
+            except Exception as exc:  # noqa: BLE001 - a hostile message must never stop the loop
+                self._quarantine(seq, raw, exc)
             self.store.put("cursor", seq)
         return len(items)
+
+    def _quarantine(self, seq: int, raw: bytes, error: Exception) -> None:
+        """Keep a message the node failed on for the steward to inspect (0600, never run again)."""
+        folder = self.config.state_dir / "quarantine"
+        folder.mkdir(mode=0o700, exist_ok=True)
+        path = folder / f"{int(seq)}.msg"
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(raw)
+        detail = f"{type(error).__name__}: {error}"[:500]
+        log.warning("%s: message %s quarantined: %s", self.site, seq, detail)
+        self.audit.append("quarantine", seq=int(seq), path=path.name, detail=detail,
+                          sha256=hashlib.sha256(raw).hexdigest())
 
     def _deliver(self, reply: Envelope) -> None:
         try:
@@ -387,16 +648,18 @@ class Node:
             log.warning("%s: reply to task %s not delivered: %s", self.site, reply.header.get("task"), exc)
 
     def serve(self, stop: threading.Event) -> None:
-        """Poll until `stop` is set, reconnecting with backoff when the hub is away."""
+        """Poll until `stop` is set, reconnecting with backoff when the hub is away; an unexpected
+        error is logged and retried, never the end of the loop."""
         backoff = 0.05
         (self.config.state_dir / "polling").write_text(str(time.time()))
         while not stop.is_set():
             try:
                 self.poll_once(self.config.poll_wait_s)
                 backoff = 0.05
-            except HubError as exc:
+            except Exception as exc:  # noqa: BLE001 - the loop outlives any one failure
                 if stop.is_set():
                     return
-                log.debug("%s: hub unavailable (%s); retrying in %.2fs", self.site, exc, backoff)
+                level = logging.DEBUG if isinstance(exc, HubError) else logging.WARNING
+                log.log(level, "%s: polling failed (%s); retrying in %.2fs", self.site, exc, backoff)
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 2.0)

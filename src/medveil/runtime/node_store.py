@@ -1,10 +1,12 @@
-"""A node's own durable state (SQLite): approvals its steward signed, seen nonces, progress."""
+"""A node's own durable state (SQLite): approvals its steward signed, seen nonces, progress,
+the state of each task it takes part in, and its differential-privacy accounts."""
 
 from __future__ import annotations
 
 import hashlib
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
 from medveil.runtime.db import make_engine
+from medveil.runtime.wire import pack_body, unpack_body
 
 
 class _Base(DeclarativeBase):
@@ -41,11 +44,51 @@ class ProcessedRound(_Base):
 
 
 class Budget(_Base):
-    """Differential-privacy budget (zCDP rho) a study has spent at this site."""
+    """Differential-privacy budget (zCDP rho) an account (a researcher, across all of their
+    studies) has spent at this site."""
 
-    __tablename__ = "dp_budgets"
-    study: Mapped[str] = mapped_column(String(128), primary_key=True)
+    __tablename__ = "dp_accounts"
+    account: Mapped[str] = mapped_column(String(256), primary_key=True)
     spent: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class StoredTask(_Base):
+    """What this node pinned and released in one task, so later steps are checked against it."""
+
+    __tablename__ = "task_states"
+    task: Mapped[str] = mapped_column(String(128), primary_key=True)
+    study: Mapped[str] = mapped_column(String(128))
+    analysis: Mapped[str] = mapped_column(String(64))
+    dataset: Mapped[str] = mapped_column(String(128))
+    params_sha256: Mapped[str] = mapped_column(String(64))
+    last_step: Mapped[int] = mapped_column(Integer)
+    last_round: Mapped[int] = mapped_column(Integer)
+    memory: Mapped[bytes] = mapped_column(LargeBinary)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class StoredRelease(_Base):
+    """The public facts this node released in one round of a task (what later broadcasts may echo)."""
+
+    __tablename__ = "task_releases"
+    task: Mapped[str] = mapped_column(String(128), primary_key=True)
+    round: Mapped[int] = mapped_column(Integer, primary_key=True)
+    public: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+@dataclass
+class TaskState:
+    """A task as this node knows it: pinned study, analysis, dataset and parameters, the last
+    step and compute round it handled, and `memory` (with `memory["released"][round]`)."""
+
+    task: str
+    study: str
+    analysis: str
+    dataset: str
+    params_sha256: str
+    last_step: int = -1
+    last_round: int = -1
+    memory: dict[str, Any] = field(default_factory=lambda: {"released": {}})
 
 
 class RowSet(_Base):
@@ -101,15 +144,15 @@ class NodeStore:
                 return False
             return True
 
-    def budget_spent(self, study: str) -> float:
+    def budget_spent(self, account: str) -> float:
         with self._sessions() as s:
-            row = s.get(Budget, study)
+            row = s.get(Budget, account)
             return 0.0 if row is None else row.spent
 
-    def charge_budget(self, study: str, rho: float, limit: float) -> float:
-        """Add `rho` to the study's spending if it stays within `limit`; return the new total or raise."""
+    def charge_budget(self, account: str, rho: float, limit: float) -> float:
+        """Add `rho` to the account's spending if it stays within `limit`; return the new total or raise."""
         with self._lock, self._sessions() as s:
-            row = s.get(Budget, study) or Budget(study=study, spent=0.0)
+            row = s.get(Budget, account) or Budget(account=account, spent=0.0)
             if row.spent + rho > limit * (1 + 1e-12):
                 raise OverflowError(row.spent)
             row.spent += rho
@@ -139,3 +182,47 @@ class NodeStore:
         with self._lock, self._sessions() as s:
             s.merge(Setting(key=key, value=value))
             s.commit()
+
+    def delete(self, key: str) -> None:
+        """Forget a setting (e.g. spent secure-aggregation key material)."""
+        with self._lock, self._sessions() as s:
+            row = s.get(Setting, key)
+            if row is not None:
+                s.delete(row)
+                s.commit()
+
+    def task_state(self, task: str) -> TaskState | None:
+        """The stored state of a task, with what this node released in each of its rounds."""
+        with self._sessions() as s:
+            row = s.get(StoredTask, task)
+            if row is None:
+                return None
+            releases = s.scalars(select(StoredRelease).where(StoredRelease.task == task))
+            released = {r.round: unpack_body(r.public)["public"] for r in releases}
+        memory = unpack_body(row.memory)
+        memory["released"] = released
+        return TaskState(row.task, row.study, row.analysis, row.dataset, row.params_sha256, row.last_step,
+                         row.last_round, memory)
+
+    def save_task_state(self, state: TaskState, released_round: int | None = None) -> None:
+        """Persist a task's state; `released_round` adds that round's public release (written once)."""
+        memory = pack_body({k: v for k, v in state.memory.items() if k != "released"})
+        with self._lock, self._sessions() as s:
+            s.merge(StoredTask(task=state.task, study=state.study, analysis=state.analysis, dataset=state.dataset,
+                               params_sha256=state.params_sha256, last_step=state.last_step,
+                               last_round=state.last_round, memory=memory, updated_at=time.time()))
+            if released_round is not None:
+                public = state.memory["released"][released_round]
+                s.merge(StoredRelease(task=state.task, round=released_round, public=pack_body({"public": public})))
+            s.commit()
+
+    def prune_tasks(self, older_than_s: float) -> int:
+        """Forget the state of tasks untouched for `older_than_s` seconds; return how many."""
+        cutoff = time.time() - older_than_s
+        with self._lock, self._sessions() as s:
+            stale = list(s.scalars(select(StoredTask.task).where(StoredTask.updated_at < cutoff)))
+            for task in stale:
+                s.query(StoredRelease).filter(StoredRelease.task == task).delete()
+                s.query(StoredTask).filter(StoredTask.task == task).delete()
+            s.commit()
+            return len(stale)
