@@ -21,11 +21,12 @@ class Relay:
     sites: dict[str, HubClient]
     study: StudySpec
 
-    def round(self, task: str, step: int, reply_body: Callable[[str], dict[str, Any]]) -> list[Envelope]:
+    def round(self, task: str, step: int, reply_body: Callable[[str], dict[str, Any]],
+              body: dict[str, Any] | None = None) -> list[Envelope]:
         """Post a task step, post every site's reply, fetch and verify the replies as the researcher."""
         names = list(self.sites)
         self.researcher.post("/v1/messages", self.researcher.seal(
-            "task", {}, study=self.study.id, task=task, step=step, analysis=self.study.analyses[0],
+            "task", body or {}, study=self.study.id, task=task, step=step, analysis=self.study.analyses[0],
             dataset="default", recipients=names))
         for name, client in self.sites.items():
             client.post("/v1/messages", client.seal("reply", reply_body(name), status="ok", study=self.study.id,
@@ -40,13 +41,17 @@ class Relay:
 def relay(workdir: str | Path, site_names: list[str], analysis: str) -> Iterator[Relay]:
     hub = HubServer(f"sqlite:///{workdir}/hub.db").start()
     try:
-        researcher = HubClient(hub.url, "researcher", SigningKey.generate())
-        researcher.register("researcher")
-        sites = {name: HubClient(hub.url, name, SigningKey.generate()) for name in site_names}
-        for client in sites.values():
-            client.register("site")
+        def enrolled(party: str, role: str) -> HubClient:
+            key = SigningKey.generate()
+            client = HubClient(hub.url, party, key, invitation=hub.invite(party, role, key.verify_key.to_text()))
+            client.register(role)
+            return client
+
+        researcher = enrolled("researcher", "researcher")
+        sites = {name: enrolled(name, "site") for name in site_names}
         study = StudySpec(id="bench", researcher="researcher", researcher_key=researcher.key.verify_key.to_text(),
-                          sites=site_names, datasets={"default": []}, analyses=[analysis])
+                          sites=site_names, site_keys={n: c.key.verify_key.to_text() for n, c in sites.items()},
+                          datasets={"default": []}, analyses=[analysis])
         researcher.post("/v1/studies", researcher.seal("study", {"spec": study.model_dump()}, study=study.id))
         yield Relay(researcher, sites, study)
     finally:

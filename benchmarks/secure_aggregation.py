@@ -2,9 +2,11 @@
 and the masking cost alone in process. Both paths run in the same process, side by side.
 
 Each path: every site seals and POSTs its release (plain: float64 arrays; secure: fixed-point
-limbs masked with one AES-CTR mask per peer), then the researcher GETs the replies, verifies
-every signature and combines (plain: sum; secure: ring sum and decode). The key
-exchange and share distribution are timed separately (once per key set, which a session reuses).
+limbs double-masked with one AES-CTR mask per peer and a self mask, with Shamir shares of the
+self-mask seed), then the researcher GETs the replies, verifies every signature and combines
+(plain: sum; secure: one more round trip, the unmask step, whose replies carry the shares that
+remove the self masks; then ring sum and decode). The key step is timed separately (once per
+key set, which a session reuses).
 
     python benchmarks/secure_aggregation.py [--sites 10] [--values 1000000] [--repeats 3]
 """
@@ -21,12 +23,23 @@ import numpy as np
 from relay import relay
 
 from medveil.runtime.aggregation import aggregate
-from medveil.runtime.secure_aggregation import (
-    CoordinatorState,
-    node_mask,
-    node_new_keys,
-    node_shares,
-)
+from medveil.runtime.secure_aggregation import CoordinatorState, SiteSecureAggregation
+
+
+class MemoryStore:
+    """A node store's get/put/delete, in memory."""
+
+    def __init__(self):
+        self.values: dict = {}
+
+    def get(self, key, default=None):
+        return self.values.get(key, default)
+
+    def put(self, key, value):
+        self.values[key] = value
+
+    def delete(self, key):
+        self.values.pop(key, None)
 
 
 def main() -> None:
@@ -39,16 +52,18 @@ def main() -> None:
     releases = {s: {"v": np.random.default_rng(i).normal(size=args.values)} for i, s in enumerate(names)}
     expected = sum(r["v"] for r in releases.values())
     with tempfile.TemporaryDirectory() as workdir, relay(workdir, names, "describe") as hub:
-        threshold = hub.study.threshold()
+        spec, held = hub.study, {}
+        agents = {s: SiteSecureAggregation(s, MemoryStore(), senders=lambda task, step: held[step]) for s in names}
+        coordinator = CoordinatorState("bench-keys", spec.id, names, spec.threshold())
         start = time.perf_counter()
-        keys, peer_keys = {}, {}
-        for s in names:
-            keys[s], public = node_new_keys()
-            peer_keys[s] = base64.b64decode(public["secagg_public"])
-        for s in names:
-            node_shares(keys[s], s, "bench-keys", peer_keys, threshold)
+        key_replies = hub.round("bench-setup", 0, lambda s: {"public": agents[s].new_keys(spec, {"keyset": "bench-keys"})},
+                                {"secagg": {"keyset": "bench-keys"}})
+        coordinator.record_keys({e.sender: (e, e.body()) for e in key_replies})
         setup = time.perf_counter() - start
-        coordinator = CoordinatorState("bench-keys", names, threshold, public_keys=peer_keys, participants=names)
+        request = coordinator.compute_request(names)
+        agents[names[0]].mask(spec, "bench-warm", 0, request, {"v": np.zeros(1)})  # verifies the key replies
+        for s in names[1:]:
+            agents[s].check_compute(spec, "bench-warm", request)
 
         plain_times, secure_times, step = [], [], 0
         for _ in range(args.repeats):
@@ -59,14 +74,20 @@ def main() -> None:
             step += 1
             assert np.allclose(total, expected, rtol=1e-12, atol=1e-12)
             start = time.perf_counter()
-            replies = hub.round("bench-task", step,
-                                lambda s, st=step: node_mask(keys[s], s, "bench-task", st, names, releases[s]))
-            total = coordinator.combine({e.sender: e.body() for e in replies}, "bench-task", step, {})["v"]
+            replies = hub.round("bench-task", step, lambda s, st=step: agents[s].mask(spec, "bench-task", st, request,
+                                                                                       releases[s]),
+                                {"secagg": request})
+            masked = {e.sender: e.body() for e in replies}
+            held[step] = set(masked)
+            unmask = coordinator.unmask_request(step, names, masked)
+            answers = hub.round("bench-task", step + 1, lambda s: {"public": agents[s].unmask(spec, "bench-task", unmask)},
+                                {"secagg": unmask})
+            total = coordinator.combine(names, masked, {e.sender: e.body()["public"] for e in answers})["v"]
             secure_times.append(time.perf_counter() - start)
-            step += 1
+            step += 2
             assert np.max(np.abs(total - expected)) < 1e-12
         start = time.perf_counter()
-        masked = node_mask(keys[names[0]], names[0], "bench-task", 999, names, releases[names[0]])
+        masked_one = agents[names[0]].mask(spec, "bench-one", 999, request, releases[names[0]])
         mask_one = time.perf_counter() - start
     plain, secure = statistics.median(plain_times), statistics.median(secure_times)
     megabytes = args.sites * args.values * 8 / 1e6
@@ -74,8 +95,8 @@ def main() -> None:
     print(f"plain  aggregation over HTTP: {plain:7.2f} s")
     print(f"secure aggregation over HTTP: {secure:7.2f} s   ratio secure/plain {secure / plain:.2f}")
     print(f"masking one site's release in process ({args.sites - 1} peers): {mask_one:.3f} s "
-          f"({masked['masked'].nbytes / 1e6:.0f} MB masked)")
-    print(f"key exchange + share distribution, once per key set (all sites, in process): {setup:.3f} s")
+          f"({masked_one['masked'].nbytes / 1e6:.0f} MB masked)")
+    print(f"key step over HTTP, once per key set (all sites): {setup:.3f} s")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 import medveil as mv
 from medveil.cli import app
+from medveil.runtime.config import write_private_key
 
 runner = CliRunner()
 
@@ -33,51 +34,79 @@ def _invoke(*args: str) -> str:
 
 
 def test_help_everywhere():
-    for command in ([], ["hub"], ["node"], ["study"], ["run"], ["audit"]):
+    for command in ([], ["hub"], ["hub", "invite"], ["node"], ["study"], ["run"], ["audit"], ["fingerprint"]):
         assert "Usage" in runner.invoke(app, [*command, "--help"]).output
 
 
+def _wait_for(check, what: str, timeout: float = 120.0) -> None:
+    """Poll `check` until true; `timeout` only bounds a hang."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"{what} did not happen"
+        time.sleep(0.1)
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=5).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 @pytest.mark.e2e
-def test_deployment_through_the_cli(tmp_path):
+def test_deployment_through_the_cli(tmp_path, monkeypatch):
+    """Operator, stewards and researcher each use only the CLI: keys encrypted at rest, parties
+    enrolled by invitation, sites pinned in the study by key or by the fingerprint their steward gave."""
+    monkeypatch.setenv("MEDVEIL_KEY_PASSPHRASE", "correct horse battery staple")
     port = _free_port()
     hub_url = f"http://127.0.0.1:{port}"
+    operator_key = tmp_path / "operator.key"
     hub = subprocess.Popen([sys.executable, "-m", "medveil", "hub", "start", "--port", str(port),
-                            "--db", f"sqlite:///{tmp_path / 'hub.db'}"])
+                            "--db", f"sqlite:///{tmp_path / 'hub.db'}", "--operator-key", str(operator_key)])
     nodes = []
     try:
-        for _ in range(100):
-            try:
-                httpx.get(f"{hub_url}/v1/health", timeout=1)
-                break
-            except httpx.TransportError:
-                time.sleep(0.1)
+        _wait_for(lambda: _answers(f"{hub_url}/v1/health"), "the hub starting")
         rng = np.random.default_rng(5)
-        frames = {}
+        frames, fingerprints, public_keys = {}, {}, {}
         for site in ("north", "south"):
             directory = tmp_path / site
-            _invoke("node", "init", str(directory), "--site", site, "--hub", hub_url)
+            invitation = runner.invoke(app, ["hub", "invite", site, "--role", "site", "--operator-key",
+                                             str(operator_key)]).stdout.strip()
+            _invoke("node", "init", str(directory), "--site", site, "--hub", hub_url, "--invitation", invitation)
+            assert directory.stat().st_mode & 0o777 == 0o700
+            assert (directory / "node.key").stat().st_mode & 0o777 == 0o600
+            assert (directory / "node.key").read_bytes().startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+            assert not (directory / "steward.key").exists()
+            assert (tmp_path / f"{site}-steward.key").stat().st_mode & 0o777 == 0o600
             frames[site] = pd.DataFrame({"age": rng.normal(50, 9, 40).round(1), "sex": rng.choice(["F", "M"], 40)})
             frames[site].to_csv(directory / "cohort.csv", index=False)
             config = yaml.safe_load((directory / "site.yaml").read_text())
             config["datasets"] = {"cohort": {"kind": "csv", "path": "cohort.csv"}}
             (directory / "site.yaml").write_text(yaml.safe_dump(config))
+            printed = _invoke("fingerprint", str(directory / "site.yaml")).split()
+            public_keys[site] = printed[printed.index("key") + 1]
+            fingerprints[site] = printed[printed.index("fingerprint") + 1]
+            assert "registered" in _invoke("node", "register", "--config", str(directory / "site.yaml"))
         _invoke("keygen", str(tmp_path / "alice.key"))
+        researcher_invitation = runner.invoke(app, ["hub", "invite", "alice", "--role", "researcher",
+                                                    "--operator-key", str(operator_key)]).stdout.strip()
         (tmp_path / "study.yaml").write_text(yaml.safe_dump({
             "id": "cli-study", "title": "CLI study", "sites": ["north", "south"],
+            "site_keys": {"north": fingerprints["north"], "south": public_keys["south"]},
             "datasets": {"cohort": ["age", "sex"]}, "analyses": ["describe", "crosstab"]}))
         _invoke("study", "create", "--spec", str(tmp_path / "study.yaml"), "--hub", hub_url,
-                "--identity", str(tmp_path / "alice.key"), "--researcher", "alice")
+                "--identity", str(tmp_path / "alice.key"), "--researcher", "alice",
+                "--invitation", researcher_invitation)
         for site in ("north", "south"):
-            directory = tmp_path / site
-            _invoke("study", "approve", "cli-study", "--config", str(directory / "site.yaml"),
-                    "--steward-key", str(directory / "steward.key"), "--yes")
+            _invoke("study", "approve", "cli-study", "--config", str(tmp_path / site / "site.yaml"),
+                    "--steward-key", str(tmp_path / f"{site}-steward.key"), "--yes")
             nodes.append(subprocess.Popen([sys.executable, "-m", "medveil", "node", "start", "--config",
-                                           str(directory / "site.yaml"), "--quiet"]))
+                                           str(tmp_path / site / "site.yaml"), "--quiet"]))
         assert "north, south" in _invoke("study", "list", "--hub", hub_url)
         output = _invoke("run", "describe", "age", "--hub", hub_url, "--identity", str(tmp_path / "alice.key"),
                          "--study", "cli-study")
         assert "80" in output
-        with mv.connect(hub_url, tmp_path / "alice.key", "cli-study", timeout=20) as fed:
+        with mv.connect(hub_url, tmp_path / "alice.key", "cli-study", timeout=60) as fed:
             table = fed.crosstab("sex")
         pooled = pd.concat(frames.values())["sex"].value_counts()
         assert table.loc["F", "count"] == pooled["F"] and table.loc["M", "count"] == pooled["M"]
@@ -88,6 +117,28 @@ def test_deployment_through_the_cli(tmp_path):
             process.wait(timeout=10)
 
 
+def test_keys_readable_by_others_or_locked_are_refused(tmp_path, monkeypatch):
+    monkeypatch.delenv("MEDVEIL_KEY_PASSPHRASE", raising=False)
+    key_path = tmp_path / "researcher.key"
+    result = runner.invoke(app, ["keygen", str(key_path)])
+    assert result.exit_code == 0 and "not encrypted" not in result.stdout and "unencrypted" in result.output
+    assert key_path.stat().st_mode & 0o777 == 0o600
+    key_path.chmod(0o644)
+    result = runner.invoke(app, ["fingerprint", str(key_path)])
+    assert result.exit_code == 1 and "chmod 600" in result.output
+    key_path.chmod(0o600)
+    assert "fingerprint" in _invoke("fingerprint", str(key_path))
+    monkeypatch.setenv("MEDVEIL_KEY_PASSPHRASE", "s3cret")
+    locked = tmp_path / "locked.key"
+    _invoke("keygen", str(locked))
+    monkeypatch.delenv("MEDVEIL_KEY_PASSPHRASE")
+    result = runner.invoke(app, ["fingerprint", str(locked)])
+    assert result.exit_code == 1 and "MEDVEIL_KEY_PASSPHRASE" in result.output
+    monkeypatch.setenv("MEDVEIL_KEY_PASSPHRASE", "wrong")
+    result = runner.invoke(app, ["fingerprint", str(locked)])
+    assert result.exit_code == 1 and "does not unlock" in result.output
+
+
 @pytest.mark.e2e
 def test_run_gwas_writes_the_table_and_plots(tmp_path):
     from tests.e2e.test_gwas import _make
@@ -95,7 +146,7 @@ def test_run_gwas_writes_the_table_and_plots(tmp_path):
     sites, *_ = _make(tmp_path, n=180, m=60)
     with mv.Federation.simulate(sites) as fed:
         key = tmp_path / "researcher.key"
-        key.write_bytes(fed.network.researcher.key.to_pem())
+        write_private_key(key, fed.network.researcher.key)
         output = _invoke("run", "gwas", "case", "--genotypes", "geno", "--data", "cohort", "--test", "logistic",
                          "--covariate", "age", "--maf", "0.1", "--out", str(tmp_path / "gwas.tsv"),
                          "--manhattan", str(tmp_path / "manhattan.png"), "--qq", str(tmp_path / "qq.png"),
@@ -108,3 +159,29 @@ def test_run_gwas_writes_the_table_and_plots(tmp_path):
     assert expected.nsmallest(1, "P")["ID"].iat[0] in output
     for plot in ("manhattan.png", "qq.png"):
         assert (tmp_path / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_key_files_are_private_from_creation_whatever_the_umask(tmp_path):
+    import os
+
+    from medveil.crypto.signing import SigningKey
+    from medveil.runtime.config import KeyFileError, make_private_dir, read_private_key
+    from medveil.runtime.node import Node
+
+    previous = os.umask(0)
+    try:
+        directory = make_private_dir(tmp_path / "node")
+        write_private_key(directory / "node.key", SigningKey.generate(), b"pass")
+    finally:
+        os.umask(previous)
+    assert directory.stat().st_mode & 0o777 == 0o700
+    assert (directory / "node.key").stat().st_mode & 0o777 == 0o600
+    with pytest.raises(FileExistsError):
+        write_private_key(directory / "node.key", SigningKey.generate())
+    assert read_private_key(directory / "node.key", b"pass")
+    with pytest.raises(KeyFileError, match="MEDVEIL_KEY_PASSPHRASE"):
+        read_private_key(directory / "node.key")
+    _invoke("node", "init", str(tmp_path / "site"), "--site", "site_a", "--hub", "http://127.0.0.1:9")
+    (tmp_path / "site" / "node.key").chmod(0o644)
+    with pytest.raises(KeyFileError, match="open to other users"):
+        Node.from_config_file(tmp_path / "site" / "site.yaml")

@@ -15,6 +15,7 @@ from medveil.analyses.survival import KaplanMeierResult, LogrankResult
 from medveil.crypto.signing import SigningKey, VerifyKey
 from medveil.privacy.disclosure import DisclosurePolicy
 from medveil.runtime.client import HubClient
+from medveil.runtime.config import read_private_key
 from medveil.runtime.session import ResearcherSession, RunOutcome
 from medveil.runtime.simulation import LocalNetwork, SiteData, start_local_network
 from medveil.runtime.study import StudySpec
@@ -190,9 +191,13 @@ def _variant_progress(callback: Callable[[int, int], None]) -> Callable[[int, tu
 
 
 def connect(url: str, identity: str | Path | SigningKey, study: str, *, timeout: float = 60.0,
-            allow_dropouts: bool = False) -> Federation:
-    """Reach a deployed hub as the researcher who owns `study` (identity: PEM key file or key)."""
-    key = identity if isinstance(identity, SigningKey) else SigningKey.from_pem(Path(identity).read_bytes())
+            allow_dropouts: bool = False, passphrase: bytes | None = None) -> Federation:
+    """Reach a deployed hub as the researcher who owns `study` (identity: PEM key file or key).
+
+    A key file must be private to its owner; an encrypted one is unlocked with `passphrase` or
+    MEDVEIL_KEY_PASSPHRASE. Sites are verified against the keys pinned in the study (which the
+    researcher signed), never against the keys the hub serves."""
+    key = identity if isinstance(identity, SigningKey) else read_private_key(Path(identity), passphrase)
     client = HubClient(url, "", key)
     try:
         envelope = client.study_envelope(study)
@@ -205,4 +210,5 @@ def connect(url: str, identity: str | Path | SigningKey, study: str, *, timeout:
         client.close()
         raise PermissionError(f"this identity is not the researcher of study {study!r} ({spec.researcher})")
     client.party = spec.researcher
+    client.pin(spec.site_keys)
     return Federation(ResearcherSession(client, spec, timeout=timeout, allow_dropouts=allow_dropouts))

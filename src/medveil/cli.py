@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import threading
 import time
@@ -26,11 +27,75 @@ app.add_typer(study_app, name="study")
 app.add_typer(run_app, name="run")
 app.add_typer(audit_app, name="audit")
 console = Console()
+err_console = Console(stderr=True)
 
 
 def _fail(message: str) -> typer.Exit:
     console.print(f"[bold red]error:[/] {message}")
     return typer.Exit(1)
+
+
+def _warn(message: str) -> None:
+    err_console.print(f"[bold yellow]warning:[/] {message}")
+
+
+def _interactive() -> bool:
+    import sys
+
+    return sys.stdin.isatty()
+
+
+def _passphrase_for(path: Path) -> Optional[bytes]:
+    """The passphrase to unlock a key file: MEDVEIL_KEY_PASSPHRASE, else a prompt when the key is
+    encrypted and someone is at the terminal; warns when the key is stored unencrypted."""
+    from medveil.runtime.config import PASSPHRASE_ENV, key_file_is_encrypted, passphrase_from_env
+
+    try:
+        encrypted = key_file_is_encrypted(path)
+    except OSError as exc:
+        raise _fail(f"cannot read private key {path}: {exc.strerror}") from exc
+    if not encrypted:
+        _warn(f"private key {path} is not encrypted; re-create it with {PASSPHRASE_ENV} set")
+        return None
+    passphrase = passphrase_from_env()
+    if passphrase is None and _interactive():
+        passphrase = typer.prompt(f"passphrase for {path}", hide_input=True).encode("utf-8")
+    return passphrase
+
+
+def _load_key(path: Path):
+    """A private key file, checked to be the owner's only and unlocked (see _passphrase_for)."""
+    from medveil.runtime.config import KeyFileError, read_private_key
+
+    try:
+        return read_private_key(path, _passphrase_for(path))
+    except KeyFileError as exc:
+        raise _fail(str(exc)) from exc
+
+
+def _new_passphrase() -> Optional[bytes]:
+    """The passphrase for new keys: MEDVEIL_KEY_PASSPHRASE, else asked at a terminal (empty: none)."""
+    from medveil.runtime.config import PASSPHRASE_ENV, passphrase_from_env
+
+    passphrase = passphrase_from_env()
+    if passphrase is None and _interactive():
+        text = typer.prompt("passphrase for the new key(s) (empty: unencrypted)", default="", hide_input=True,
+                            confirmation_prompt=True, show_default=False)
+        passphrase = text.encode("utf-8") or None
+    if passphrase is None:
+        _warn(f"writing unencrypted private keys; set {PASSPHRASE_ENV} to encrypt them")
+    return passphrase
+
+
+def _write_key(path: Path, key, passphrase: Optional[bytes]) -> None:
+    from medveil.runtime.config import make_private_dir, write_private_key
+
+    if not path.parent.exists():
+        make_private_dir(path.parent)
+    try:
+        write_private_key(path, key, passphrase)
+    except FileExistsError as exc:
+        raise _fail(f"{path} exists; refusing to overwrite a key") from exc
 
 
 @app.command()
@@ -44,54 +109,148 @@ def demo(sites: int = typer.Option(3, min=2, max=10, help="number of hospitals")
 
 @app.command()
 def keygen(path: Path = typer.Argument(..., help="where to write the private key (PEM)")) -> None:
-    """Create an Ed25519 identity (for a researcher) and print its public key."""
+    """Create an Ed25519 identity (for a researcher): 0600, encrypted with MEDVEIL_KEY_PASSPHRASE."""
     from medveil.crypto.signing import SigningKey
 
     if path.exists():
         raise _fail(f"{path} exists; refusing to overwrite a key")
     key = SigningKey.generate()
-    path.write_bytes(key.to_pem())
-    path.chmod(0o600)
+    _write_key(path, key, _new_passphrase())
     console.print(f"wrote {path}; public key [bold]{key.verify_key.to_text()}[/]")
+    console.print(f"fingerprint {key.verify_key.fingerprint()}")
+
+
+@app.command()
+def fingerprint(path: Path = typer.Argument(..., help="a site.yaml, a private key (PEM) or a public key file")) -> None:
+    """Print an identity's public key and fingerprint, for a steward to give researchers out of band."""
+    from medveil.crypto.signing import VerifyKey
+    from medveil.runtime.config import ConfigError, load_site_config
+
+    try:
+        if path.suffix in (".yaml", ".yml"):
+            site = load_site_config(path)
+            label, key = site.site, _load_key(site.identity).verify_key
+        elif path.read_bytes().lstrip().startswith(b"-----BEGIN"):
+            label, key = str(path), _load_key(path).verify_key
+        else:
+            label, key = str(path), VerifyKey.from_text(path.read_text().strip())
+    except (ConfigError, OSError, ValueError) as exc:
+        raise _fail(f"cannot read an identity from {path}: {exc}") from exc
+    console.print(f"{label}\n  public key  {key.to_text()}\n  fingerprint {key.fingerprint()}")
+
+
+OperatorKeyOpt = typer.Option(Path("medveil-hub-operator.key"),
+                              help="the operator's private key, which signs invitations (created if missing)")
 
 
 @hub_app.command("start")
 def hub_start(db: str = typer.Option("sqlite:///medveil-hub.db", help="SQLAlchemy URL of the hub's store"),
               host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8700),
+              operator_key: Path = OperatorKeyOpt,
               record_traffic: bool = typer.Option(False, help="expose every relayed message at /v1/traffic")) -> None:
-    """Serve the hub (FastAPI on uvicorn) until interrupted."""
+    """Serve the hub (FastAPI on uvicorn) until interrupted; parties enrol with `medveil hub invite`."""
     import uvicorn
 
+    from medveil.crypto.signing import SigningKey
     from medveil.runtime.hub import create_hub_app
     from medveil.runtime.hub_store import HubStore
 
+    if not operator_key.exists():
+        _write_key(operator_key, SigningKey.generate(), _new_passphrase())
+        console.print(f"created the operator key {operator_key}")
+    operator = _load_key(operator_key).verify_key
     store = HubStore(db)
-    console.print(f"medveil hub on http://{host}:{port} (store {db.split('@')[-1]})")
-    uvicorn.run(create_hub_app(store, record_traffic=record_traffic), host=host, port=port, log_level="warning",
-                timeout_graceful_shutdown=2)
+    console.print(f"medveil hub on http://{host}:{port} (store {db.split('@')[-1]}); operator key fingerprint "
+                  f"{operator.fingerprint()}")
+    uvicorn.run(create_hub_app(store, operator_key=operator, record_traffic=record_traffic), host=host, port=port,
+                log_level="warning", timeout_graceful_shutdown=2)
+
+
+@hub_app.command("invite")
+def hub_invite(party: str = typer.Argument(..., help="the party's id at the hub, e.g. hospital_a"),
+               role: str = typer.Option(..., help="site | researcher"),
+               operator_key: Path = OperatorKeyOpt,
+               days: float = typer.Option(7.0, min=0.0, help="days until the invitation expires"),
+               key: Optional[str] = typer.Option(None, help="bind it to this public key (the party's "
+                                                            "`medveil fingerprint` output)")) -> None:
+    """As the hub's operator: print an invitation for one party to register (once) under its id."""
+    from medveil.crypto.signing import VerifyKey
+    from medveil.runtime.auth import make_invitation
+    from medveil.runtime.hub import ROLES
+    from medveil.runtime.study import NAME_PATTERN
+
+    if role not in ROLES:
+        raise _fail(f"role must be one of {', '.join(ROLES)}")
+    if re.fullmatch(NAME_PATTERN, party) is None:
+        raise _fail(f"{party!r} is not a valid party id")
+    if key is not None:
+        try:
+            VerifyKey.from_text(key)
+        except ValueError as exc:
+            raise _fail("--key must be a public key (medveil fingerprint prints it)") from exc
+    operator = _load_key(operator_key)
+    typer.echo(make_invitation(operator, party, role, time.time() + days * 86400, key))
 
 
 @node_app.command("init")
 def node_init(directory: Path = typer.Argument(..., help="directory for the site's keys and config"),
               site: str = typer.Option(..., help="the site's name, e.g. hospital_a"),
-              hub: str = typer.Option(..., help="the hub's URL")) -> None:
-    """Create the site's Ed25519 identity, its steward's key pair and a site.yaml to fill in."""
-    from medveil.crypto.signing import SigningKey
-    from medveil.runtime.config import SiteConfig, dump_site_config
+              hub: str = typer.Option(..., help="the hub's URL"),
+              invitation: Optional[str] = typer.Option(None, help="the hub operator's invitation (medveil hub "
+                                                                  "invite); needed to register once"),
+              steward_key: Optional[Path] = typer.Option(None, help="where to write the steward's private key "
+                                                                    "(default: DIRECTORY-steward.key, beside "
+                                                                    "the node directory, to be moved off the host)")) -> None:
+    """Create the site's identity (node.key), its steward's key pair and a site.yaml to fill in.
 
-    directory.mkdir(parents=True, exist_ok=True)
+    The node directory (0700) holds only the steward's public key; the steward's private key goes
+    to a separate file for the steward to move off the node host. Keys are 0600, encrypted with
+    MEDVEIL_KEY_PASSPHRASE when it is set."""
+    from medveil.crypto.signing import SigningKey
+    from medveil.runtime.config import SiteConfig, dump_site_config, make_private_dir, write_private_file
+    from medveil.runtime.study import NAME_PATTERN
+
+    if re.fullmatch(NAME_PATTERN, site) is None:
+        raise _fail(f"{site!r} is not a valid site name")
     config_path = directory / "site.yaml"
     if config_path.exists() or (directory / "node.key").exists():
         raise _fail(f"{directory} already holds a node; refusing to overwrite its keys")
+    steward_path = steward_key or directory.parent / f"{directory.name}-steward.key"
+    if steward_path.exists():
+        raise _fail(f"{steward_path} exists; refusing to overwrite a key")
+    make_private_dir(directory)
+    make_private_dir(directory / "state")
+    passphrase = _new_passphrase()
     identity, steward = SigningKey.generate(), SigningKey.generate()
-    (directory / "node.key").write_bytes(identity.to_pem())
-    (directory / "steward.key").write_bytes(steward.to_pem())
-    for key_file in ("node.key", "steward.key"):
-        (directory / key_file).chmod(0o600)
+    _write_key(directory / "node.key", identity, passphrase)
+    _write_key(steward_path, steward, passphrase)
     (directory / "steward.pub").write_text(steward.verify_key.to_text() + "\n")
-    config_path.write_text(dump_site_config(SiteConfig(site=site, hub=hub)))
-    console.print(f"created {config_path}, node.key, steward.key (keep it off the node) and steward.pub")
+    write_private_file(config_path, dump_site_config(SiteConfig(site=site, hub=hub, invitation=invitation)).encode())
+    console.print(f"created {config_path}, node.key and steward.pub (the steward's public key)")
+    console.print(f"[bold]steward's private key: {steward_path}[/]: move it off the node host; the steward "
+                  "needs it only to approve studies (medveil study approve --steward-key)")
+    console.print(f"identity fingerprint of {site} (give it to researchers): {identity.verify_key.fingerprint()}")
     console.print("add datasets to site.yaml, e.g.\n  datasets:\n    default: {kind: csv, path: cohort.csv}")
+
+
+@node_app.command("register")
+def node_register(config: Path = typer.Option(..., help="site YAML config")) -> None:
+    """Register the site's identity at the hub with the operator's invitation (in site.yaml)."""
+    from medveil.runtime.client import HubError
+    from medveil.runtime.config import ConfigError, load_site_config
+    from medveil.runtime.node import Node
+
+    try:
+        node = Node.from_config_file(config, _passphrase_for(load_site_config(config).identity))
+    except ConfigError as exc:
+        raise _fail(str(exc)) from exc
+    try:
+        created = node.client.register("site")["created"]
+    except HubError as exc:
+        raise _fail(str(exc)) from exc
+    finally:
+        node.close()
+    console.print(f"{node.site} {'registered' if created else 'was already registered'} at {node.config.hub}")
 
 
 @node_app.command("start")
@@ -100,8 +259,13 @@ def node_start(config: Path = typer.Option(..., help="site YAML config"),
     """Register with the hub and long-poll it for tasks until interrupted."""
     from medveil.runtime.node import Node
 
+    from medveil.runtime.config import ConfigError, load_site_config
+
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(asctime)s %(message)s")
-    node = Node.from_config_file(config)
+    try:
+        node = Node.from_config_file(config, _passphrase_for(load_site_config(config).identity))
+    except ConfigError as exc:
+        raise _fail(str(exc)) from exc
     stop = threading.Event()
     signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
@@ -147,22 +311,35 @@ def node_status(config: Path = typer.Option(..., help="site YAML config")) -> No
 
 
 @study_app.command("create")
-def study_create(spec: Path = typer.Option(..., help="study YAML: id, title, purpose, sites, datasets, analyses"),
+def study_create(spec: Path = typer.Option(..., help="study YAML: id, title, purpose, sites, site_keys, datasets, "
+                                                     "analyses"),
                  hub: str = typer.Option(..., help="the hub's URL"),
                  identity: Path = typer.Option(..., help="the researcher's private key (medveil keygen)"),
-                 researcher: str = typer.Option(..., help="the researcher's name at the hub")) -> None:
-    """Register as researcher (first use) and publish a study for the sites' stewards to approve."""
-    from medveil.crypto.signing import SigningKey
+                 researcher: str = typer.Option(..., help="the researcher's name at the hub"),
+                 invitation: Optional[str] = typer.Option(None, help="the hub operator's invitation, for the "
+                                                                     "first registration")) -> None:
+    """Register as researcher (first use) and publish a study for the sites' stewards to approve.
+
+    `site_keys` in the YAML pins each site's identity: its public key, or the fingerprint its
+    steward gave you (then the key the hub serves is taken only if its fingerprint matches)."""
+    from pydantic import ValidationError
+
     from medveil.runtime.client import HubClient, HubError
     from medveil.runtime.study import StudySpec
 
-    key = SigningKey.from_pem(identity.read_bytes())
+    key = _load_key(identity)
     raw = yaml.safe_load(spec.read_text())
-    study = StudySpec.model_validate(dict(raw, researcher=researcher, researcher_key=key.verify_key.to_text()))
-    client = HubClient(hub, researcher, key)
+    if not isinstance(raw, dict):
+        raise _fail(f"{spec} must hold a map of study fields")
+    client = HubClient(hub, researcher, key, invitation=invitation)
     try:
+        site_keys = _pinned_site_keys(client, raw.get("sites"), raw.get("site_keys"))
+        study = StudySpec.model_validate(dict(raw, researcher=researcher, researcher_key=key.verify_key.to_text(),
+                                              site_keys=site_keys))
         client.register("researcher")
         client.post("/v1/studies", client.seal("study", {"spec": study.model_dump()}, study=study.id))
+    except ValidationError as exc:
+        raise _fail(f"invalid study {spec}:\n{exc}") from exc
     except HubError as exc:
         raise _fail(str(exc)) from exc
     finally:
@@ -170,24 +347,59 @@ def study_create(spec: Path = typer.Option(..., help="study YAML: id, title, pur
     console.print(f"study [bold]{study.id}[/] published; digest {study.digest()[:16]}; waiting for approvals")
 
 
+def _pinned_site_keys(client, sites: object, given: object) -> dict[str, str]:
+    """Each site's public key from the study YAML: a key as written, or the hub's key for the site
+    once its fingerprint matches the one written (a mismatch refuses the study)."""
+    from medveil.crypto.signing import normalise_fingerprint
+    from medveil.runtime.client import HubError
+
+    if not isinstance(sites, list) or not isinstance(given, dict) or set(map(str, given)) != set(map(str, sites)):
+        raise _fail("the study YAML must give site_keys for exactly its sites: each site's public key or the "
+                    "fingerprint its steward gave you (medveil fingerprint site.yaml)")
+    keys = {}
+    for site, text in given.items():
+        expected = normalise_fingerprint(str(text))
+        if expected is None:
+            keys[str(site)] = str(text)
+            continue
+        try:
+            served = client.hub_public_key(str(site))
+        except HubError as exc:
+            raise _fail(f"cannot fetch the key of {site!r} from the hub: {exc.detail}") from exc
+        if normalise_fingerprint(served.fingerprint()) != expected:
+            raise _fail(f"the key the hub serves for {site!r} does not match the fingerprint you were given; "
+                        "study not created (ask the site's steward, and tell the hub's operator)")
+        keys[str(site)] = served.to_text()
+    return keys
+
+
 @study_app.command("approve")
 def study_approve(study: str = typer.Argument(...), config: Path = typer.Option(..., help="site YAML config"),
                   steward_key: Path = typer.Option(..., help="the steward's private key"),
                   yes: bool = typer.Option(False, "--yes", help="approve without asking")) -> None:
     """As the site's steward: read the study from the hub, check it, sign and store the approval."""
-    from medveil.crypto.signing import SigningKey
-    from medveil.runtime.node import Node
+    from medveil.crypto.signing import VerifyKey
+    from medveil.runtime.config import ConfigError, load_site_config
+    from medveil.runtime.node import Node, Refusal
     from medveil.runtime.study import StudySpec
 
-    node = Node.from_config_file(config)
+    try:
+        node = Node.from_config_file(config, _passphrase_for(load_site_config(config).identity))
+    except ConfigError as exc:
+        raise _fail(str(exc)) from exc
     try:
         node.register()
         envelope = node.client.study_envelope(study)
         spec = StudySpec.model_validate(envelope.body()["spec"])
-        console.print(yaml.safe_dump(spec.model_dump(exclude={"researcher_key"}), sort_keys=False))
+        shown = spec.model_dump(exclude={"researcher_key", "site_keys"})
+        shown["site_fingerprints"] = {site: VerifyKey.from_text(text).fingerprint()
+                                      for site, text in spec.site_keys.items()}
+        console.print(yaml.safe_dump(shown, sort_keys=False))
         if not yes and not typer.confirm(f"Approve study {study!r} for {node.site}?"):
             raise _fail("not approved")
-        node.approve(study, SigningKey.from_pem(steward_key.read_bytes()))
+        node.approve(study, _load_key(steward_key))
+    except Refusal as exc:
+        raise _fail(f"[{exc.rule}] {exc}") from exc
     finally:
         node.close()
     console.print(f"{node.site} approved study [bold]{study}[/]")

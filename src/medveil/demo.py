@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 import medveil as mv
+from medveil.crypto.signing import VerifyKey
 from medveil.runtime.audit import verify_audit_log
 
 NUMERIC = ["age", "tsize", "pnodes", "progrec", "estrec", "time"]
@@ -47,6 +48,9 @@ def run_demo(console: Console, n_sites: int = 3, show_traffic: int = 4) -> None:
     with console.status("starting a hub and one node per hospital on loopback HTTP..."):
         fed = mv.Federation.simulate(sites, record_hub_traffic=True)
     with fed:
+        console.print("each hospital enrolled at the hub by the operator's invitation; the study pins their "
+                      "identity keys: " + ", ".join(f"{site} {VerifyKey.from_text(key).fingerprint()[:14]}..."
+                                                     for site, key in fed.study.site_keys.items()))
         with console.status("federated describe (3 rounds)..."):
             described = fed.describe(NUMERIC)
         console.print(_describe_table(described, pooled))

@@ -7,9 +7,17 @@ import pandas as pd
 import pytest
 
 from medveil.analyses.crosstab import OTHER
-from medveil.privacy.disclosure import DisclosurePolicy, DisclosureRefused
+from medveil.privacy.disclosure import DisclosurePolicy, DisclosureRefused, secondary_suppression
 
 MIN = DisclosurePolicy().min_cell_count
+
+
+def hidden_cells(table: pd.DataFrame, min_count: int) -> pd.DataFrame:
+    """A site's hidden cells: the small ones, then secondary suppression (tested on its own in
+    tests/privacy/test_disclosure.py)."""
+    small = (table >= 1) & (table < min_count)
+    hidden = secondary_suppression(table.to_numpy(), small.to_numpy(), DisclosurePolicy(min_cell_count=min_count))
+    return pd.DataFrame(hidden, index=table.index, columns=table.columns)
 
 
 def reference(sites, row, col, min_count=MIN):
@@ -35,7 +43,7 @@ def reference(sites, row, col, min_count=MIN):
     per_site = [table(lab) for lab in labels.values()]
     pooled = table(pd.concat(list(labels.values()), ignore_index=True))  # pd.crosstab on the pooled rows
     assert pooled.equals(sum(per_site))
-    suppressed = sum(((t >= 1) & (t < min_count)).astype(int) for t in per_site) > 0
+    suppressed = sum(hidden_cells(t, min_count).astype(int) for t in per_site) > 0
     keep_rows = [r for r in rows if r != OTHER or pooled.loc[r].any() or suppressed.loc[r].any()]
     keep_cols = [c for c in cols if c != OTHER or pooled[c].any() or suppressed[c].any()]
     pooled, suppressed = pooled.loc[keep_rows, keep_cols], suppressed.loc[keep_rows, keep_cols]
@@ -139,3 +147,39 @@ def test_exactly_max_levels_is_allowed(run_federated, synthetic_sites):
                            DisclosurePolicy(max_levels=most)).result
     expected, suppressed = reference(synthetic_sites, "code", "sex")
     check(result, expected, suppressed)
+
+
+def test_crosstab_broadcast_levels_are_checked():
+    from medveil.analyses.base import BroadcastRefused, get_analysis
+
+    crosstab = get_analysis("crosstab")
+    params = crosstab.parse_params({"row": "stage", "col": "sex"})
+    memory = {"released": {0: {"rows": 40, "levels": {"stage": ["I", "II"], "sex": ["f", "m"]}}}}
+    crosstab.check_broadcast(params, 1, {"levels": {"stage": ["I", "II", "III"], "sex": ["f", "m"]}}, memory)
+    for broadcast, rule in [({"levels": {"stage": ["I", "II"]}}, "broadcast_malformed"),
+                            ({"levels": {"stage": ["II", "I"], "sex": ["f", "m"]}}, "broadcast_malformed"),
+                            ({"levels": {"stage": ["I", "I", "II"], "sex": ["f", "m"]}}, "broadcast_malformed"),
+                            ({"levels": {"stage": ["I", "II"], "sex": ["f", "m"], "ssn": ["1"]}}, "broadcast_malformed"),
+                            ({"levels": {"stage": [str(i) for i in range(2000)], "sex": ["f"]}}, "broadcast_malformed"),
+                            ({"levels": {"stage": ["I"], "sex": ["f", "m"]}}, "broadcast_not_released"),
+                            ({"levels": {"stage": ["I", "II"], "sex": ["f", "m"]}, "edges": [1]}, "unexpected_broadcast")]:
+        with pytest.raises(BroadcastRefused) as error:
+            crosstab.check_broadcast(params, 1, broadcast, memory)
+        assert error.value.rule == rule, broadcast
+    fixed = crosstab.parse_params({"row": "stage", "levels": {"stage": ["I", "IV"]}})
+    crosstab.check_broadcast(fixed, 1, {"levels": {"stage": ["I", "IV"]}}, {"released": {0: {}}})
+    with pytest.raises(BroadcastRefused) as error:
+        crosstab.check_broadcast(fixed, 1, {"levels": {"stage": ["I", "III"]}}, {"released": {0: {}}})
+    assert error.value.rule == "broadcast_not_released"
+
+
+def test_a_crosstab_cell_row_set_is_released_only_for_cells_shown(synthetic_sites):
+    from medveil.analyses.base import get_analysis
+
+    crosstab = get_analysis("crosstab")
+    frame = synthetic_sites["site_a"]
+    params = crosstab.parse_params({"row": "group", "col": "stage"})
+    levels = {"group": ["A", "B", "C", "D"], "stage": ["I", "II", "III", "IV"]}
+    sets = crosstab.row_sets(params, frame, 1, {"levels": levels})
+    assert sets and all(s.sum() >= MIN for s in sets)
+    assert all(not (a & b).any() for i, a in enumerate(sets) for b in sets[i + 1:])  # one set per cell

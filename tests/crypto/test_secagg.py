@@ -41,6 +41,7 @@ from medveil.crypto.secagg import (
     mask_seed,
     pair_sign,
     public_key,
+    self_mask_total,
     shared_secret,
     split_secret,
     unflatten,
@@ -374,6 +375,28 @@ def test_masked_vector_bytes_look_uniform():
     masked = apply_masks(plain, "c", seeds["c"])
     assert byte_pvalue(masked) > 1e-4
     assert byte_pvalue(apply_masks(plain, "a", {"b": seeds["a"]["b"]})) > 1e-4  # one mask suffices
+
+
+def test_self_masks_stay_in_the_sum_until_their_seeds_are_removed():
+    """Double masking: pairwise masks cancel, self masks do not; subtracting the rebuilt seeds' masks
+    gives the plain sum, and a vector stripped of its pairwise masks is still uniform."""
+    keys = make_keys()
+    seeds = make_seeds(keys)
+    self_seeds = {name: os.urandom(32) for name in NAMES}
+    values = {name: np.random.default_rng(i).integers(-(2**30), 2**30, 64) / 1024.0 for i, name in enumerate(NAMES)}
+    encoded = {name: encode_fixed(values[name]).ravel() for name in NAMES}
+    masked = {name: apply_masks(encoded[name], name, seeds[name], self_seeds[name]) for name in NAMES}
+    total = np.sum(np.stack(list(masked.values())), axis=0, dtype=np.uint64)
+    plain = np.sum(np.stack(list(encoded.values())), axis=0, dtype=np.uint64)
+    assert not np.array_equal(total, plain)
+    recovered = total - self_mask_total(list(self_seeds.values()), total.size)
+    assert np.array_equal(recovered, plain)
+    assert np.array_equal(decode_fixed(recovered.reshape(-1, LIMBS)), sum(values.values()))
+    stripped = masked["c"] - apply_masks(np.zeros(128, dtype=np.uint64), "c", seeds["c"])
+    assert np.array_equal(stripped, encoded["c"] + expand(self_seeds["c"], 128))
+    assert not np.any(stripped == encoded["c"])
+    big = apply_masks(encode_fixed(np.zeros(50_000)).ravel(), "c", {}, os.urandom(32))
+    assert byte_pvalue(big) > 1e-4  # the self mask alone makes a vector uniform
 
 
 # --- 4. dropout recovery --------------------------------------------------------------------

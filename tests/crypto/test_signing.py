@@ -103,3 +103,50 @@ def test_b64_roundtrip_is_url_safe(data):
     text = b64encode(data)
     assert not set(text) & set("+/")
     assert b64decode(text) == data
+
+
+def test_fingerprint_is_sha256_of_the_raw_key_in_groups():
+    import hashlib
+
+    fingerprint = KEY.verify_key.fingerprint()
+    groups = fingerprint.split(":")
+    assert len(groups) == 16 and all(len(group) == 4 for group in groups)
+    assert "".join(groups) == hashlib.sha256(KEY.verify_key.raw).hexdigest()
+    assert OTHER.verify_key.fingerprint() != fingerprint
+
+
+@pytest.mark.parametrize("spelling", [str.upper, lambda f: f.replace(":", ""), lambda f: f.replace(":", " "),
+                                      lambda f: f.replace(":", "-")])
+def test_a_fingerprint_is_recognised_in_any_grouping(spelling):
+    from medveil.crypto.signing import normalise_fingerprint
+
+    fingerprint = KEY.verify_key.fingerprint()
+    assert normalise_fingerprint(spelling(fingerprint)) == fingerprint.replace(":", "")
+
+
+@pytest.mark.parametrize("text", [KEY.verify_key.to_text(), "ab12", "zz" * 32, ""])
+def test_a_key_or_junk_is_not_taken_for_a_fingerprint(text):
+    from medveil.crypto.signing import normalise_fingerprint
+
+    assert normalise_fingerprint(text) is None
+
+
+def test_encrypted_pem_needs_its_passphrase():
+    from medveil.crypto.signing import KeyLocked, is_encrypted_pem
+
+    pem = KEY.to_pem(b"correct horse")
+    assert is_encrypted_pem(pem) and pem.startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+    assert b"correct horse" not in pem
+    assert SigningKey.from_pem(pem, b"correct horse").verify_key == KEY.verify_key
+    with pytest.raises(KeyLocked, match="passphrase is needed"):
+        SigningKey.from_pem(pem)
+    with pytest.raises(KeyLocked, match="does not unlock"):
+        SigningKey.from_pem(pem, b"wrong")
+
+
+def test_unencrypted_pem_loads_with_or_without_a_passphrase():
+    from medveil.crypto.signing import is_encrypted_pem
+
+    pem = KEY.to_pem()
+    assert not is_encrypted_pem(pem)
+    assert SigningKey.from_pem(pem, b"ignored").verify_key == KEY.verify_key

@@ -47,11 +47,12 @@ def test_dp_budget_runs_out_and_stays_out_after_a_node_restart(tmp_path):
         edges = [-3.0, -1.0, 0.0, 1.0, 3.0]
         outcome = session.run("histogram", {"variable": "x", "edges": edges}, "default")
         assert outcome.provenance["dp_rho_spent"] == {"a": 0.3, "b": 0.3}
+        assert outcome.provenance["rows"] == {}  # exact per-site row counts never leave under DP
         exact, _ = np.histogram(pd.concat(sites.values())["x"], bins=edges)
         noisy = outcome.result["count"].to_numpy(dtype=float)[1:-1]
         assert np.all(np.abs(noisy - exact) < 40)
         session.run("histogram", {"variable": "x", "edges": edges}, "default")
-        session.run("crosstab", {"row": "grade"}, "default")
+        session.run("crosstab", {"row": "grade", "levels": {"grade": ["a", "b"]}}, "default")
         with pytest.raises(mv.RefusedError) as error:
             session.run("histogram", {"variable": "x", "edges": edges}, "default")
         assert error.value.rule == "dp_budget_exhausted"
@@ -67,3 +68,18 @@ def test_dp_budget_runs_out_and_stays_out_after_a_node_restart(tmp_path):
     status = CliRunner().invoke(app, ["node", "status", "--config", str(tmp_path / "a" / "site.yaml")])
     assert status.exit_code == 0, status.output
     assert "dp-study" in status.output and "0.1 of 1" in status.output
+
+
+def test_under_dp_a_crosstab_releases_no_exact_level_list_or_row_count():
+    with mv.Federation.simulate({"a": _frame(1, 200), "b": _frame(2, 200)}) as fed:
+        spec = fed.network.add_study("dp-levels", {"default": ["x", "grade"]}, dp_rho_per_release=0.1)
+        session = ResearcherSession(fed.network.researcher, spec, timeout=30)
+        with pytest.raises(mv.RefusedError) as error:
+            session.run("crosstab", {"row": "grade"}, "default")
+        assert {rule for _, rule, _ in error.value.refusals} == {"dp_exact_release"}
+        outcome = session.run("crosstab", {"row": "grade", "levels": {"grade": ["a", "b"]}}, "default")
+        assert outcome.provenance["rows"] == {}
+        assert list(outcome.result.index[:2]) == ["a", "b"]
+        exact = pd.concat([_frame(1, 200), _frame(2, 200)])["grade"].value_counts()
+        noisy = outcome.result["count"].to_numpy(dtype=float)[:2]
+        assert np.all(np.abs(noisy - exact[["a", "b"]].to_numpy()) < 60)

@@ -7,52 +7,106 @@ folders have no __init__.py, so two test modules with one basename break collect
 from __future__ import annotations
 
 import base64
+import json
 import math
+import time
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
-from cryptography.exceptions import InvalidTag
 
 from medveil.crypto import secagg
+from medveil.crypto.signing import SigningKey
 from medveil.runtime.secure_aggregation import (
+    KEYSET_LIFETIME_S,
+    RULES,
+    TASK_IDLE_S,
     CoordinatorState,
-    NodeTaskKeys,
+    SecureAggregationAborted,
+    SecureAggregationRefused,
+    SiteSecureAggregation,
     mask_context,
-    node_mask,
-    node_new_keys,
-    node_reveal,
-    node_shares,
 )
+from medveil.runtime.study import StudySpec
+from medveil.runtime.client import new_nonce
+from medveil.runtime.wire import seal
 
 SITES = ["site_a", "site_b", "site_c", "site_d"]
 TASK = "task-0123"
-STEP = 3
+KEYSET = "keyset-0001"
 
 
-class _Envelope:
-    """Stands in for the signed envelope; the coordinator only keeps its encoding."""
+class DictStore:
+    """The node store's get/put/delete of JSON values, in memory (values round-trip through JSON)."""
 
-    def __init__(self, site: str):
-        self.site = site
+    def __init__(self):
+        self.data: dict[str, str] = {}
 
-    def encode(self) -> bytes:
-        return f"envelope of {self.site}".encode()
+    def get(self, key, default=None):
+        return json.loads(self.data[key]) if key in self.data else default
+
+    def put(self, key, value):
+        self.data[key] = json.dumps(value)
+
+    def delete(self, key):
+        self.data.pop(key, None)
 
 
-def setup(threshold: int):
-    """Steps "keys" and "shares" for all sites; returns the nodes' keys, the coordinator, the share bodies."""
-    keys, replies = {}, {}
-    for site in SITES:
-        keys[site], public = node_new_keys()
-        replies[site] = (_Envelope(site), {"public": public})
-    state = CoordinatorState(TASK, list(SITES), threshold)
-    state.record_keys(replies)
-    assert state.participants == sorted(SITES)
-    peer_keys = {site: base64.b64decode(body["public"]["secagg_public"]) for site, (_, body) in replies.items()}
-    assert peer_keys == state.public_keys
-    share_bodies = {site: node_shares(keys[site], site, TASK, peer_keys, threshold) for site in SITES}
-    state.record_shares({site: (None, {"public": body}) for site, body in share_bodies.items()})
-    return keys, state, share_bodies
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make_spec(identities, study="study-1", threshold=None) -> StudySpec:
+    researcher = SigningKey.generate()
+    return StudySpec(id=study, researcher="r", researcher_key=researcher.verify_key.to_text(), sites=list(identities),
+                     site_keys={s: k.verify_key.to_text() for s, k in identities.items()},
+                     datasets={"d": ["x"]}, analyses=["describe"], secagg_threshold=threshold)
+
+
+def reply_header(site: str, study: str) -> dict:
+    return {"kind": "reply", "sender": site, "nonce": new_nonce(), "issued_at": time.time(), "study": study,
+            "task": TASK, "step": 0, "status": "ok"}
+
+
+class Harness:
+    """Four sites and a coordinator; `held[step]` is what the hub says it holds for a step."""
+
+    def __init__(self, threshold=None, study="study-1"):
+        self.identities = {site: SigningKey.generate() for site in SITES}
+        self.spec = make_spec(self.identities, study, threshold)
+        self.clock = Clock()
+        self.held: dict[int, set[str]] = {}
+        self.stores = {site: DictStore() for site in SITES}
+        self.agents = {site: SiteSecureAggregation(site, self.stores[site], senders=self.senders, clock=self.clock)
+                       for site in SITES}
+        self.coordinator = CoordinatorState(KEYSET, self.spec.id, SITES, self.spec.threshold())
+
+    def senders(self, task: str, step: int) -> set[str]:
+        return self.held.get(step, set())
+
+    def keys(self) -> None:
+        replies = {}
+        for site in SITES:
+            public = self.agents[site].new_keys(self.spec, {"keyset": KEYSET})
+            envelope = seal(self.identities[site], reply_header(site, self.spec.id), {"public": public})
+            replies[site] = (envelope, {"public": public})
+        self.coordinator.record_keys(replies)
+
+    def compute(self, step: int, sums: dict[str, dict], sites=None, participants=None) -> dict[str, dict]:
+        participants = participants or SITES
+        request = self.coordinator.compute_request(participants)
+        masked = {site: self.agents[site].mask(self.spec, TASK, step, request, sums[site])
+                  for site in (sites or participants)}
+        self.held[step] = set(masked)
+        return masked
+
+    def unmask(self, step: int, masked: dict[str, dict], participants=None, responders=None) -> dict[str, dict]:
+        request = self.coordinator.unmask_request(step, participants or SITES, masked)
+        return {site: self.agents[site].unmask(self.spec, TASK, request) for site in (responders or sorted(masked))}
 
 
 def site_sums(seed: int) -> dict[str, dict[str, np.ndarray]]:
@@ -67,10 +121,9 @@ def site_sums(seed: int) -> dict[str, dict[str, np.ndarray]]:
 
 def reference(sums: dict[str, dict[str, np.ndarray]], sites: list[str]) -> dict[str, np.ndarray]:
     """Correctly rounded float sums (math.fsum), the exact reference the fixed-point total must match."""
-    names = sums[sites[0]]
+    first = sums[sites[0]]
     return {name: np.array([math.fsum(sums[s][name].flat[i] for s in sites)
-                            for i in range(sums[sites[0]][name].size)]).reshape(sums[sites[0]][name].shape)
-            for name in names}
+                            for i in range(first[name].size)]).reshape(first[name].shape) for name in first}
 
 
 def assert_close(got: dict[str, np.ndarray], want: dict[str, np.ndarray], parties: int) -> None:
@@ -81,115 +134,251 @@ def assert_close(got: dict[str, np.ndarray], want: dict[str, np.ndarray], partie
         assert np.all(error <= 1e-12 * np.abs(want[name]) + parties * 2.0**-53), name
 
 
-def test_share_bodies_address_every_peer():
-    keys, state, share_bodies = setup(threshold=3)
-    for site, body in share_bodies.items():
-        assert set(body["shares"]) == set(SITES) - {site}
-        assert keys[site].peers == state.public_keys
-    assert len({keys[site].private for site in SITES}) == len(SITES)
+@contextmanager
+def refused(rule: str):
+    """Expect a SecureAggregationRefused naming `rule` (one of the documented RULES)."""
+    assert rule in RULES
+    with pytest.raises(SecureAggregationRefused) as info:
+        yield info
+    assert info.value.rule == rule, str(info.value)
 
 
-def test_combine_returns_the_sum():
-    keys, state, _ = setup(threshold=3)
+@pytest.fixture
+def harness() -> Harness:
+    h = Harness()
+    h.keys()
+    return h
+
+
+def pairwise_total(h: Harness, site: str, step: int, participants: list[str], size: int) -> np.ndarray:
+    """The pairwise masks a site added, computed with every private key (what colluders holding
+    all key material except the self-mask seed would know)."""
+    private = {s: base64.b64decode(h.stores[s].get(h.agents[s]._keyset_key(KEYSET))["private"]) for s in SITES}
+    publics = {s: secagg.public_key(private[s]) for s in SITES}
+    context = mask_context(h.spec.id, KEYSET, TASK, step)
+    seeds = {p: secagg.mask_seed(secagg.shared_secret(private[site], publics[p]), context)
+             for p in participants if p != site}
+    return secagg.apply_masks(np.zeros(size, dtype=np.uint64), site, seeds)
+
+
+# --- the sum ---------------------------------------------------------------------------
+
+def test_combine_returns_the_exact_sum(harness):
     sums = site_sums(1)
-    masked = {site: node_mask(keys[site], site, TASK, STEP, state.participants, sums[site]) for site in SITES}
+    masked = harness.compute(3, sums)
     for site, body in masked.items():
         plain = secagg.encode_fixed(secagg.flatten(sums[site])[0]).ravel()
         assert body["masked"].shape == plain.shape
         assert not np.any(body["masked"] == plain)  # no site's vector travels in the clear
         assert body["layout"] == [["empty", [0, 3]], ["n", []], ["xtwx", [4, 4]], ["xtwz", [4]]]
-    total = state.combine(masked, TASK, STEP, {})
+        assert sorted(body["self_shares"]) == sorted(set(SITES) - {site})
+    revealed = harness.unmask(3, masked)
+    assert all(body["dropped_seeds"] == {} for body in revealed.values())
+    total = harness.coordinator.combine(SITES, masked, revealed)
     assert_close(total, reference(sums, SITES), len(SITES))
     assert total["n"] == 200.0
 
 
-def test_combine_at_another_step_does_not_unmask():
-    keys, state, _ = setup(threshold=3)
+def test_a_vector_stays_hidden_under_its_self_mask_when_every_pairwise_mask_is_known(harness):
     sums = site_sums(2)
-    masked = {site: node_mask(keys[site], site, TASK, STEP if site != "site_b" else STEP + 1,
-                              state.participants, sums[site]) for site in SITES}
-    total = state.combine(masked, TASK, STEP, {})
-    assert not np.allclose(total["xtwx"], reference(sums, SITES)["xtwx"])
+    masked = harness.compute(0, sums)
+    plain = secagg.encode_fixed(secagg.flatten(sums["site_b"])[0]).ravel()
+    without_pairwise = masked["site_b"]["masked"] - pairwise_total(harness, "site_b", 0, SITES, plain.size)
+    assert not np.any(without_pairwise == plain)
+    assert secagg.decode_fixed(without_pairwise.reshape(-1, secagg.LIMBS)).tolist() != secagg.flatten(
+        sums["site_b"])[0].tolist()
+
+
+def test_masks_are_fresh_every_step(harness):
+    sums = site_sums(3)
+    first, second = harness.compute(0, sums), harness.compute(1, sums)
+    for site in SITES:
+        assert not np.array_equal(first[site]["masked"], second[site]["masked"])
 
 
 @pytest.mark.parametrize("threshold, dropped", [(3, ["site_c"]), (3, ["site_a"]), (2, ["site_b", "site_d"])])
-def test_combine_recovers_the_survivors_sum_after_a_dropout(threshold, dropped):
-    keys, state, _ = setup(threshold)
-    sums = site_sums(3)
-    survivors = [site for site in SITES if site not in dropped]
-    # the dropped sites took part in the key exchange, so the survivors mask against them too
-    masked = {site: node_mask(keys[site], site, TASK, STEP, state.participants, sums[site]) for site in survivors}
-    with pytest.raises(ValueError):
-        state.combine(masked, TASK, STEP, {})  # below the threshold nothing is recovered
-    request = state.unmask_request(dropped, survivors)
-    assert set(request["ciphertexts"]) == set(survivors)
-    revealed = {}
-    for site in survivors:
-        body = node_reveal(keys[site], site, TASK, dropped, request["ciphertexts"][site], submitted=set(survivors))
-        assert set(body["revealed"]) == set(dropped)
-        revealed[site] = body["revealed"]
-    total = state.combine(masked, TASK, STEP, revealed)
-    assert_close(total, reference(sums, survivors), len(survivors))
-    # exactly `threshold` helpers are enough
-    helpers = {site: revealed[site] for site in survivors[:threshold]}
-    assert_close(state.combine(masked, TASK, STEP, helpers), reference(sums, survivors), len(survivors))
-
-
-def test_revealed_shares_reconstruct_the_dropped_key():
-    keys, state, _ = setup(threshold=3)
-    survivors = ["site_a", "site_b", "site_d"]
-    request = state.unmask_request(["site_c"], survivors)
-    order = sorted(SITES)
-    shares = {order.index(site) + 1: int(node_reveal(keys[site], site, TASK, ["site_c"], request["ciphertexts"][site],
-                                                     submitted=set(survivors))["revealed"]["site_c"], 16)
-              for site in survivors}
-    assert secagg.combine_secret(shares, 3) == keys["site_c"].private
-    two = dict(list(shares.items())[:2])  # below the threshold: a line through two points, not the key
-    assert secagg.combine_secret(two, 2, length=66) != keys["site_c"].private.rjust(66, b"\0")
-
-
-@pytest.mark.parametrize("dropped", [["site_b"], ["site_c", "site_b"]])
-def test_node_refuses_to_reveal_a_submitted_site(dropped):
-    keys, state, _ = setup(threshold=2)
-    request = state.unmask_request(["site_b", "site_c"], ["site_a"])
-    with pytest.raises(PermissionError, match="site_b"):
-        node_reveal(keys["site_a"], "site_a", TASK, dropped, request["ciphertexts"]["site_a"],
-                    submitted={"site_a", "site_b", "site_d"})
-
-
-def test_reveal_of_a_misaddressed_share_fails():
-    keys, state, _ = setup(threshold=2)
-    request = state.unmask_request(["site_c"], ["site_a", "site_b"])
-    with pytest.raises(InvalidTag):  # site_b's ciphertext is not addressed to site_a
-        node_reveal(keys["site_a"], "site_a", TASK, ["site_c"], request["ciphertexts"]["site_b"], submitted=set())
-
-
-def test_node_keys_survive_the_store():
-    keys, _, _ = setup(threshold=2)
-    restored = NodeTaskKeys.from_json(keys["site_a"].to_json())
-    assert restored.private == keys["site_a"].private and restored.peers == keys["site_a"].peers
-    assert restored.secret_with("site_b") == keys["site_b"].secret_with("site_a")
-
-
-def test_combine_refuses_mixed_or_mismatched_bodies():
-    keys, state, _ = setup(threshold=2)
+def test_a_dropout_is_removed_with_the_survivors_pairwise_seeds(threshold, dropped):
+    h = Harness(threshold)
+    h.keys()
     sums = site_sums(4)
-    masked = {site: node_mask(keys[site], site, TASK, STEP, state.participants, sums[site]) for site in SITES}
+    survivors = [site for site in SITES if site not in dropped]
+    masked = h.compute(5, sums, sites=survivors)
+    with pytest.raises(SecureAggregationAborted):
+        h.coordinator.combine(SITES, masked, {})  # no self-mask shares: nothing recovered
+    revealed = h.unmask(5, masked)
+    for body in revealed.values():
+        assert sorted(body["dropped_seeds"]) == dropped
+        assert set(body["self_mask_shares"]) == set(survivors)  # never a share of a dropout's seed
+    assert_close(h.coordinator.combine(SITES, masked, revealed), reference(sums, survivors), len(survivors))
+
+
+def test_self_masks_need_threshold_answers(harness):
+    sums = site_sums(5)
+    masked = harness.compute(0, sums)
+    revealed = harness.unmask(0, masked)
+    enough = {site: revealed[site] for site in SITES[:3]}  # threshold 3 of 4
+    assert_close(harness.coordinator.combine(SITES, masked, enough), reference(sums, SITES), 4)
+    with pytest.raises(SecureAggregationAborted, match="threshold 3"):
+        harness.coordinator.combine(SITES, masked, {site: revealed[site] for site in SITES[:2]})
+
+
+def test_a_dropout_needs_every_submitter_in_the_unmask_step():
+    h = Harness(threshold=2)
+    h.keys()
+    masked = h.compute(0, site_sums(6), sites=SITES[:3])
+    revealed = h.unmask(0, masked)
+    with pytest.raises(SecureAggregationAborted, match="every submitter"):
+        h.coordinator.combine(SITES, masked, {site: revealed[site] for site in SITES[:2]})
+
+
+def test_combine_refuses_mixed_or_mismatched_bodies(harness):
+    sums = site_sums(7)
+    masked = harness.compute(0, sums)
     with pytest.raises(ValueError, match="some sites"):
-        state.combine({**masked, "site_d": {"public": {}}}, TASK, STEP, {})
-    other = node_mask(keys["site_d"], "site_d", TASK, STEP, state.participants, {"other": np.zeros(4)})
+        harness.coordinator.combine(SITES, {**masked, "site_d": {"public": {}}}, {})
+    other = dict(masked["site_d"], layout=[["other", [4]]])
     with pytest.raises(ValueError, match="layouts"):
-        state.combine({**masked, "site_d": other}, TASK, STEP, {})
-    assert state.combine({site: {} for site in SITES}, TASK, STEP, {}) == {}
+        harness.coordinator.combine(SITES, {**masked, "site_d": other}, {})
+    assert harness.coordinator.combine(SITES, {site: {} for site in SITES}, {}) == {}
 
 
-def test_mask_context_separates_steps_and_tasks():
-    assert len({mask_context(TASK, 0), mask_context(TASK, 1), mask_context("other", 0)}) == 3
+def test_contexts_separate_studies_key_sets_tasks_and_steps():
+    contexts = {mask_context("s", "k", TASK, 0), mask_context("s", "k", TASK, 1), mask_context("s", "k", "t2", 0),
+                mask_context("s2", "k", TASK, 0), mask_context("s", "k2", TASK, 0)}
+    assert len(contexts) == 5
 
 
-def test_a_key_set_is_spent_once_shares_were_revealed():
-    keys, state, _ = setup(3)
-    request = state.unmask_request(["site_c"], ["site_a", "site_b", "site_d"])
-    node_reveal(keys["site_a"], "site_a", TASK, ["site_c"], request["ciphertexts"]["site_a"], submitted=set())
-    with pytest.raises(PermissionError, match="spent"):
-        node_mask(keys["site_a"], "site_a", TASK, STEP, state.participants, {"v": np.zeros(3)})
+# --- what a node refuses ----------------------------------------------------------------
+
+def test_participants_must_be_the_key_sets_sites(harness):
+    request = harness.coordinator.compute_request(SITES[:3])
+    with refused("secagg_participants"):
+        harness.agents["site_a"].mask(harness.spec, TASK, 0, request, {"v": np.ones(3)})
+    with refused("secagg_participants"):
+        harness.agents["site_a"].check_compute(harness.spec, TASK, harness.coordinator.compute_request(SITES),
+                                               recipients=["site_a"])
+
+
+def test_a_key_set_must_cover_the_studys_sites():
+    h = Harness()
+    h.keys()
+    request = h.coordinator.compute_request(SITES)
+    del request["key_envelopes"]["site_d"]
+    with refused("secagg_participants"):
+        h.agents["site_a"].mask(h.spec, TASK, 0, request, {"v": np.ones(3)})
+
+
+def test_a_key_reply_must_verify_against_the_pinned_identity():
+    h = Harness()
+    h.keys()
+    request = h.coordinator.compute_request(SITES)
+    impostor = SigningKey.generate()  # e.g. the key a hostile hub serves for site_b
+    public = {"keyset": KEYSET, "study": h.spec.id, "secagg_public": "A" * 43 + "="}
+    request["key_envelopes"]["site_b"] = seal(impostor, reply_header("site_b", h.spec.id), {"public": public}).encode()
+    with refused("secagg_peer_key"):
+        h.agents["site_a"].mask(h.spec, TASK, 0, request, {"v": np.ones(3)})
+
+
+def test_a_key_set_of_another_study_is_refused(harness):
+    other = make_spec(harness.identities, study="study-2")
+    with refused("secagg_wrong_study"):
+        harness.agents["site_a"].mask(other, TASK, 0, harness.coordinator.compute_request(SITES), {"v": np.ones(3)})
+    with refused("secagg_keyset_exists"):
+        harness.agents["site_a"].new_keys(harness.spec, {"keyset": KEYSET})
+    with refused("secagg_malformed"):
+        harness.agents["site_a"].new_keys(harness.spec, {"keyset": "../x"})
+
+
+def test_unmask_only_a_step_this_site_masked_and_only_once(harness):
+    masked = harness.compute(2, site_sums(8))
+    request = harness.coordinator.unmask_request(2, SITES, masked)
+    with refused("secagg_unmask_refused"):
+        harness.agents["site_a"].unmask(harness.spec, TASK, dict(request, of_step=1))
+    harness.agents["site_a"].unmask(harness.spec, TASK, request)
+    with refused("secagg_unmask_refused"):
+        harness.agents["site_a"].unmask(harness.spec, TASK, request)
+
+
+def test_unmask_refuses_a_dropout_claim_for_a_site_the_hub_holds(harness):
+    masked = harness.compute(0, site_sums(9))
+    request = harness.coordinator.unmask_request(0, SITES, {s: masked[s] for s in SITES[:3]})
+    with refused("secagg_unmask_refused"):
+        harness.agents["site_a"].unmask(harness.spec, TASK, request)
+
+
+@pytest.mark.parametrize("dropped", [["site_a"], ["site_x"], ["site_b", "site_c"]])
+def test_unmask_refuses_dropouts_outside_the_step_or_too_many(harness, dropped):
+    masked = harness.compute(0, site_sums(10))
+    harness.held[0] = set(SITES) - set(dropped)
+    request = harness.coordinator.unmask_request(0, SITES, masked)
+    request["dropped"] = dropped
+    with refused("secagg_unmask_refused"):
+        harness.agents["site_a"].unmask(harness.spec, TASK, request)
+
+
+def test_unmask_refuses_when_the_hub_does_not_answer(harness):
+    masked = harness.compute(0, site_sums(11))
+
+    def down(task, step):
+        raise ConnectionError("hub away")
+
+    harness.agents["site_a"].senders = down
+    with refused("secagg_unmask_refused"):
+        harness.agents["site_a"].unmask(harness.spec, TASK, harness.coordinator.unmask_request(0, SITES, masked))
+
+
+def test_a_misaddressed_share_is_refused(harness):
+    masked = harness.compute(0, site_sums(12))
+    request = harness.coordinator.unmask_request(0, SITES, masked)
+    request["self_shares"]["site_a"]["site_b"] = request["self_shares"]["site_c"]["site_b"]
+    with refused("secagg_unmask_refused"):
+        harness.agents["site_a"].unmask(harness.spec, TASK, request)
+
+
+def test_after_a_recorded_dropout_the_task_continues_with_its_survivors(harness):
+    sums = site_sums(13)
+    masked = harness.compute(0, sums, sites=SITES[:3])
+    harness.unmask(0, masked)
+    with refused("secagg_participants"):  # the dropout is in this site's record: the full set no longer fits
+        harness.agents["site_a"].mask(harness.spec, TASK, 2, harness.coordinator.compute_request(SITES), sums["site_a"])
+    survivors = SITES[:3]
+    masked = harness.compute(2, sums, participants=survivors)
+    total = harness.coordinator.combine(survivors, masked, harness.unmask(2, masked, participants=survivors))
+    assert_close(total, reference(sums, survivors), 3)
+    # another task starts again from the key set's sites
+    request = harness.coordinator.compute_request(SITES)
+    assert "masked" in harness.agents["site_a"].mask(harness.spec, "task-2", 0, request, sums["site_a"])
+
+
+def test_a_task_cannot_switch_key_sets(harness):
+    harness.compute(0, site_sums(14))
+    request = dict(harness.coordinator.compute_request(SITES), keyset="keyset-0002")
+    harness.agents["site_a"].new_keys(harness.spec, {"keyset": "keyset-0002"})
+    with refused("secagg_wrong_keyset"):
+        harness.agents["site_a"].check_compute(harness.spec, TASK, request)
+
+
+# --- spent key material -----------------------------------------------------------------
+
+def test_the_own_share_is_deleted_once_revealed_and_task_records_on_request(harness):
+    masked = harness.compute(0, site_sums(15))
+    agent, store = harness.agents["site_a"], harness.stores["site_a"]
+    assert store.get(agent._task_key(TASK))["steps"]["0"]["own_share"]
+    harness.unmask(0, masked)
+    assert store.get(agent._task_key(TASK))["steps"]["0"]["own_share"] is None
+    agent.forget_task(TASK)
+    assert store.get(agent._task_key(TASK)) is None
+
+
+def test_expired_key_sets_and_idle_tasks_are_deleted(harness):
+    harness.compute(0, site_sums(16))
+    agent, store = harness.agents["site_a"], harness.stores["site_a"]
+    harness.clock.now += TASK_IDLE_S + 1
+    agent.prune()
+    assert store.get(agent._task_key(TASK)) is None
+    assert store.get(agent._keyset_key(KEYSET)) is not None
+    harness.clock.now += KEYSET_LIFETIME_S
+    with refused("secagg_unknown_keyset"):
+        agent.check_compute(harness.spec, TASK, harness.coordinator.compute_request(SITES))
+    assert store.get(agent._keyset_key(KEYSET)) is None
+    assert not any("private" in value for value in store.data.values())

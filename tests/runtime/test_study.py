@@ -13,6 +13,9 @@ from medveil.runtime.study import StudySpec, sign_approval, verify_approval
 RESEARCHER = SigningKey.generate()
 STEWARD_A = SigningKey.generate()
 STEWARD_B = SigningKey.generate()
+NODE_A = SigningKey.generate()
+NODE_B = SigningKey.generate()
+SITE_KEYS = {"site_a": NODE_A.verify_key.to_text(), "site_b": NODE_B.verify_key.to_text()}
 
 
 @pytest.fixture
@@ -20,7 +23,7 @@ def spec() -> StudySpec:
     return StudySpec(
         id="gbsg2-descriptives", title="Breast cancer cohort", purpose="baseline table",
         researcher="alice", researcher_key=RESEARCHER.verify_key.to_text(),
-        sites=["site_a", "site_b"], datasets={"default": ["age", "tsize"], "labs": ["crp"]},
+        sites=["site_a", "site_b"], site_keys=SITE_KEYS, datasets={"default": ["age", "tsize"], "labs": ["crp"]},
         analyses=["describe", "crosstab"],
     )
 
@@ -47,12 +50,13 @@ def test_approval_survives_a_json_roundtrip_of_the_spec(spec):
         {"datasets": {"default": ["age", "tsize"], "labs": ["crp"], "genomes": ["brca1"]}},
         {"analyses": ["describe", "crosstab", "histogram"]},
         {"sites": ["site_a", "site_b", "site_c"]},
+        {"site_keys": dict(SITE_KEYS, site_b=SigningKey.generate().verify_key.to_text())},
         {"researcher": "mallory"},
         {"researcher_key": SigningKey.generate().verify_key.to_text()},
         {"purpose": "something else"},
         {"title": ""},
     ],
-    ids=["more-variables", "more-datasets", "more-analyses", "more-sites", "researcher", "researcher-key",
+    ids=["more-variables", "more-datasets", "more-analyses", "more-sites", "site-key", "researcher", "researcher-key",
          "purpose", "title"],
 )
 def test_spec_changed_after_approval_fails(spec, change):
@@ -96,7 +100,26 @@ def test_digest_ignores_dataset_key_order_only(spec):
 
 
 @pytest.mark.parametrize("update", [{"id": "bad id"}, {"id": ""}, {"researcher": "../x"}, {"sites": []},
-                                    {"analyses": []}, {"extra": 1}])
+                                    {"analyses": []}, {"extra": 1}, {"sites": ["site_a", "site_a"]},
+                                    {"sites": ["../site_a"], "site_keys": {"../site_a": SITE_KEYS["site_a"]}},
+                                    {"researcher_key": "not a key"}])
 def test_invalid_specs_are_refused(spec, update):
     with pytest.raises(ValidationError):
         StudySpec.model_validate({**spec.model_dump(), **update})
+
+
+@pytest.mark.parametrize(
+    "site_keys",
+    [{}, {"site_a": SITE_KEYS["site_a"]}, dict(SITE_KEYS, site_c=SITE_KEYS["site_a"]),
+     dict(SITE_KEYS, site_b="AAAA"), dict(SITE_KEYS, site_b=NODE_B.verify_key.fingerprint())],
+    ids=["none", "missing-site", "extra-site", "short-key", "fingerprint-not-key"],
+)
+def test_site_keys_must_pin_a_key_for_exactly_the_sites(spec, site_keys):
+    with pytest.raises(ValidationError, match="site_keys|public key"):
+        StudySpec.model_validate({**spec.model_dump(), "site_keys": site_keys})
+
+
+def test_pinned_site_key_is_a_verify_key(spec):
+    assert spec.site_key("site_b") == NODE_B.verify_key
+    with pytest.raises(KeyError):
+        spec.site_key("site_c")

@@ -460,3 +460,66 @@ def test_envelope_at_the_limit_is_accepted_and_body_limit_applies():
     with pytest.raises(WireError, match="exceeds the limit"):
         opened.body(max_bytes=len(envelope.body_bytes) - 1)
     assert opened.body(max_bytes=len(envelope.body_bytes))["a"].shape == (1000,)
+
+
+# --- header types (hostile headers are refused in one place) -------------------------------
+
+
+def _raw_with_header(fields: dict, remove: tuple[str, ...] = ()) -> bytes:
+    """An envelope whose header is `HEADER` changed by `fields`, signed, written with json.dumps
+    (which, unlike canonical_json, writes NaN and Infinity as a hostile sender could)."""
+    body_bytes = pack_body({})
+    header = dict(HEADER, v=PROTOCOL_VERSION, body_sha256=hashlib.sha256(body_bytes).hexdigest())
+    header.update(fields)
+    for name in remove:
+        header.pop(name)
+    header_bytes, signature = _signed_header(header)
+    return encode_parts(header_bytes, signature, body_bytes)
+
+
+HOSTILE_FIELDS = [
+    ("step", math.nan), ("step", math.inf), ("step", -1), ("step", 2**63), ("step", "3"), ("step", 1.0),
+    ("step", True), ("step", [1]), ("round", math.nan), ("round", -math.inf), ("round", 10**7), ("round", "0"),
+    ("round", False), ("issued_at", math.nan), ("issued_at", math.inf), ("issued_at", -math.inf),
+    ("issued_at", "1700000000"), ("issued_at", True), ("issued_at", 1e300), ("issued_at", -5.0),
+    ("issued_at", [1.0]), ("sender", ["researcher"]), ("sender", {"a": 1}), ("sender", 7), ("sender", ""),
+    ("sender", "x" * 129), ("sender", "../etc"), ("sender", "a b"), ("sender", "a\nb"), ("study", ["s1"]),
+    ("task", 5), ("task", "t\u00e9"), ("nonce", None), ("nonce", 1.5), ("kind", ["task"]), ("dataset", {}),
+    ("analysis", ["glm"]), ("phase", 0), ("status", ["ok"]), ("recipients", "site_a"),
+    ("recipients", ["site_a", 5]), ("recipients", [["site_a"]]), ("recipients", ["s"] * 1025),
+    ("recipients", {"site_a": 1}), ("audit_ids", "a:1"), ("audit_ids", [1]), ("body_sha256", "0" * 63),
+    ("body_sha256", "G" * 64), ("body_sha256", 5), ("v", True), ("v", 1.0),
+]
+
+
+@pytest.mark.parametrize("field, value", HOSTILE_FIELDS, ids=[f"{f}={str(v)[:12]}" for f, v in HOSTILE_FIELDS])
+def test_hostile_header_field_is_refused_as_wire_error(field, value):
+    with pytest.raises(WireError):
+        open_envelope(_raw_with_header({field: value}))
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_literal_anywhere_in_the_header_is_refused(literal):
+    body_bytes = pack_body({})
+    header = dict(HEADER, v=PROTOCOL_VERSION, body_sha256=hashlib.sha256(body_bytes).hexdigest())
+    header_bytes = json.dumps(header).replace('"t1"', '"t1", "extra": ' + literal).encode()
+    with pytest.raises(WireError, match="not a number"):
+        open_envelope(encode_parts(header_bytes, KEY.sign(header_bytes), body_bytes))
+
+
+def test_oversized_header_is_refused():
+    with pytest.raises(WireError, match="header exceeds"):
+        open_envelope(_raw_with_header({"padding": "x" * wire.MAX_HEADER_BYTES}))
+
+
+def test_absent_or_null_optional_fields_are_accepted():
+    opened = open_envelope(_raw_with_header({"step": None, "recipients": None}, remove=("round", "study")))
+    assert opened.header["step"] is None and "round" not in opened.header
+
+
+@pytest.mark.parametrize("field, value", [("step", 0), ("step", wire.MAX_STEP), ("round", 3),
+                                          ("issued_at", 1700000000), ("recipients", []),
+                                          ("recipients", ["site_a", "hospital-b.2"]), ("audit_ids", ["site_a:12"]),
+                                          ("task", "0f" * 16), ("extra", {"nested": [1, "x"]})])
+def test_well_typed_header_fields_are_accepted(field, value):
+    assert open_envelope(_raw_with_header({field: value})).header[field] == value

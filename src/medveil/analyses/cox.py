@@ -1,18 +1,28 @@
 """coxph: Cox proportional-hazards model by exact distributed Newton on the partial likelihood.
 
-Durations sit on a time grid agreed up front, as for Kaplan-Meier. Round 0 agrees strata;
-round 1 sums per-time event counts (the pooled event times come from this secure sum, never
-from a site's own list); every later round sends the coefficients and each site returns, for
-every pooled event time of each stratum, its risk-set sums (sum of w, w x, w x x' over rows
-still at risk, w = exp(x'beta)) and the same sums over the rows that fail at that time, plus
-sum of x over its events. From those cross-site sums the researcher computes the pooled
-partial log-likelihood, gradient and Hessian with Efron's or Breslow's handling of ties,
-exactly as a pooled fit would, and takes a Newton step. A last round sums, per pooled event
-time, deaths and comparable rows on up to 2,000 bins of the risk score (fewer when there are
-many event times, to bound the upload) for Harrell's concordance:
-exact up to pairs that share a bin, whose share bounds the error (reported). An exact pooled
-concordance would need secure comparisons between sites' rows; no site reveals a row's score.
-What leaks: the pooled number of events at each grid time, and the pooled binned counts.
+Durations sit on a grid the node computes from the parameters, and each site coarsens its own
+times per stratum exactly as for Kaplan-Meier (`survival.coarsen_times`: every step holds 0 or
+>= min_cell_count events and censorings, at least min_cell_count rows stay at risk after it, the
+longest follow-ups are censored at the last step), so every risk set, every difference of two
+risk sets and every set of tied events a site sums over is 0 or >= min_cell_count of its rows.
+Round 0 agrees strata; round 1 sums per-time event counts (the pooled event times come from this
+secure sum, never from a site's own list); every later round sends the coefficients and each
+site returns, for every pooled event time of each stratum, its risk-set sums (sum of w, w x,
+w x x' over rows still at risk, w = exp(x'beta)) and the same sums over the rows that fail at
+that time, plus sum of x over its events. From those cross-site sums the researcher computes the
+pooled partial log-likelihood, gradient and Hessian with Efron's or Breslow's handling of ties,
+exactly as a pooled fit on the released times would (lifelines on them, tested), and takes a
+Newton step. On every round a site refuses a fit its rows cannot carry (`saturation`), a
+covariate that singles out fewer than min_cell_count rows at the site or in a stratum
+(`indicator_isolation`), and coefficients under which one row would carry most of a released
+weighted sum (`weight_dominance`); it checks each broadcast against what it agreed before
+(`check_broadcast`). A last round sums, per pooled event time, this site's deaths, censorings
+and later removals on ten risk-score bins, each time's cells withheld where one is small, for
+Harrell's concordance: exact up to pairs that share a bin or involve a withheld row, whose share
+bounds the error (reported). An exact pooled concordance would need secure comparisons.
+What each party learns: the researcher, the pooled event counts at each time some site shows as
+a step, the pooled risk-set sums at those times for each coefficient vector it sent, and the
+pooled bin counts; the hub, masked vectors only; a site, nothing of its peers.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ from medveil.analyses.base import (
     Aggregated,
     Analysis,
     AnalysisError,
+    BroadcastRefused,
     Finished,
     NextRound,
     Params,
@@ -38,18 +49,33 @@ from medveil.analyses.base import (
     register,
     union_of_levels,
 )
-from medveil.analyses.survival import time_slots
+from medveil.analyses.survival import (
+    LEFT_OUT,
+    check_agreed_levels,
+    check_keys,
+    coarsen_by_group,
+    grid_size,
+    pin,
+    released_facts,
+    step_row_sets,
+    time_slots,
+)
 from medveil.privacy.disclosure import (
     DisclosurePolicy,
+    DisclosureRefused,
     releasable_levels,
     require_not_saturated,
     require_time_unit,
 )
 
 ALL = "all"
+CONCORDANCE_BINS = 10  # risk-score bins of equal expected mass; a site hides a time's row of cells if any is small
 CONCORDANCE_MAX_BINS = 2000
-CONCORDANCE_MAX_CELLS = 400_000  # event times x bins per released array: caps each site's upload
-CONCORDANCE_SPAN_SD = 6.0
+MAX_ABS_COEFFICIENT = 1e3
+MAX_STEP_SD = 0.25  # longest Newton step, in standard deviations of the linear predictor
+MAX_WEIGHT_SHARE = 0.8  # no row may carry more than this share of a released weighted sum (an (1, 80%) dominance rule)
+FIT_KEYS = {"strata", "beta", "event_slots"}
+CONCORDANCE_KEYS = {"concordance_edges", "concordance_slots"}
 
 
 class CoxParams(Params):
@@ -139,6 +165,60 @@ def _risk_sums(slots: np.ndarray, x: np.ndarray, w: np.ndarray, size: int) -> tu
     return s0, s1, s2
 
 
+def isolated_columns(frame: pd.DataFrame, columns: list[str], min_count: int) -> list[str]:
+    """Columns where 1..min_count-1 rows differ from the value all the others share (an indicator
+    of a few patients, e.g. a 0/1 column with one 1): a model coefficient on it would speak for them."""
+    isolated = []
+    for column in columns:
+        values = frame[column]
+        if len(values) == 0:
+            continue
+        differing = len(values) - int(values.value_counts().iloc[0])
+        if 0 < differing < min_count:
+            isolated.append(column)
+    return isolated
+
+
+def require_no_isolation(frame: pd.DataFrame, columns: list[str], groups: np.ndarray, min_count: int) -> None:
+    """Refuse covariates that isolate fewer than min_count rows, at the site or within a stratum."""
+    for group in [None, *np.unique(groups)]:
+        part = frame if group is None else frame[groups == group]
+        if group is not None and len(part) == len(frame):
+            continue
+        if isolated_columns(part, columns, min_count):
+            raise DisclosureRefused("indicator_isolation",
+                                    f"a covariate singles out fewer than {min_count} rows "
+                                    f"{'at this site' if group is None else 'within a stratum'}")
+
+
+def require_no_dominant_weight(weights: np.ndarray, slots: np.ndarray, needed: np.ndarray, size: int) -> None:
+    """Refuse risk-set sums in which one row carries most of the weight (a coefficient chosen to
+    make exp(x'beta) of one patient dwarf the others would read that patient's covariates)."""
+    if len(weights) == 0 or len(needed) == 0:
+        return
+    total = np.bincount(slots, weights=weights, minlength=size)
+    largest = np.zeros(size)
+    np.maximum.at(largest, slots, weights)
+    risk_total = np.flip(np.cumsum(np.flip(total)))[needed]
+    risk_largest = np.flip(np.maximum.accumulate(np.flip(largest)))[needed]
+    tied_share = np.divide(largest[needed], total[needed], out=np.zeros(len(needed)), where=total[needed] > 0)
+    risk_share = np.divide(risk_largest, risk_total, out=np.zeros(len(needed)), where=risk_total > 0)
+    if np.any(risk_share > MAX_WEIGHT_SHARE) or np.any(tied_share > MAX_WEIGHT_SHARE):
+        raise DisclosureRefused("weight_dominance", f"one row would carry more than {MAX_WEIGHT_SHARE:.0%} of a "
+                                                    f"released risk-set sum at these coefficients")
+
+
+def _slot_list(value: Any, size: int) -> list[int]:
+    """A broadcast list of grid slots: ints, strictly increasing, on the grid."""
+    if not isinstance(value, (list, np.ndarray)) or len(value) > size:
+        raise BroadcastRefused("broadcast_malformed", "a list of event times is not a list or is too long")
+    slots = np.asarray(value)
+    if len(slots) and (slots.dtype.kind not in "iu" or slots.min() < 0 or slots.max() >= size
+                       or np.any(np.diff(slots) <= 0)):
+        raise BroadcastRefused("broadcast_malformed", "event times must be increasing grid points")
+    return [int(slot) for slot in slots]
+
+
 @register
 class CoxPH(Analysis[CoxParams]):
     name = "coxph"
@@ -148,39 +228,113 @@ class CoxPH(Analysis[CoxParams]):
     def variables(self, params: CoxParams) -> list[str]:
         return [params.duration, params.event, *params.covariates] + ([params.strata] if params.strata else [])
 
-    def _prepared(self, params: CoxParams, data: pd.DataFrame, scratch: dict[str, Any]) -> dict[str, Any]:
+    def _prepared(self, params: CoxParams, data: pd.DataFrame, scratch: dict[str, Any],
+                  min_count: int) -> dict[str, Any]:
+        """This site's rows as the fit sees them: covariates, times coarsened per stratum (rows the
+        coarsening leaves out dropped), event flags, strata; kept in the task's scratch."""
         if "prepared" not in scratch:
-            complete = data[self.variables(params)].dropna()
-            x = complete[params.covariates].to_numpy(np.float64)
+            mask = data[self.variables(params)].notna().all(axis=1).to_numpy()
+            complete = data[mask]
             slots, events = time_slots(complete, params.duration, params.event, params.time_unit, params.max_time)
             strata = (np.array([ALL] * len(complete), dtype=object) if params.strata is None
                       else categorical_column(complete, params.strata).to_numpy(object))
-            scratch["prepared"] = {"x": x, "slots": slots,
-                                   "events": events.astype(bool), "strata": strata,
+            codes = pd.factorize(strata)[0].astype(np.int64)
+            released, released_events = coarsen_by_group(slots, events, codes, min_count)
+            kept = released != LEFT_OUT
+            rows = np.flatnonzero(mask)[kept]
+            scratch["prepared"] = {"x": complete[params.covariates].to_numpy(np.float64)[kept],
+                                   "frame": complete[params.covariates][kept], "slots": released[kept],
+                                   "events": released_events[kept].astype(bool), "strata": strata[kept],
+                                   "rows": rows, "n_data": len(data), "complete": len(complete),
                                    "dropped": len(data) - len(complete)}
         return scratch["prepared"]
+
+    def check_broadcast(self, params: CoxParams, round_no: int, broadcast: dict[str, Any],
+                        memory: dict[str, Any]) -> None:
+        """Strata agreed at round 1 and pinned; event times pinned at round 2; coefficients finite and
+        of the model's size; one concordance round, at the last coefficients; nothing else."""
+        if round_no == 0:
+            super().check_broadcast(params, round_no, broadcast, memory)
+            return
+        if memory.get("concordance_done"):
+            raise BroadcastRefused("unexpected_round", "the concordance round was this task's last")
+        size = grid_size(params.time_unit, params.max_time)
+        if round_no == 1:
+            check_keys(broadcast, {"strata"}, {"strata"})
+        elif CONCORDANCE_KEYS & set(broadcast):
+            check_keys(broadcast, FIT_KEYS | CONCORDANCE_KEYS, FIT_KEYS | CONCORDANCE_KEYS)
+        else:
+            check_keys(broadcast, FIT_KEYS, FIT_KEYS)
+            if round_no - 1 > params.max_iter + 1:
+                raise BroadcastRefused("unexpected_round", "more fit rounds than max_iter allows")
+        strata = check_agreed_levels(broadcast["strata"], list(released_facts(memory, 0).get("strata", [])), "strata")
+        if params.strata is None and strata != [ALL]:
+            raise BroadcastRefused("broadcast_mismatch", f"without strata=..., the only stratum is {ALL!r}")
+        pin(memory, "strata", strata)
+        if round_no == 1:
+            return
+        event_slots = broadcast["event_slots"]
+        if not isinstance(event_slots, list) or len(event_slots) != len(strata):
+            raise BroadcastRefused("broadcast_malformed", "event times must come as one list per stratum")
+        pin(memory, "event_slots", [_slot_list(slots, size) for slots in event_slots])
+        beta = broadcast["beta"]
+        if not isinstance(beta, (list, np.ndarray)) or np.asarray(beta).shape != (len(params.covariates),):
+            raise BroadcastRefused("broadcast_malformed", "coefficients must be one number per covariate")
+        beta = np.asarray(beta)
+        if beta.dtype.kind not in "iuf" or not np.all(np.isfinite(beta)) or np.max(np.abs(beta)) > MAX_ABS_COEFFICIENT:
+            raise BroadcastRefused("broadcast_malformed", "coefficients must be finite and not too large")
+        if "concordance_edges" not in broadcast:
+            memory["beta"] = beta.astype(np.float64)
+            return
+        if "beta" not in memory or not np.array_equal(memory["beta"], beta):
+            raise BroadcastRefused("broadcast_changed", "the concordance round must use the fitted coefficients")
+        edges = np.asarray(broadcast["concordance_edges"])
+        if (edges.ndim != 1 or not 1 <= len(edges) <= CONCORDANCE_MAX_BINS or edges.dtype.kind not in "iuf"
+                or not np.all(np.isfinite(edges)) or np.any(np.diff(edges) <= 0)):
+            raise BroadcastRefused("broadcast_malformed", "risk-score edges must be finite and increasing")
+        union = sorted(set().union(*map(set, memory["event_slots"])))
+        if _slot_list(broadcast["concordance_slots"], size) != union:
+            raise BroadcastRefused("broadcast_mismatch", "concordance times must be the agreed event times")
+        memory["concordance_done"] = True
+
+    def row_sets(self, params: CoxParams, data: pd.DataFrame, round_no: int = 0,
+                 broadcast: dict[str, Any] | None = None, policy: DisclosurePolicy | None = None
+                 ) -> list[np.ndarray]:
+        """Round 0: the complete rows; round 1: the rows of each step and risk set the fit rests on
+        (later rounds reuse them)."""
+        if round_no != 1:
+            return super().row_sets(params, data, round_no, broadcast)
+        site = self._prepared(params, data, {}, (policy or DisclosurePolicy()).min_cell_count)
+        strata = list((broadcast or {}).get("strata", []))
+        labels = np.array([strata.index(s) if s in strata else LEFT_OUT for s in site["strata"]], dtype=np.int64)
+        complete = np.zeros(site["n_data"], dtype=bool)
+        complete[site["rows"]] = True
+        return step_row_sets(complete, site["slots"], labels)
 
     def local(self, params: CoxParams, round_no: int, broadcast: dict[str, Any], data: pd.DataFrame,
               policy: DisclosurePolicy, scratch: dict[str, Any] | None = None) -> Release:
         require_time_unit(params.time_unit, policy)
-        site = self._prepared(params, data, {} if scratch is None else scratch)
-        size = int(np.floor(params.max_time / params.time_unit)) + 1
+        site = self._prepared(params, data, {} if scratch is None else scratch, policy.min_cell_count)
+        size = grid_size(params.time_unit, params.max_time)
         if round_no == 0:
-            require_not_saturated(len(site["x"]), len(params.covariates), policy)
+            require_not_saturated(site["complete"], len(params.covariates), policy)
             strata = releasable_levels(pd.Series(site["strata"]), params.strata or ALL, policy)
-            return Release(public={"strata": strata, "rows": len(site["x"]), "rows_dropped": site["dropped"]})
+            return Release(public={"strata": strata, "rows": site["complete"], "rows_dropped": site["dropped"]})
         strata = broadcast["strata"]
+        used = np.isin(site["strata"], strata)
+        require_not_saturated(int(used.sum()), len(params.covariates), policy)
+        require_no_isolation(site["frame"][used], list(params.covariates), site["strata"][used],
+                             policy.min_cell_count)
         if round_no == 1:
             events = np.zeros((len(strata), size))
             for k, stratum in enumerate(strata):
                 mask = (site["strata"] == stratum) & site["events"]
                 events[k] = np.bincount(site["slots"][mask], minlength=size)
-            used = np.isin(site["strata"], strata)
             x = site["x"][used]
             return Release(sums={"events": events, "n": np.array([float(used.sum())]), "x_sum": x.sum(axis=0),
                                  "xx_sum": x.T @ x})
         if "concordance_edges" in broadcast:
-            return Release(sums=self._concordance_counts(site, broadcast, size))
+            return Release(sums=self._concordance_counts(site, broadcast, policy.min_cell_count))
         beta = np.asarray(broadcast["beta"], dtype=np.float64)
         sums: dict[str, np.ndarray] = {}
         event_x = np.zeros(len(beta))
@@ -188,7 +342,11 @@ class CoxPH(Analysis[CoxParams]):
             slots_needed = np.asarray(broadcast["event_slots"][k], dtype=np.int64)
             rows = site["strata"] == stratum
             x, slots, failed = site["x"][rows], site["slots"][rows], site["events"][rows]
-            w = np.exp(x @ beta)
+            with np.errstate(over="ignore"):
+                w = np.exp(x @ beta)
+            if not np.all(np.isfinite(w)):
+                raise AnalysisError("exp(x'beta) overflows at these coefficients: a value is too large")
+            require_no_dominant_weight(w, slots, slots_needed, size)
             at_slot = _risk_sums(slots, x, w, size)
             # Risk set at time t: rows with duration >= t, i.e. reverse cumulative sums over slots.
             risk = [np.flip(np.cumsum(np.flip(part, axis=0), axis=0), axis=0)[slots_needed] for part in at_slot]
@@ -242,37 +400,48 @@ class CoxPH(Analysis[CoxParams]):
                 iterations=state["iteration"], converged=bool(converged), n_events=state["n_events"],
                 nobs=state["nobs"], alpha=params.alpha,
             )
-            # One more round: counts on risk-score bins for the concordance index.
+            # One more round: counts on risk-score bins of equal expected mass for the concordance index.
             beta = state["beta"]
             centre = float(state["mean_x"] @ beta)
             spread = float(np.sqrt(max(beta @ state["cov_x"] @ beta, 1e-300)))
             all_slots = sorted(set().union(*(set(slots.tolist()) for slots in state["event_slots"])))
-            bins = int(np.clip(CONCORDANCE_MAX_CELLS // max(len(all_slots), 1) - 2, 20, CONCORDANCE_MAX_BINS))
-            edges = centre + spread * np.linspace(-CONCORDANCE_SPAN_SD, CONCORDANCE_SPAN_SD, bins + 1)
+            edges = centre + spread * stats.norm.ppf(np.arange(1, CONCORDANCE_BINS) / CONCORDANCE_BINS)
             return NextRound(dict(self._broadcast(state), concordance_edges=edges, concordance_slots=all_slots),
                              dict(state, fit=fit))
+        # A step moving the log-hazard by more than MAX_STEP_SD standard deviations is shortened, so
+        # the path stays where no row dominates a risk set (sites refuse such coefficients).
+        spread = float(np.sqrt(max(step @ state["cov_x"] @ step, 0.0)))
+        if spread > MAX_STEP_SD:
+            step = step * (MAX_STEP_SD / spread)
         state = dict(state, beta=state["beta"] + step, iteration=state["iteration"] + 1, loglik_history=history)
         return NextRound(self._broadcast(state), state)
 
     @staticmethod
-    def _concordance_counts(site: dict[str, Any], broadcast: dict[str, Any], size: int) -> dict[str, np.ndarray]:
-        """Per pooled event time and risk bin: this site's deaths, and its rows comparable with
-        them (later times, or censored at that time), as lifelines' concordance_index pairs them."""
+    def _concordance_counts(site: dict[str, Any], broadcast: dict[str, Any], min_count: int) -> dict[str, np.ndarray]:
+        """Per pooled event time t_j and risk bin, this site's rows in three disjoint cells: deaths
+        at t_j, censored at t_j, and removed strictly between t_j and t_(j+1); plus each time's totals.
+
+        Each total is whole coarsened steps (0 or >= min_count rows); a time's row of cells is sent
+        only when no cell holds 1..min_count-1 rows, else as zeros (its rows then count as unknown
+        pairs in the error bound). Disjoint cells, never cumulative ones, so no difference of two
+        released cells isolates a row."""
         used = np.isin(site["strata"], broadcast["strata"])
         x, slots, died = site["x"][used], site["slots"][used], site["events"][used]
         edges = np.asarray(broadcast["concordance_edges"], dtype=np.float64)
-        risk_bin = np.searchsorted(edges, x @ np.asarray(broadcast["beta"]))
-        bins = len(edges) + 1
-        by_slot = np.zeros((size, bins))
-        np.add.at(by_slot, (slots, risk_bin), 1.0)
-        later = np.flip(np.cumsum(np.flip(by_slot, axis=0), axis=0), axis=0)
-        later = np.vstack([later[1:], np.zeros((1, bins))])
-        censored_now = np.zeros((size, bins))
-        np.add.at(censored_now, (slots[~died], risk_bin[~died]), 1.0)
-        deaths = np.zeros((size, bins))
-        np.add.at(deaths, (slots[died], risk_bin[died]), 1.0)
+        risk_bin = np.searchsorted(edges, x @ np.asarray(broadcast["beta"], dtype=np.float64))
         needed = np.asarray(broadcast["concordance_slots"], dtype=np.int64)
-        return {"deaths": deaths[needed], "comparable": (later + censored_now)[needed]}
+        position = np.searchsorted(needed, slots, side="left")
+        at_time = (position < len(needed)) & (needed[np.minimum(position, len(needed) - 1)] == slots)
+        cells = {"deaths": at_time & died, "censored_at": at_time & ~died, "between": ~at_time & (position > 0)}
+        sums = {}
+        for name, rows in cells.items():
+            index = position[rows] - (0 if name != "between" else 1)
+            counts = np.zeros((len(needed), len(edges) + 1))
+            np.add.at(counts, (index, risk_bin[rows]), 1.0)
+            small = np.any((counts > 0) & (counts < min_count), axis=1)
+            sums[f"{name}_total"] = counts.sum(axis=1)
+            sums[name] = np.where(small[:, None], 0.0, counts)
+        return sums
 
     @staticmethod
     def _broadcast(state: dict[str, Any]) -> dict[str, Any]:
@@ -306,19 +475,30 @@ class CoxPH(Analysis[CoxParams]):
         return loglik, gradient, hessian
 
 
+def _comparable(deaths: np.ndarray, censored_at: np.ndarray, between: np.ndarray) -> np.ndarray:
+    """Rows comparable with a death at each event time (per last axis' bins, if any): later
+    times, or censored at that time, as lifelines' concordance_index pairs them."""
+    later = np.flip(np.cumsum(np.flip(between + deaths + censored_at, axis=0), axis=0), axis=0)
+    return censored_at + between + np.concatenate([later[1:], np.zeros_like(later[:1])])
+
+
 def _concordance(sums: dict[str, np.ndarray]) -> tuple[float, float]:
-    """Harrell's C from pooled bin counts, and a bound on its error from pairs sharing a bin.
+    """Harrell's C from pooled bin counts, and a bound on its error.
 
     A death in a higher risk bin than a comparable row is concordant, in a lower bin discordant;
-    pairs within one bin count 1/2 each, so the exact C lies within 1/2 x (their share) of it."""
-    deaths, comparable = sums["deaths"], sums["comparable"]
+    pairs within one bin, and pairs with a row some site withheld, count 1/2 each, so the exact C
+    lies within 1/2 x (their share) of it."""
+    deaths = sums["deaths"]
+    comparable = _comparable(deaths, sums["censored_at"], sums["between"])
+    total_comparable = _comparable(sums["deaths_total"], sums["censored_at_total"], sums["between_total"])
     lower = np.cumsum(comparable, axis=1) - comparable
     concordant = float(np.sum(deaths * lower))
     same_bin = float(np.sum(deaths * comparable))
-    pairs = float(np.sum(deaths.sum(axis=1) * comparable.sum(axis=1)))
+    pairs = float(np.sum(sums["deaths_total"] * total_comparable))
     if pairs == 0:
         return float("nan"), float("nan")
-    return (concordant + 0.5 * same_bin) / pairs, 0.5 * same_bin / pairs
+    unknown = pairs - float(np.sum(deaths.sum(axis=1) * comparable.sum(axis=1)))
+    return (concordant + 0.5 * (same_bin + unknown)) / pairs, 0.5 * (same_bin + unknown) / pairs
 
 
 def _symmetric(packed: np.ndarray, p: int, upper: tuple[np.ndarray, np.ndarray]) -> np.ndarray:

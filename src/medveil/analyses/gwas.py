@@ -22,12 +22,20 @@ at a site and at the researcher stays bounded and progress can be shown:
 
 A1 is the pooled minor allele, as in PLINK 1.9 and plink2 --glm; REF/ALT are .bim columns 6
 and 5 at the first site.
+
+Each site refuses (`min_cell_count`) when it holds fewer than min_cell_count samples, or for a
+case-control test fewer than min_cell_count cases or controls (affected children for TDT); the
+sample set, its cases and its controls are row sets of the differencing guard. The node checks
+each broadcast: a stage this test uses with exactly its keys, variant batches of variants this
+site listed in round 0 (at most `batch_size`), coefficient vectors finite and of the right length.
 What leaks: pooled per-variant genotype counts and pooled per-SNP model sums, as published
-association tables show; nothing per sample.
+association tables show, and each site's sample count; nothing per sample.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any, Literal
 
 import numpy as np
@@ -41,6 +49,7 @@ from medveil.analyses.base import (
     AnalysisError,
     Finished,
     NextRound,
+    BroadcastRefused,
     Params,
     Release,
     register,
@@ -59,15 +68,23 @@ from medveil.analyses.variants import (
     agree_variants,
     aligned_blocks,
     batch_broadcast,
+    check_batch,
     count_genotypes,
+    finite_array,
     site_variants,
 )
 from medveil.data.genotypes import GenotypeFile
-from medveil.privacy.disclosure import DisclosurePolicy
+from medveil.privacy.disclosure import DisclosurePolicy, require_min_count
 
 NEWTON_TOLERANCE = 1e-8  # largest coefficient step at which a fit counts as converged
 
 Test = Literal["allelic", "linear", "logistic", "logistic-score", "tdt"]
+STAGES: dict[str, set[str]] = {"allelic": {"counts"}, "linear": {"counts", "linear"},
+                               "logistic": {"null", "counts", "newton"}, "logistic-score": {"null", "counts", "score"},
+                               "tdt": {"counts", "tdt"}}
+STAGE_KEYS = {"null": {"stage", "beta"}, "counts": {"stage", "batch"}, "linear": {"stage", "batch"},
+              "tdt": {"stage", "batch"}, "score": {"stage", "batch", "beta", "mean"},
+              "newton": {"stage", "batch", "active", "beta"}}
 
 
 class GWASParams(Params):
@@ -108,8 +125,45 @@ class GWAS(Analysis[GWASParams]):
     def genotype_dataset(self, params: GWASParams) -> str | None:
         return params.genotypes
 
-    def row_sets(self, params: GWASParams, data: pd.DataFrame) -> list[np.ndarray]:
-        return []  # every round uses the same samples; the released sums are per variant
+    def row_sets(self, params: GWASParams, data: pd.DataFrame, round_no: int = 0,
+                 broadcast: dict[str, Any] | None = None) -> list[np.ndarray]:
+        """In round 1, where the samples are first used: the table's sample rows (complete, one per
+        IID), and for a case-control test its cases and controls; later rounds use the same rows."""
+        if round_no != 1:
+            return []
+        used = _sample_rows(params, data)
+        if params.test == "linear":
+            return [used]
+        phenotype = data[params.phenotype].to_numpy(dtype=np.float64, na_value=np.nan)
+        return [used, used & (phenotype == 1), used & (phenotype == 0)]
+
+    def check_broadcast(self, params: GWASParams, round_no: int, broadcast: dict[str, Any],
+                        memory: dict[str, Any]) -> None:
+        """A stage of this test with exactly its keys; batches of variants this site listed; the
+        coefficients finite and of the lengths the model and the batch give."""
+        if round_no == 0:
+            return super().check_broadcast(params, round_no, broadcast, memory)
+        stage = broadcast.get("stage")
+        if stage not in STAGES[params.test]:
+            raise BroadcastRefused("unexpected_broadcast", f"test={params.test!r} has no such stage")
+        if set(broadcast) != STAGE_KEYS[stage]:
+            raise BroadcastRefused("unexpected_broadcast", f"stage {stage!r} carries {sorted(STAGE_KEYS[stage])}")
+        null_width = len(params.covariates) + 1
+        if stage == "null":
+            finite_array(broadcast["beta"], (null_width,))
+            return
+        length = _checked_batch(broadcast["batch"], memory, params.batch_size)
+        if stage == "score":
+            finite_array(broadcast["beta"], (null_width,))
+            mean = finite_array(broadcast["mean"], (length,))
+            if np.any((mean < 0) | (mean > 2)):
+                raise BroadcastRefused("broadcast_malformed", "mean dosages must lie in [0, 2]")
+        elif stage == "newton":
+            active = np.asarray(broadcast["active"])
+            if (active.ndim != 1 or not np.issubdtype(active.dtype, np.integer) or not 0 < len(active) <= length
+                    or np.any(np.diff(active) <= 0) or active[0] < 0 or active[-1] >= length):
+                raise BroadcastRefused("broadcast_malformed", "active SNPs must be increasing positions in the batch")
+            finite_array(broadcast["beta"], (len(active), null_width + 1))
 
     def progress(self, params: GWASParams, state: dict[str, Any]) -> tuple[int, int] | None:
         if "agreed" not in state:
@@ -129,6 +183,7 @@ class GWAS(Analysis[GWASParams]):
         if "samples" not in scratch:
             scratch["samples"] = _samples(params, data, genotypes)
         samples, y, covariates = scratch["samples"]
+        _require_enough_samples(params, y, samples, policy)
         design = np.column_stack([np.ones(len(samples)), covariates])
         stage = broadcast["stage"]
         if stage == "null":
@@ -360,6 +415,44 @@ def _samples(params: GWASParams, data: pd.DataFrame, genotypes: GenotypeFile
         raise AnalysisError(f"phenotype {params.phenotype!r} must be 0 (control) or 1 (case) for test={params.test!r}")
     covariates = table[params.covariates].to_numpy(np.float64).reshape(len(table), len(params.covariates))
     return rows[order], y, covariates[order]
+
+
+def _sample_rows(params: GWASParams, data: pd.DataFrame) -> np.ndarray:
+    """Rows of the table `_samples` can use: complete in IID, phenotype and covariates, first per IID."""
+    names = [params.iid, params.phenotype, *params.covariates]
+    complete = data[names].notna().all(axis=1).to_numpy()
+    first = np.zeros(len(data), dtype=bool)
+    complete_rows = np.flatnonzero(complete)
+    iids = data[params.iid].iloc[complete_rows].astype(str)
+    first[complete_rows[~iids.duplicated().to_numpy()]] = True
+    return first
+
+
+def _require_enough_samples(params: GWASParams, y: np.ndarray, samples: np.ndarray, policy: DisclosurePolicy) -> None:
+    """At least min_cell_count samples, and for a case-control test as many cases and controls."""
+    require_min_count(len(samples), policy, "the sample of this site's GWAS")
+    if params.test == "linear":
+        return
+    require_min_count(int(np.sum(y == 1)), policy, "the cases group of this site's GWAS" if params.test != "tdt"
+                      else "the affected children group of this site's GWAS")
+    if params.test != "tdt":
+        require_min_count(int(np.sum(y == 0)), policy, "the controls group of this site's GWAS")
+
+
+def _checked_batch(batch: Any, memory: dict[str, Any], batch_size: int) -> int:
+    """`check_batch` against this site's round-0 variant list; a batch already checked in this
+    task (Newton rounds repeat it) is recognised by its digest."""
+    try:
+        digest = hashlib.sha256(json.dumps([list(map(str, batch["chrom"])), np.asarray(batch["pos"]).tolist(),
+                                            list(map(str, batch["counted"]))]).encode()).hexdigest()
+    except (TypeError, KeyError, ValueError):
+        raise BroadcastRefused("broadcast_malformed", "a variant batch has the columns chrom, pos and counted") from None
+    if memory.get("checked_batch") == digest:
+        return len(batch["chrom"])
+    released = (memory.get("released", {}).get(0) or {}).get("variants")
+    length = check_batch(batch, released, batch_size)
+    memory["checked_batch"] = digest
+    return length
 
 
 def _founders(genotypes: GenotypeFile) -> np.ndarray:

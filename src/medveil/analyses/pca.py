@@ -19,6 +19,12 @@ plink2's .eigenvec.var (there signed for the non-major allele, here for A1).
 
 Sample scores never leave a site: `PCAResult.project` turns a site's own dosages into its
 samples' PC scores, scaled as plink2's .eigenvec.
+
+A site with fewer than min_cell_count samples refuses (`min_cell_count`); its sample set is a
+row set of the differencing guard. The node checks each broadcast: round 1 the counts stage
+with a batch of variants this site listed in round 0; later rounds the iterate stage with that
+same batch, mean and scale fixed from the first iteration on (finite, one per variant), and an
+orthonormal basis of at most components + oversampling columns.
 What leaks: pooled per-variant genotype counts, and each round the pooled product X'X Q, from
 which the pooled variant covariance (LD) matrix can be learnt; nothing per sample.
 """
@@ -37,6 +43,7 @@ from medveil.analyses.base import (
     Analysis,
     AnalysisError,
     Finished,
+    BroadcastRefused,
     NextRound,
     Params,
     Release,
@@ -46,7 +53,9 @@ from medveil.analyses.variants import (
     agree_variants,
     aligned_blocks,
     batch_broadcast,
+    check_batch,
     count_genotypes,
+    finite_array,
     site_variants,
 )
 from medveil.data.genotypes import GenotypeFile
@@ -54,6 +63,7 @@ from medveil.plotting import axes, save
 from medveil.privacy.disclosure import DisclosurePolicy, require_min_count
 
 AUTOSOMES = frozenset(str(number) for number in range(1, 23))
+MAX_VARIANTS = 10_000_000  # most variants one broadcast may name
 
 
 class PCAParams(Params):
@@ -158,6 +168,48 @@ class PCA(Analysis[PCAParams]):
     def genotype_dataset(self, params: PCAParams) -> str | None:
         return params.genotypes
 
+    def row_sets(self, params: PCAParams, data: pd.DataFrame, round_no: int = 0,
+                 broadcast: dict[str, Any] | None = None) -> list[np.ndarray]:
+        """In round 1, where the samples are first used: the table's rows with an IID."""
+        return [data[params.iid].notna().to_numpy()] if round_no == 1 else []
+
+    def check_broadcast(self, params: PCAParams, round_no: int, broadcast: dict[str, Any],
+                        memory: dict[str, Any]) -> None:
+        """Round 1: counts of a batch this site listed. Later: that batch, the mean and scale of the
+        first iteration, and a finite orthonormal basis of at most components + oversampling columns."""
+        if round_no == 0:
+            return super().check_broadcast(params, round_no, broadcast, memory)
+        listed = (memory.get("released", {}).get(0) or {}).get("variants")
+        if round_no == 1:
+            if set(broadcast) != {"stage", "batch"} or broadcast["stage"] != "counts":
+                raise BroadcastRefused("unexpected_broadcast", "round 1 of pca carries the counts stage and a batch")
+            check_batch(broadcast["batch"], listed, MAX_VARIANTS)
+            return
+        if set(broadcast) != {"stage", "batch", "mean", "scale", "basis"} or broadcast["stage"] != "iterate":
+            raise BroadcastRefused("unexpected_broadcast", "later rounds of pca carry the iterate stage, batch, "
+                                                           "mean, scale and basis")
+        pinned = memory.get("pca_pinned")
+        if pinned is None:
+            length = check_batch(broadcast["batch"], listed, MAX_VARIANTS)
+            mean, scale = finite_array(broadcast["mean"], (length,)), finite_array(broadcast["scale"], (length,))
+            if np.any((mean < 0) | (mean > 2)) or np.any(scale < 0):
+                raise BroadcastRefused("broadcast_malformed", "mean dosages lie in [0, 2] and scales are not negative")
+            memory["pca_pinned"] = {"batch": {k: list(v) if k != "pos" else np.asarray(v, np.int64)
+                                              for k, v in broadcast["batch"].items()}, "mean": mean, "scale": scale}
+        else:
+            if not (_same_batch(broadcast["batch"], pinned["batch"])
+                    and _same_array(broadcast["mean"], pinned["mean"]) and _same_array(broadcast["scale"], pinned["scale"])):
+                raise BroadcastRefused("broadcast_not_released", "the batch, mean and scale must stay those of the "
+                                                                 "first iteration")
+            length = len(pinned["mean"])
+        width = params.components + params.oversampling
+        columns = np.shape(broadcast["basis"])[1:2] if np.ndim(broadcast["basis"]) == 2 else (0,)
+        if not 1 <= columns[0] <= width:
+            raise BroadcastRefused("broadcast_malformed", f"the basis must be variants x at most {width} columns")
+        basis = finite_array(broadcast["basis"], (length, columns[0]))
+        if not np.allclose(basis.T @ basis, np.eye(columns[0]), atol=1e-6):
+            raise BroadcastRefused("broadcast_malformed", "the basis must have orthonormal columns")
+
     # -- site side ---------------------------------------------------------------------------
 
     def local(self, params: PCAParams, round_no: int, broadcast: dict[str, Any], data: pd.DataFrame,
@@ -254,6 +306,21 @@ def _result(params: PCAParams, state: dict[str, Any], ritz_values: np.ndarray, s
     return PCAResult(eigenvalues=eigenvalues, variants=table, variance_explained=eigenvalues / state["trace"],
                      iterations=iterations, converged=converged, n_samples=state["n_samples"],
                      variant_report=state["report"])
+
+
+def _same_array(value: Any, pinned: Any) -> bool:
+    try:
+        return bool(np.array_equal(np.asarray(value, dtype=np.float64), np.asarray(pinned, dtype=np.float64)))
+    except (TypeError, ValueError):
+        return False
+
+
+def _same_batch(batch: Any, pinned: dict[str, Any]) -> bool:
+    if not isinstance(batch, dict) or set(batch) != set(pinned):
+        return False
+    return (list(map(str, batch["chrom"])) == list(map(str, pinned["chrom"]))
+            and list(map(str, batch["counted"])) == list(map(str, pinned["counted"]))
+            and _same_array(batch["pos"], pinned["pos"]))
 
 
 def _samples(iid: str, data: pd.DataFrame, genotypes: GenotypeFile) -> np.ndarray:

@@ -1,14 +1,28 @@
 """kaplan_meier and logrank: survival curves and the log-rank test from securely summed counts.
 
-Durations are placed on a grid agreed up front (0, unit, 2*unit, ... max_time), so no site ever
-sends its own list of event times: each site sends, per group, its counts of events and of
-removals (events + censorings) at every grid point, and only the cross-site sums (masked under
-secure aggregation) are decoded. From those the researcher gets lifelines' event table,
-Kaplan-Meier estimate with exponential-Greenwood intervals, and the (multivariate) log-rank
-test. Durations are rounded to the unit (exact for integer days with unit 1); a node whose
-policy sets `min_time_unit` refuses a finer grid, so a site can coarsen time (e.g. to weeks).
-What leaks: the pooled number of events and censorings at each grid time, as any published
-at-risk table shows.
+Durations are placed on a grid the node computes from the parameters (0, unit, 2*unit, ...
+max_time); no site sends its own list of times. Round 0 agrees the groups (levels a site holds
+at least min_cell_count times); round 1 sums, per group and grid point, events and removals
+(events + censorings).
+
+Before counting, each site coarsens its own times (`coarsen_times`), per group, so that what it
+adds to the sum could be published on its own: it pools consecutive grid points into the next
+point it shows until that step holds 0 or at least min_cell_count events AND 0 or at least
+min_cell_count censorings, and it shows a step only while at least min_cell_count of its rows
+remain after it. The rows left after its last step (at least min_cell_count, the longest
+follow-ups among them) are reported as censored at that step, so no site shows its maximum
+time, and its first step (the m-th row, not the earliest) hides its minimum; a group the site
+holds too rarely to show any step is left out of that group's table. The site does this itself,
+trusting no grid or step from the researcher: the decoded pooled arrays are sums of releases
+that each pass the rule, so every shown step rests on at least min_cell_count patients of every
+site contributing to it, and no at-risk count is 1..min_cell_count-1. Sites' steps need not
+line up: the result is lifelines' estimate on the pooled rows with each row's time as its site
+coarsened it (`released_durations`; tested), which on data that need no pooling equals lifelines
+on the raw rows at every shown time.
+
+What each party learns: the researcher, the pooled events and censorings at each time some site
+shows as a step (at a time only one site shows, that site's coarsened counts, each 0 or at
+least min_cell_count); the hub, masked vectors only; a site, nothing of its peers.
 """
 
 from __future__ import annotations
@@ -25,6 +39,7 @@ from medveil.analyses.base import (
     Aggregated,
     Analysis,
     AnalysisError,
+    BroadcastRefused,
     Finished,
     NextRound,
     Params,
@@ -42,7 +57,10 @@ from medveil.privacy.disclosure import (
 )
 
 MAX_GRID = 200_001
+MAX_AGREED_LEVELS = 1000
+MAX_LEVEL_LENGTH = 200
 ALL = "all"
+LEFT_OUT = -1
 
 
 class SurvivalParams(Params):
@@ -66,6 +84,124 @@ def time_slots(data: pd.DataFrame, duration: str, event: str, time_unit: float,
     return np.rint(durations / time_unit).astype(np.int64), events
 
 
+def grid_size(time_unit: float, max_time: float) -> int:
+    """Number of points of the time grid the node derives from the parameters."""
+    return int(np.floor(max_time / time_unit)) + 1
+
+
+def coarsen_times(slots: np.ndarray, events: np.ndarray, min_count: int) -> tuple[np.ndarray, np.ndarray]:
+    """The grid slot and event flag each row is released with, after this site's coarsening.
+
+    Walking up the grid, consecutive points are pooled into the next shown step until it holds
+    0 or >= min_count events and 0 or >= min_count censorings, and at least min_count rows remain
+    after it. Rows after the last step are released as censored at it (so the longest follow-up
+    is never shown); without any step, every row is LEFT_OUT."""
+    slots = np.asarray(slots, dtype=np.int64)
+    events = np.asarray(events, dtype=np.float64)
+    released = np.full(len(slots), LEFT_OUT, dtype=np.int64)
+    if len(slots) == 0:
+        return released, np.zeros(0)
+    occupied, position = np.unique(slots, return_inverse=True)
+    died = np.bincount(position, weights=events, minlength=len(occupied))
+    censored = np.bincount(position, minlength=len(occupied)) - died
+    remaining = len(slots) - np.cumsum(died + censored)
+    cuts: list[int] = []
+    pooled_died = pooled_censored = 0.0
+    for k in range(len(occupied)):
+        pooled_died += died[k]
+        pooled_censored += censored[k]
+        if ((pooled_died == 0 or pooled_died >= min_count) and (pooled_censored == 0 or pooled_censored >= min_count)
+                and remaining[k] >= min_count):
+            cuts.append(int(occupied[k]))
+            pooled_died = pooled_censored = 0.0
+    if not cuts:
+        return released, np.zeros(len(slots))
+    step = np.searchsorted(np.asarray(cuts), slots, side="left")
+    tail = step == len(cuts)
+    released = np.asarray(cuts)[np.minimum(step, len(cuts) - 1)]
+    return released, np.where(tail, 0.0, events)
+
+
+def coarsen_by_group(slots: np.ndarray, events: np.ndarray, labels: np.ndarray,
+                     min_count: int) -> tuple[np.ndarray, np.ndarray]:
+    """`coarsen_times` applied within each group label (rows labelled LEFT_OUT stay out)."""
+    released = np.full(len(slots), LEFT_OUT, dtype=np.int64)
+    released_events = np.zeros(len(slots))
+    for label in np.unique(labels):
+        if label == LEFT_OUT:
+            continue
+        rows = labels == label
+        released[rows], released_events[rows] = coarsen_times(slots[rows], events[rows], min_count)
+    return released, released_events
+
+
+def released_durations(data: pd.DataFrame, duration: str, event: str, min_count: int, by: str | None = None,
+                       time_unit: float = 1.0, max_time: float = 36_500.0) -> pd.DataFrame:
+    """One site's rows complete in duration, event (and by), with the duration (NaN when left
+    out) and event as its coarsening releases them, other columns as they are.
+
+    What the pooled estimates equal: lifelines on the concatenation of every site's frame."""
+    complete = data.dropna(subset=[duration, event] + ([by] if by else []))
+    slots, events = time_slots(complete, duration, event, time_unit, max_time)
+    labels = (np.zeros(len(complete), dtype=np.int64) if by is None else
+              pd.factorize(categorical_column(complete, by))[0].astype(np.int64))
+    released, released_events = coarsen_by_group(slots, events, labels, min_count)
+    frame = complete.copy()
+    frame[duration] = np.where(released == LEFT_OUT, np.nan, released * time_unit)
+    frame[event] = released_events
+    return frame
+
+
+def step_row_sets(complete: np.ndarray, released: np.ndarray, labels: np.ndarray) -> list[np.ndarray]:
+    """Masks over all rows of each released step (per group) and of the risk set at it.
+
+    `released` and `labels` are per complete row (`complete` marks those among all rows)."""
+    positions = np.flatnonzero(complete)
+    sets = []
+    for label in np.unique(labels[labels != LEFT_OUT]):
+        in_group = labels == label
+        for slot in np.unique(released[in_group]):
+            for rows in (in_group & (released == slot), in_group & (released >= slot)):
+                mask = np.zeros(len(complete), dtype=bool)
+                mask[positions[rows]] = True
+                sets.append(mask)
+    return sets
+
+
+def check_agreed_levels(levels: Any, own: list[str], key: str) -> list[str]:
+    """An agreed level list from a broadcast: strings, distinct, bounded, holding every level this
+    site released (others may come from other sites)."""
+    if (not isinstance(levels, list) or not 0 < len(levels) <= MAX_AGREED_LEVELS
+            or not all(isinstance(level, str) and 0 < len(level) <= MAX_LEVEL_LENGTH for level in levels)
+            or len(set(levels)) != len(levels)):
+        raise BroadcastRefused("broadcast_malformed", f"{key!r} must be a list of at most {MAX_AGREED_LEVELS} "
+                                                      f"distinct, non-empty strings")
+    if not set(own) <= set(levels):
+        raise BroadcastRefused("broadcast_mismatch", f"{key!r} leaves out levels this site released")
+    return levels
+
+
+def check_keys(broadcast: dict[str, Any], allowed: set[str], required: set[str]) -> None:
+    """Refuse unknown or missing broadcast keys."""
+    keys = set(broadcast)
+    if not required <= keys <= allowed:
+        raise BroadcastRefused("broadcast_malformed", f"broadcast keys must be {sorted(required)} "
+                                                      f"(optional {sorted(allowed - required)})")
+
+
+def released_facts(memory: dict[str, Any], round_no: int) -> dict[str, Any]:
+    """What this site released publicly in a round, as the node recorded it."""
+    released = memory.get("released", {})
+    return released.get(round_no, released.get(str(round_no), {})) or {}
+
+
+def pin(memory: dict[str, Any], key: str, value: Any) -> None:
+    """Record a broadcast value later rounds must repeat; refuse one that differs from the record."""
+    if key in memory and memory[key] != value:
+        raise BroadcastRefused("broadcast_changed", f"{key!r} differs from what an earlier round of this task agreed")
+    memory[key] = value
+
+
 @dataclass(frozen=True)
 class SurvivalCounts:
     """Pooled events and removals per group on the time grid."""
@@ -84,6 +220,45 @@ class _SurvivalCountsAnalysis(Analysis[SurvivalParams]):
     def variables(self, params: SurvivalParams) -> list[str]:
         return [params.duration, params.event] + ([params.by] if params.by else [])
 
+    def check_broadcast(self, params: SurvivalParams, round_no: int, broadcast: dict[str, Any],
+                        memory: dict[str, Any]) -> None:
+        """Round 0 takes no broadcast; round 1 only the agreed groups (pinned); there is no round 2."""
+        if round_no == 0:
+            super().check_broadcast(params, round_no, broadcast, memory)
+            return
+        if round_no != 1:
+            raise BroadcastRefused("unexpected_round", f"{self.name} has no round {round_no}")
+        check_keys(broadcast, {"groups"}, {"groups"})
+        own = released_facts(memory, 0).get("groups", [])
+        groups = check_agreed_levels(broadcast["groups"], list(own), "groups")
+        if params.by is None and groups != [ALL]:
+            raise BroadcastRefused("broadcast_mismatch", f"without by=..., the only group is {ALL!r}")
+        pin(memory, "groups", groups)
+
+    def row_sets(self, params: SurvivalParams, data: pd.DataFrame, round_no: int = 0,
+                 broadcast: dict[str, Any] | None = None, policy: DisclosurePolicy | None = None
+                 ) -> list[np.ndarray]:
+        """Round 0: the complete rows; round 1: the rows of each shown step and of each risk set."""
+        if round_no != 1:
+            return super().row_sets(params, data, round_no, broadcast)
+        groups = list((broadcast or {}).get("groups", []))
+        min_count = (policy or DisclosurePolicy()).min_cell_count
+        complete, released, _, labels = self._released(params, data, groups, min_count)
+        return step_row_sets(complete, released, labels)
+
+    def _released(self, params: SurvivalParams, data: pd.DataFrame, groups: list[str],
+                  min_count: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(complete-row mask over `data`, then per complete row: released slot, released event, group
+        index or LEFT_OUT)."""
+        mask = data[self.variables(params)].notna().all(axis=1).to_numpy()
+        complete = data[mask]
+        slots, events = time_slots(complete, params.duration, params.event, params.time_unit, params.max_time)
+        labels = (np.zeros(len(complete), dtype=np.int64) if params.by is None else
+                  categorical_column(complete, params.by).map({g: i for i, g in enumerate(groups)})
+                  .fillna(LEFT_OUT).to_numpy(np.int64))
+        released, released_events = coarsen_by_group(slots, events, labels, min_count)
+        return mask, released, released_events, np.where(released == LEFT_OUT, LEFT_OUT, labels)
+
     def local(self, params: SurvivalParams, round_no: int, broadcast: dict[str, Any], data: pd.DataFrame,
               policy: DisclosurePolicy) -> Release:
         require_time_unit(params.time_unit, policy)
@@ -94,12 +269,9 @@ class _SurvivalCountsAnalysis(Analysis[SurvivalParams]):
             return Release(public={"groups": releasable_levels(categorical_column(complete, params.by), params.by,
                                                                policy), "rows": len(complete)})
         groups = broadcast["groups"]
-        slots, events = time_slots(complete, params.duration, params.event, params.time_unit, params.max_time)
-        size = int(np.floor(params.max_time / params.time_unit)) + 1
-        labels = (np.zeros(len(complete), dtype=np.int64) if params.by is None else
-                  categorical_column(complete, params.by).map({g: i for i, g in enumerate(groups)})
-                  .fillna(-1).to_numpy(np.int64))
-        keep = labels >= 0
+        _, slots, events, labels = self._released(params, data, groups, policy.min_cell_count)
+        size = grid_size(params.time_unit, params.max_time)
+        keep = labels != LEFT_OUT
         event_counts = np.zeros((len(groups), size))
         removed_counts = np.zeros((len(groups), size))
         np.add.at(removed_counts, (labels[keep], slots[keep]), 1.0)
@@ -109,7 +281,7 @@ class _SurvivalCountsAnalysis(Analysis[SurvivalParams]):
     def _counts(self, params: SurvivalParams, round_no: int, aggregated: Aggregated,
                 state: dict[str, Any]) -> NextRound | SurvivalCounts:
         if round_no == 0:
-            if int(np.floor(params.max_time / params.time_unit)) + 1 > MAX_GRID:
+            if grid_size(params.time_unit, params.max_time) > MAX_GRID:
                 raise AnalysisError(f"the grid max_time/time_unit has more than {MAX_GRID} points; coarsen time")
             groups = union_of_levels(aggregated.public, "groups")
             if not groups:

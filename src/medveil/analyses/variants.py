@@ -4,6 +4,7 @@ Each site names its variants (chromosome, position, alleles, ID; no sample data)
 form. The researcher keeps the variants every site holds, matched by chromosome and position
 with alleles equal or swapped, and reports strand-ambiguous (A/T, C/G) and mismatched ones.
 A batch of agreed variants is then broadcast as (chromosome, position, A1) columns; each site
+checks every one is a variant it listed itself, with an allele of its own (`check_batch`),
 finds them in its own fileset and reads its genotypes counted on the agreed A1, flipping
 dosages where its .bim lists the alleles the other way round.
 """
@@ -15,7 +16,7 @@ from typing import Any, Iterator
 import numpy as np
 import pandas as pd
 
-from medveil.analyses.base import AnalysisError
+from medveil.analyses.base import AnalysisError, BroadcastRefused
 from medveil.data.genotypes import GenotypeFile
 
 STRAND_AMBIGUOUS_PAIRS = ["AT", "TA", "CG", "GC"]
@@ -73,6 +74,49 @@ def batch_broadcast(agreed: pd.DataFrame, start: int, stop: int, counted_is_a2: 
     if counted_is_a2 is not None:
         counted = np.where(counted_is_a2[start:stop], part["A2"].to_numpy(object), counted)
     return {"chrom": part["CHROM"].tolist(), "pos": part["POS"].to_numpy(np.int64), "counted": counted.tolist()}
+
+
+def check_batch(batch: Any, listed: Any, max_variants: int) -> int:
+    """Refuse a broadcast batch that is not columns of at most `max_variants` distinct variants
+    this site listed in round 0 (`listed`, its `site_variants`), each counting one of its alleles;
+    return the batch's length."""
+    if not isinstance(batch, dict) or set(batch) != {"chrom", "pos", "counted"}:
+        raise BroadcastRefused("broadcast_malformed", "a variant batch has the columns chrom, pos and counted")
+    if not isinstance(listed, dict):
+        raise BroadcastRefused("broadcast_not_released", "this site listed no variants in round 0 of this task")
+    try:
+        chrom = [str(c) for c in batch["chrom"]]
+        counted = [str(a) for a in batch["counted"]]
+        pos = np.asarray(batch["pos"])
+    except TypeError:
+        raise BroadcastRefused("broadcast_malformed", "a variant batch's columns must be lists") from None
+    if not 0 < len(chrom) <= max_variants or len(pos) != len(chrom) or len(counted) != len(chrom):
+        raise BroadcastRefused("broadcast_malformed", f"a variant batch holds 1 to {max_variants} variants in "
+                                                      "columns of one length")
+    if pos.ndim != 1 or not np.issubdtype(pos.dtype, np.integer):
+        raise BroadcastRefused("broadcast_malformed", "variant positions must be integers")
+    own = pd.DataFrame({"chrom": list(map(str, listed["chrom"])), "pos": np.asarray(listed["pos"], np.int64),
+                        "a1": list(map(str, listed["a1"])), "a2": list(map(str, listed["a2"]))})
+    asked = pd.DataFrame({"chrom": chrom, "pos": pos.astype(np.int64), "counted": counted})
+    if asked.duplicated(["chrom", "pos"]).any():
+        raise BroadcastRefused("broadcast_malformed", "a variant batch lists a variant twice")
+    found = asked.merge(own.drop_duplicates(["chrom", "pos"], keep=False), how="left", on=["chrom", "pos"])
+    if len(found) != len(asked) or found["a1"].isna().any():
+        raise BroadcastRefused("broadcast_not_released", "a variant batch holds a variant this site did not list")
+    if not ((found["counted"] == found["a1"]) | (found["counted"] == found["a2"])).all():
+        raise BroadcastRefused("broadcast_not_released", "a variant batch counts an allele this site does not list")
+    return len(chrom)
+
+
+def finite_array(value: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """A broadcast array of finite floats of exactly `shape`, or a refusal."""
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise BroadcastRefused("broadcast_malformed", "a broadcast array is not numeric") from None
+    if array.shape != shape or not np.all(np.isfinite(array)):
+        raise BroadcastRefused("broadcast_malformed", f"a broadcast array must be finite with shape {shape}")
+    return array
 
 
 def locate(genotypes: GenotypeFile, batch: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:

@@ -1,15 +1,16 @@
-"""Secure aggregation primitives (in the style of Bonawitz et al. 2017), pure and transport-free.
+"""Secure aggregation primitives with double masking (Bonawitz et al. 2017), pure and transport-free.
 
-Threat model: the hub and the researcher are honest-but-curious and do not collude. Each
-site adds to its fixed-point-encoded release one pseudo-random mask per other site, derived
-from an X25519 key agreement and expanded with AES-256-CTR; the masks cancel in the sum, so
-whoever sums the masked vectors learns the total and nothing about any one site's vector
-(each masked vector is uniform on the ring to anyone missing a pairwise seed). Each site also
-Shamir-shares its per-task mask key among the others, encrypted pairwise with AES-GCM, so that
-if sites vanish before submitting, at least `threshold` survivors can reveal the vanished
-sites' keys and the sum is still recovered. Surviving sites refuse to reveal the key of a
-site whose masked vector the hub holds, so no single site's vector can be unmasked; below the
-threshold nothing can be recovered and the round aborts.
+Each site sends its fixed-point-encoded release y = x + PRG(b) + sum over peers of +-PRG(s_pq):
+one pairwise mask per other participant, from an X25519 agreement s_pq expanded with
+AES-256-CTR (the smaller name adds, the larger subtracts, so they cancel in the sum), and one
+self mask from a fresh per-step seed b that the site Shamir-shares among the participants
+(each share encrypted pairwise with AES-GCM). Whoever sums the vectors learns the total once
+the self masks are removed; removing them needs `threshold` shares of each b, and each masked
+vector alone is uniform on the ring to anyone missing one of its seeds. What each party
+learns: the summing party, the sum over the sites that submitted; a site, its own shares,
+each uniform on its own; nobody, one site's vector, as long as no site reveals both its share
+of a site's b and its pairwise seed with that site for the same step (runtime/secure_aggregation.py
+enforces that).
 
 Fixed point: a float64 x becomes the integer round(x * 2**52), held in two's complement over
 112 bits as two 56-bit limbs in uint64 words. Limb sums of up to 256 sites stay below 2**64,
@@ -58,7 +59,7 @@ def encode_fixed(values: np.ndarray) -> np.ndarray:
     if not np.all(np.isfinite(x)):
         raise FixedPointOverflow("cannot encode NaN or infinite values")
     if x.size and np.max(np.abs(x)) > MAX_ABS:
-        raise FixedPointOverflow(f"value {np.max(np.abs(x)):.3g} exceeds the fixed-point bound {MAX_ABS:.3g}")
+        raise FixedPointOverflow(f"a value exceeds the fixed-point bound {MAX_ABS:.3g}")
     scaled = np.rint(x * _SCALE)  # exact integers in float64 (53 significant bits at most)
     magnitude = np.abs(scaled)
     high = np.floor(magnitude / 2.0**LIMB_BITS)
@@ -140,9 +141,12 @@ def pair_sign(me: str, peer: str) -> int:
     return 1 if me < peer else -1
 
 
-def apply_masks(encoded: np.ndarray, me: str, seeds: dict[str, bytes]) -> np.ndarray:
-    """Add (or subtract) one expanded mask per peer to the flat uint64 encoding, modulo 2**64."""
+def apply_masks(encoded: np.ndarray, me: str, seeds: dict[str, bytes], self_seed: bytes | None = None) -> np.ndarray:
+    """Add (or subtract) one expanded mask per peer to the flat uint64 encoding, modulo 2**64,
+    and the expanded self mask of `self_seed` when given (double masking)."""
     masked = np.array(encoded, dtype=np.uint64, copy=True).ravel()
+    if self_seed is not None:
+        masked += expand(self_seed, masked.size)
     for peer, seed in seeds.items():
         if pair_sign(me, peer) > 0:
             masked += expand(seed, masked.size)
@@ -162,7 +166,15 @@ def dropped_mask_total(dropped: str, seeds_with_submitters: dict[str, bytes], co
     return total
 
 
-# --- Shamir secret sharing of the per-task mask key -----------------------------------------
+def self_mask_total(self_seeds: list[bytes], count: int) -> np.ndarray:
+    """The submitters' self masks, summed, to subtract from the total once their seeds are rebuilt."""
+    total = np.zeros(count, dtype=np.uint64)
+    for seed in self_seeds:
+        total += expand(seed, count)
+    return total
+
+
+# --- Shamir secret sharing of the self-mask seeds -----------------------------------------
 
 def split_secret(secret: bytes, n: int, threshold: int, random_bytes: RandomBytes) -> list[int]:
     """Shares f(1..n) of a polynomial of degree threshold-1 with f(0) = secret, over GF(2**521-1)."""

@@ -1,8 +1,12 @@
 """Statistical disclosure control applied by a node before anything leaves it.
 
 What it protects: small counts (a cell of 1-4 patients can identify them), row values,
-minima and maxima. Each rule has a stable name that refusals quote, so a researcher and a
-steward can see exactly which rule stopped a query.
+minima and maxima, against a researcher who chooses the query: a hidden cell cannot be
+recovered from the table's margins or total (secondary suppression), and statistics over row
+sets that differ by a few patients are refused (the differencing guard, one row set per
+released statistic). Each rule has a stable name that refusals quote, so a researcher and a
+steward can see exactly which rule stopped a query; no message carries a value computed from
+the data.
 """
 
 from __future__ import annotations
@@ -54,21 +58,115 @@ def suppress_small_counts(counts: np.ndarray, policy: DisclosurePolicy,
     return np.where(suppressed, 0, counts), suppressed
 
 
+def secondary_suppression(counts: np.ndarray, hidden: np.ndarray, policy: DisclosurePolicy) -> np.ndarray:
+    """Hide more cells so no hidden cell can be recovered from a line total; return the new mask.
+
+    A line is a row or column of a table (any axis of an n-way table; a one-way table is one
+    line, its total). A researcher may know every line's total (from a coarser query, or the
+    rows a site used), so in every line of two or more cells that holds a hidden cell, the
+    hidden cells must be at least two and together hold at least min_cell_count rows: the
+    classic rule (hide the smallest other nonzero cell of such a line) applied until no line
+    needs more, then a line total minus the cells shown is a sum of several cells, never a
+    small count. A line whose other cells are all zero gets a zero cell hidden beside its one
+    hidden cell. Terminates: every pass hides a new cell.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    hidden = np.array(hidden, dtype=bool, copy=True)
+    if counts.shape != hidden.shape:
+        raise ValueError("counts and the hidden mask must have the same shape")
+    changed = True
+    while changed:
+        changed = False
+        for axis in range(counts.ndim):
+            if counts.shape[axis] < 2:
+                continue
+            lines_counts = np.moveaxis(counts, axis, -1)
+            lines_hidden = np.moveaxis(hidden, axis, -1)  # a view: writing to it writes to `hidden`
+            for index in np.ndindex(lines_counts.shape[:-1]):
+                line, mask = lines_counts[index], lines_hidden[index]
+                while _line_needs_more(line, mask, policy.min_cell_count):
+                    mask[_next_cell_to_hide(line, mask)] = True
+                    changed = True
+    return hidden
+
+
+def _line_needs_more(line: np.ndarray, mask: np.ndarray, min_count: int) -> bool:
+    n_hidden = int(mask.sum())
+    if n_hidden == 0 or n_hidden == len(line):
+        return False
+    if n_hidden == 1:
+        return True
+    return int(line[mask].sum()) < min_count and bool(np.any(line[~mask] > 0))
+
+
+def _next_cell_to_hide(line: np.ndarray, mask: np.ndarray) -> int:
+    """The smallest shown nonzero cell of a line, else its first shown (zero) cell."""
+    candidates = np.flatnonzero(~mask & (line > 0))
+    if len(candidates):
+        return int(candidates[np.argmin(line[candidates])])
+    return int(np.flatnonzero(~mask)[0])
+
+
+def suppress_table(counts: np.ndarray, policy: DisclosurePolicy,
+                   noise: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Small cells suppressed and then, for exact counts, secondary suppression; returns
+    (released counts, hidden mask), hidden cells released as zero.
+
+    Under differential privacy (`noise`) the released counts are noisy, so no hidden cell can be
+    recovered exactly by subtraction: only the noisy small cells are hidden (post-processing)."""
+    released, hidden = suppress_small_counts(counts, policy, noise)
+    if noise is not None:
+        return released, hidden
+    exact = np.asarray(counts, dtype=np.int64)
+    hidden = secondary_suppression(exact, hidden, policy)
+    return np.where(hidden, 0, exact), hidden
+
+
 def check_differencing(row_set: np.ndarray, earlier: list[np.ndarray], policy: DisclosurePolicy) -> None:
     """Refuse a row set that differs from an earlier one by 1..min_cell_count-1 rows.
 
     What it protects: two queries over row sets that differ by a handful of patients let their
     difference reveal those patients' values; sets that are equal or differ by at least
-    min_cell_count rows are allowed.
+    min_cell_count rows are allowed. For many sets at once use `check_differencing_many`.
     """
+    check_differencing_many([row_set], earlier, policy)
+
+
+def check_differencing_many(row_sets: list[np.ndarray], earlier: list[np.ndarray], policy: DisclosurePolicy) -> None:
+    """`check_differencing` for every new row set against every earlier one, vectorised.
+
+    Sets of fewer than min_cell_count rows are left out: no statistic resting on so few rows is
+    ever released (it is hidden or refused), so a difference with one reveals nothing. Two sets
+    of sizes a and b differ by at least |a - b| rows, so only earlier sets whose size is within
+    min_cell_count-1 of a new one's are compared, bit-packed, with popcounts."""
+    if not row_sets or not earlier:
+        return
+    near = policy.min_cell_count - 1
+    by_length: dict[int, list[np.ndarray]] = {}
     for previous in earlier:
-        if previous.shape != row_set.shape:
+        previous = np.asarray(previous, dtype=bool)
+        if previous.ndim == 1 and np.count_nonzero(previous) >= policy.min_cell_count:
+            by_length.setdefault(len(previous), []).append(previous)
+    stacks: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    for row_set in row_sets:
+        row_set = np.asarray(row_set, dtype=bool)
+        if row_set.ndim != 1 or len(row_set) not in by_length or np.count_nonzero(row_set) < policy.min_cell_count:
             continue
-        differing = int(np.count_nonzero(previous != row_set))
-        if 0 < differing < policy.min_cell_count:
+        if len(row_set) not in stacks:
+            stacked = np.stack(by_length[len(row_set)])
+            sizes = np.count_nonzero(stacked, axis=1)
+            order = np.argsort(sizes, kind="stable")
+            stacks[len(row_set)] = (sizes[order], np.packbits(stacked[order], axis=1), order)
+        sizes, packed, _ = stacks[len(row_set)]
+        size = int(np.count_nonzero(row_set))
+        lo, hi = np.searchsorted(sizes, size - near, "left"), np.searchsorted(sizes, size + near, "right")
+        if lo == hi:
+            continue
+        differing = np.bitwise_count(packed[lo:hi] ^ np.packbits(row_set)[None, :]).sum(axis=1, dtype=np.int64)
+        if np.any((differing > 0) & (differing < policy.min_cell_count)):
             raise DisclosureRefused(
-                "differencing", f"the rows used differ from an earlier query of this study by {differing} "
-                                f"(fewer than {policy.min_cell_count}); their difference would identify them")
+                "differencing", f"the rows behind a statistic differ from those of an earlier query of this study "
+                                f"by fewer than {policy.min_cell_count}; their difference would identify them")
 
 
 def releasable_levels(labels: pd.Series, name: str, policy: DisclosurePolicy) -> list[str]:
@@ -77,7 +175,7 @@ def releasable_levels(labels: pd.Series, name: str, policy: DisclosurePolicy) ->
     (an identifier in disguise) are refused under `max_levels`."""
     counts = labels.value_counts()
     if len(counts) > policy.max_levels:
-        raise DisclosureRefused("max_levels", f"variable {name!r} has {len(counts)} levels, more than {policy.max_levels}")
+        raise DisclosureRefused("max_levels", f"variable {name!r} has more than {policy.max_levels} levels")
     return sorted(str(level) for level in counts[counts >= policy.min_cell_count].index)
 
 
@@ -97,14 +195,14 @@ def require_not_saturated(n_rows: int, n_parameters: int, policy: DisclosurePoli
     if n_parameters > policy.max_parameter_ratio * n_rows:
         raise DisclosureRefused(
             "saturation", f"a model with {n_parameters} parameters needs at least "
-                          f"{int(n_parameters / policy.max_parameter_ratio) + 1} rows at a site; this site has {n_rows}")
+                          f"{int(n_parameters / policy.max_parameter_ratio) + 1} rows at a site; this site has fewer")
 
 
 def require_min_count(n: int, policy: DisclosurePolicy, what: str) -> None:
     """Refuse when fewer than min_cell_count rows would stand behind a released statistic."""
     if n < policy.min_cell_count:
         raise DisclosureRefused(
-            "min_cell_count", f"{what} has {n} rows, fewer than the minimum of {policy.min_cell_count}"
+            "min_cell_count", f"{what} has fewer than the minimum of {policy.min_cell_count} rows"
         )
 
 
@@ -117,3 +215,31 @@ def clamp_cumulative_counts(cumulative: np.ndarray, n: int, policy: DisclosurePo
     cumulative = np.asarray(cumulative, dtype=np.int64)
     clamped = np.where(cumulative < policy.min_cell_count, 0, cumulative)
     return np.where(n - cumulative < policy.min_cell_count, n, clamped)
+
+
+def coarsen_cumulative_counts(cumulative: np.ndarray, n: int, policy: DisclosurePolicy) -> np.ndarray:
+    """An empirical CDF on a grid that shows no exact count and no step of fewer than
+    min_cell_count rows.
+
+    What it protects: on a grid fine enough, a step of one count between two grid points would
+    place one patient's value there, and an exact count could be differenced against a histogram
+    bin edge near it. Tails are clamped (`clamp_cumulative_counts`); inside, a count is rounded
+    to a bin of min_cell_count consecutive counts [j*m, j*m + m - 1] (the last bin runs on to
+    n - m, so none is shorter) and released as that bin's midpoint. A released value tells only
+    which bin the count lies in, as a hidden cell tells only that it holds 1 to m-1 rows; every
+    released step is 0 or at least min_cell_count; every value is within min_cell_count-1 of the
+    true one (about half that on average, unbiased), so pooled quantiles stay close.
+    """
+    cumulative = np.asarray(cumulative, dtype=np.int64)
+    m = policy.min_cell_count
+    released = clamp_cumulative_counts(cumulative, n, policy).astype(np.float64)
+    interior = (cumulative >= m) & (n - cumulative >= m)
+    if not interior.any():
+        return released
+    top = n - m  # the largest interior count
+    last_bin = max(1, (top - m + 1) // m)  # bins j = 1..last_bin; the last one absorbs a short remainder
+    j = np.minimum(cumulative[interior] // m, last_bin)
+    low = j * m
+    high = np.where(j == last_bin, top, low + m - 1)
+    released[interior] = (low + high) / 2
+    return released

@@ -1,16 +1,20 @@
-"""HubClient: a party's view of the hub over any httpx transport (real HTTP or in-process)."""
+"""HubClient: a party's view of the hub over any httpx transport (real HTTP or in-process).
+
+Once `pin`ned (a researcher's client, with a study's site keys), the client verifies parties only
+against the pinned keys and never asks the hub for one: a hub serving a wrong key gains nothing.
+"""
 
 from __future__ import annotations
 
 import secrets
 import socket
 import time
-from typing import Any
+from typing import Any, Mapping
 
 import httpx
 import msgpack
 
-from medveil.crypto.signing import SigningKey, VerifyKey
+from medveil.crypto.signing import SignatureError, SigningKey, VerifyKey
 from medveil.runtime.auth import HEADER, make_token
 from medveil.runtime.hub import BINARY
 from medveil.runtime.wire import DEFAULT_MAX_BYTES, Envelope, open_envelope, seal
@@ -33,15 +37,18 @@ class HubClient:
     """Signs what it sends and authenticates what it reads, as one party."""
 
     def __init__(self, base_url: str, party: str, key: SigningKey, *, http: httpx.Client | None = None,
-                 max_bytes: int = DEFAULT_MAX_BYTES, timeout: float = 60.0):
+                 max_bytes: int = DEFAULT_MAX_BYTES, timeout: float = 60.0, invitation: str | None = None):
+        """`invitation`: the hub operator's signed invitation, sent with the first registration."""
         self.party = party
         self.key = key
         self.max_bytes = max_bytes
+        self.invitation = invitation
         # TCP_NODELAY: httpx writes headers and body separately; without it Nagle's algorithm
         # and delayed ACKs add ~40 ms to every request, which multi-round analyses pay per round.
         transport = httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)])
         self.http = http or httpx.Client(base_url=base_url, timeout=timeout, transport=transport)
         self._keys: dict[str, VerifyKey] = {}
+        self._pinned = False
 
     def close(self) -> None:
         self.http.close()
@@ -91,12 +98,32 @@ class HubClient:
 
     def register(self, role: str) -> dict[str, Any]:
         body = {"role": role, "public_key": self.key.verify_key.to_text()}
+        if self.invitation is not None:
+            body["invitation"] = self.invitation
         return self.post("/v1/parties", self.seal("register", body))
 
+    def pin(self, keys: Mapping[str, str]) -> None:
+        """From now on verify only these parties (id -> VerifyKey text), never with a key from the hub."""
+        if not self._pinned:
+            self._keys.clear()  # keys fetched from the hub before pinning are not kept
+        for party, key_text in keys.items():
+            pinned = VerifyKey.from_text(key_text)
+            if self._pinned and self._keys.get(party, pinned) != pinned:
+                raise SignatureError(f"{party!r} is already pinned to another key")
+            self._keys[party] = pinned
+        self._pinned = True
+
     def public_key(self, party: str) -> VerifyKey:
+        """The key to verify `party` with: its pinned key once pinned, else the hub's record."""
         if party not in self._keys:
-            self._keys[party] = VerifyKey.from_text(self.get_json(f"/v1/parties/{party}")["public_key"])
+            if self._pinned:
+                raise SignatureError(f"no key is pinned for {party!r}")
+            self._keys[party] = self.hub_public_key(party)
         return self._keys[party]
+
+    def hub_public_key(self, party: str) -> VerifyKey:
+        """The key the hub serves for `party`: to be checked against a fingerprint, never trusted alone."""
+        return VerifyKey.from_text(self.get_json(f"/v1/parties/{party}")["public_key"])
 
     def study_envelope(self, study_id: str) -> Envelope:
         return open_envelope(self._request("GET", f"/v1/studies/{study_id}").content, self.max_bytes)

@@ -1,19 +1,95 @@
-"""A site's YAML configuration: who it is, where its hub is, its datasets and its policy."""
+"""A site's YAML configuration (who it is, where its hub is, its datasets and its policy) and
+private key files at rest.
+
+Private keys are PKCS#8 PEM files created 0600 (inside 0700 directories) from the start,
+encrypted with the passphrase in MEDVEIL_KEY_PASSPHRASE when it is set; a key file that other
+users may read or write is refused, and an encrypted one needs its passphrase.
+"""
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from medveil.crypto.signing import KeyLocked, SigningKey, is_encrypted_pem
 from medveil.data.sources import DatasetConfig
 from medveil.privacy.disclosure import DisclosurePolicy
 from medveil.runtime.study import NAME_PATTERN
 
 
+PASSPHRASE_ENV = "MEDVEIL_KEY_PASSPHRASE"
+
+
 class ConfigError(ValueError):
     pass
+
+
+class KeyFileError(ConfigError):
+    """A private key file is missing, readable by others, or locked without its passphrase."""
+
+
+def passphrase_from_env() -> bytes | None:
+    """The key passphrase from MEDVEIL_KEY_PASSPHRASE, or None when it is unset or empty."""
+    value = os.environ.get(PASSPHRASE_ENV, "")
+    return value.encode("utf-8") if value else None
+
+
+def make_private_dir(path: Path) -> Path:
+    """Create (or narrow) a directory only its owner may enter: mode 0700 whatever the umask."""
+    path = Path(path)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+    return path
+
+
+def write_private_file(path: Path, data: bytes) -> None:
+    """Write a new file readable only by its owner (0600 from creation); an existing file is refused."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.fchmod(descriptor, 0o600)  # the umask may have narrowed it further; make it exactly 0600
+        view = memoryview(data)
+        while view:
+            view = view[os.write(descriptor, view):]
+    finally:
+        os.close(descriptor)
+
+
+def write_private_key(path: Path, key: SigningKey, passphrase: bytes | None = None) -> None:
+    """Save a private key as PEM, 0600, encrypted when a passphrase is given."""
+    write_private_file(Path(path), key.to_pem(passphrase))
+
+
+def check_private_file(path: Path) -> None:
+    """Refuse a private key file that any user but its owner may read or write (as ssh does)."""
+    mode = Path(path).stat().st_mode
+    if os.name == "posix" and mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise KeyFileError(f"private key {path} is open to other users (mode {stat.S_IMODE(mode):04o}); "
+                           f"restrict it with: chmod 600 {path}")
+
+
+def key_file_is_encrypted(path: Path) -> bool:
+    return is_encrypted_pem(Path(path).read_bytes())
+
+
+def read_private_key(path: Path, passphrase: bytes | None = None) -> SigningKey:
+    """Load a private key file after checking only its owner may use it; the passphrase defaults
+    to MEDVEIL_KEY_PASSPHRASE. Unencrypted keys load too (callers may warn)."""
+    path = Path(path)
+    try:
+        check_private_file(path)
+        pem = path.read_bytes()
+    except OSError as exc:
+        raise KeyFileError(f"cannot read private key {path}: {exc.strerror}") from exc
+    try:
+        return SigningKey.from_pem(pem, passphrase or passphrase_from_env())
+    except KeyLocked as exc:
+        raise KeyFileError(f"private key {path}: {exc}; set {PASSPHRASE_ENV}") from exc
+    except ValueError as exc:
+        raise KeyFileError(f"{path} is not an Ed25519 private key in PEM") from exc
 
 
 class SiteConfig(BaseModel):
@@ -26,6 +102,7 @@ class SiteConfig(BaseModel):
     identity: Path = Path("node.key")
     steward_key: Path = Path("steward.pub")
     state_dir: Path = Path("state")
+    invitation: str | None = Field(None, description="the hub operator's invitation, needed to register once")
     poll_wait_s: float = Field(20.0, gt=0, le=30)
     max_message_bytes: int = Field(256 * 1024 * 1024, gt=0)
     policy: DisclosurePolicy = Field(default_factory=DisclosurePolicy)

@@ -1,9 +1,12 @@
 """The hub: a FastAPI app that relays signed tasks and replies and keeps study state.
 
-Threat model: the operator is honest-but-curious. It checks who may send what (every write is
-a signed envelope from a registered party, fresh and never replayed; every read carries a
-signed token) but it cannot forge a task or a release, and it sees only what sites chose to
-release (masked, once secure aggregation is on). It never runs analysis code.
+Threat model: the operator may be malicious for integrity and is honest-but-curious for
+secrecy. It checks who may send what (every write is a signed envelope from a registered party,
+fresh and never replayed; every read carries a signed token; a party registers only with the
+operator's signed invitation) but it cannot forge a task or a release, its key list is never
+what researchers or peers verify sites against (they use the keys pinned in the study), and it
+sees only what sites chose to release (masked, once secure aggregation is on). It never runs
+analysis code. Every malformed request gets a 4xx and a `hub_events` entry, never a 5xx.
 Long-polls wake at once when a message arrives: waiters park on an asyncio.Event per inbox.
 """
 
@@ -12,20 +15,40 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import defaultdict
-from typing import Any, Callable
+from typing import Annotated, Any, Callable
 
 import msgpack
-from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi import FastAPI, HTTPException, Path, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import ValidationError
 
 from medveil.crypto.signing import SignatureError, VerifyKey
-from medveil.runtime.auth import HEADER, AuthError, check_token, token_party
+from medveil.runtime.auth import HEADER, AuthError, check_invitation, check_token, token_party
 from medveil.runtime.hub_store import Conflict, HubStore
-from medveil.runtime.wire import DEFAULT_MAX_BYTES, Envelope, WireError, open_envelope
+from medveil.runtime.study import StudySpec
+from medveil.runtime.wire import (
+    DEFAULT_MAX_BYTES,
+    MAX_ID_LENGTH,
+    MAX_STEP,
+    Envelope,
+    WireError,
+    canonical_json,
+    is_id,
+    open_envelope,
+)
 
 BINARY = "application/x-medveil"
 MAX_WAIT_S = 30.0
 MAX_MESSAGE_AGE_S = 300.0
+MAX_SUMMARY_BYTES = 1024 * 1024
+ROLES = ("site", "researcher")
+ENVELOPE_BODY = {"requestBody": {"required": True, "content": {BINARY: {"schema": {"type": "string",
+                                                                                   "format": "binary"}}}}}
+Id = Annotated[str, Path(min_length=1, max_length=MAX_ID_LENGTH)]
+StepNumber = Annotated[int, Path(ge=0, le=MAX_STEP)]
+Cursor = Annotated[int, Query(ge=0, le=2**62)]
+WaitSeconds = Annotated[float, Query(ge=0, le=3600, allow_inf_nan=False)]
 
 
 class Notifier:
@@ -57,8 +80,9 @@ class Notifier:
             pass
 
 
-def create_hub_app(store: HubStore, *, max_bytes: int = DEFAULT_MAX_BYTES, record_traffic: bool = False) -> FastAPI:
-    """Build the hub's HTTP API over a store."""
+def create_hub_app(store: HubStore, *, operator_key: VerifyKey, max_bytes: int = DEFAULT_MAX_BYTES,
+                   record_traffic: bool = False, max_wait_s: float = MAX_WAIT_S) -> FastAPI:
+    """Build the hub's HTTP API over a store; `operator_key` signs the invitations that enrol parties."""
     app = FastAPI(title="medveil hub", version="1")
     notifier = Notifier()
     app.state.notifier = notifier
@@ -68,17 +92,34 @@ def create_hub_app(store: HubStore, *, max_bytes: int = DEFAULT_MAX_BYTES, recor
         store.log_event(kind, detail)
         return HTTPException(status, detail)
 
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        fields = sorted({".".join(str(part) for part in error.get("loc", ())) for error in exc.errors()})
+        store.log_event("malformed", f"{request.method} {request.url.path}: invalid {', '.join(fields)}")
+        return JSONResponse({"detail": f"invalid request parameters: {', '.join(fields)}"}, status_code=422)
+
     async def read_envelope(request: Request) -> Envelope:
         declared = request.headers.get("content-length")
-        if declared is None or not declared.isdigit():
+        if declared is None or not (declared.isascii() and declared.isdigit()):
             raise refuse(411, "refused", "a Content-Length header is required")
         if int(declared) > max_bytes:
-            raise refuse(413, "oversized", f"request of {declared} bytes exceeds the hub's limit of {max_bytes}")
+            raise refuse(413, "oversized", f"request exceeds the hub's limit of {max_bytes} bytes")
         body = await request.body()
         try:
             return open_envelope(body, max_bytes)
         except WireError as exc:
             raise refuse(400, "malformed", str(exc)) from exc
+
+    def read_body(envelope: Envelope) -> dict[str, Any]:
+        try:
+            return envelope.body(max_bytes)
+        except WireError as exc:
+            raise refuse(400, "malformed", f"body of {envelope.kind} message: {exc}") from exc
+
+    def required(header: dict[str, Any], *fields: str) -> None:
+        missing = [field for field in fields if header.get(field) is None]
+        if missing:
+            raise refuse(400, "malformed", f"{header['kind']} header lacks {', '.join(missing)}")
 
     def verify_sender(envelope: Envelope, role: str | None = None) -> None:
         party = store.party(envelope.sender)
@@ -90,9 +131,8 @@ def create_hub_app(store: HubStore, *, max_bytes: int = DEFAULT_MAX_BYTES, recor
             envelope.verify(VerifyKey.from_text(party.public_key))
         except SignatureError as exc:
             raise refuse(403, "forged", str(exc)) from exc
-        age = abs(time.time() - float(envelope.header["issued_at"]))
-        if age > MAX_MESSAGE_AGE_S:
-            raise refuse(403, "stale", f"message from {envelope.sender!r} is {age:.0f} s old")
+        if abs(time.time() - envelope.header["issued_at"]) > MAX_MESSAGE_AGE_S:
+            raise refuse(403, "stale", f"message from {envelope.sender!r} is not fresh")
 
     def reader(request: Request, role: str | None = None) -> str:
         token = request.headers.get(HEADER)
@@ -114,39 +154,57 @@ def create_hub_app(store: HubStore, *, max_bytes: int = DEFAULT_MAX_BYTES, recor
     def health() -> dict[str, Any]:
         return {"status": "ok", "time": time.time()}
 
-    @app.post("/v1/parties")
+    @app.post("/v1/parties", openapi_extra=ENVELOPE_BODY)
     async def register(request: Request) -> dict[str, Any]:
+        """Register a party's key: needs the operator's invitation, unless this exact key is already enrolled."""
         envelope = await read_envelope(request)
-        body = envelope.body(max_bytes)
+        body = read_body(envelope)
         role, key_text = body.get("role"), body.get("public_key")
-        if envelope.kind != "register" or role not in ("site", "researcher") or not isinstance(key_text, str):
+        if envelope.kind != "register" or role not in ROLES or not isinstance(key_text, str):
             raise refuse(400, "malformed", "registration needs role 'site' or 'researcher' and a public key")
         try:
             envelope.verify(VerifyKey.from_text(key_text))
-            created = store.register(envelope.sender, role, key_text)
         except (SignatureError, ValueError) as exc:
-            raise refuse(403 if isinstance(exc, (SignatureError, Conflict)) else 400, "registration", str(exc)) from exc
+            raise refuse(403, "registration", f"registration of {envelope.sender!r} is not signed by its key") from exc
+        known = store.party(envelope.sender)
+        if known is not None and known.public_key == key_text and known.role == role:
+            return {"party": envelope.sender, "created": False}
+        try:
+            check_invitation(body.get("invitation"), operator_key, envelope.sender, role, key_text, time.time())
+        except AuthError as exc:
+            raise refuse(403, "not_enrolled", f"{envelope.sender!r} is not enrolled: {exc}") from exc
+        try:
+            created = store.register(envelope.sender, role, key_text)
+        except Conflict as exc:
+            raise refuse(403, "not_enrolled", str(exc)) from exc
+        store.log_event("enrolled", f"{envelope.sender!r} registered as a {role}")
         return {"party": envelope.sender, "created": created}
 
     @app.get("/v1/parties/{party_id}")
-    def get_party(party_id: str) -> dict[str, Any]:
+    def get_party(party_id: Id) -> dict[str, Any]:
         party = store.party(party_id)
         if party is None:
             raise HTTPException(404, f"{party_id!r} is not registered")
         return {"id": party.id, "role": party.role, "public_key": party.public_key}
 
-    @app.post("/v1/studies")
+    @app.post("/v1/studies", openapi_extra=ENVELOPE_BODY)
     async def create_study(request: Request) -> dict[str, Any]:
         envelope = await read_envelope(request)
         verify_sender(envelope, "researcher")
-        spec = envelope.body(max_bytes).get("spec")
+        spec = read_body(envelope).get("spec")
         if envelope.kind != "study" or not isinstance(spec, dict) or spec.get("researcher") != envelope.sender:
             raise refuse(400, "malformed", "a study message carries a spec whose researcher is its sender")
         try:
-            store.add_study(str(spec["id"]), envelope.sender, spec, envelope.encode())
-        except (Conflict, KeyError) as exc:
+            study = StudySpec.model_validate(spec)
+        except ValidationError as exc:
+            raise refuse(400, "malformed", f"invalid study spec: {exc.error_count()} error(s)") from exc
+        if envelope.header.get("study") != study.id:
+            raise refuse(400, "malformed", "a study message's header names the study it carries")
+        try:
+            store.add_study(study.id, envelope.sender, study.model_dump(), envelope.encode())
+        except Conflict as exc:
             raise refuse(409, "conflict", str(exc)) from exc
-        return {"study": spec["id"]}
+        return {"study": study.id}
 
     @app.get("/v1/studies")
     def list_studies() -> list[dict[str, Any]]:
@@ -157,14 +215,14 @@ def create_hub_app(store: HubStore, *, max_bytes: int = DEFAULT_MAX_BYTES, recor
         ]
 
     @app.get("/v1/studies/{study_id}")
-    def get_study(study_id: str) -> Response:
+    def get_study(study_id: Id) -> Response:
         study = store.study(study_id)
         if study is None:
             raise HTTPException(404, f"study {study_id!r} does not exist")
         return Response(study.envelope, media_type=BINARY)
 
-    @app.post("/v1/studies/{study_id}/approvals")
-    async def post_approval(study_id: str, request: Request) -> dict[str, Any]:
+    @app.post("/v1/studies/{study_id}/approvals", openapi_extra=ENVELOPE_BODY)
+    async def post_approval(study_id: Id, request: Request) -> dict[str, Any]:
         envelope = await read_envelope(request)
         verify_sender(envelope, "site")
         if envelope.kind != "approval" or envelope.header.get("study") != study_id or store.study(study_id) is None:
@@ -172,7 +230,7 @@ def create_hub_app(store: HubStore, *, max_bytes: int = DEFAULT_MAX_BYTES, recor
         store.add_approval(study_id, envelope.sender, envelope.encode())
         return {"study": study_id, "site": envelope.sender}
 
-    @app.post("/v1/messages")
+    @app.post("/v1/messages", openapi_extra=ENVELOPE_BODY)
     async def post_message(request: Request) -> dict[str, Any]:
         envelope = await read_envelope(request)
         header = envelope.header
@@ -186,35 +244,33 @@ def create_hub_app(store: HubStore, *, max_bytes: int = DEFAULT_MAX_BYTES, recor
 
     def post_task(envelope: Envelope) -> dict[str, Any]:
         header = envelope.header
-        study = store.study(str(header.get("study")))
+        required(header, "study", "task", "step", "analysis", "recipients")
+        study = store.study(header["study"])
         if study is None or study.researcher != envelope.sender:
-            raise refuse(403, "not_owner", f"{envelope.sender!r} does not own study {header.get('study')!r}")
-        recipients = header.get("recipients")
-        if not isinstance(recipients, list) or not set(recipients) <= set(study.spec.get("sites", [])):
+            raise refuse(403, "not_owner", f"{envelope.sender!r} does not own study {header['study']!r}")
+        recipients = header["recipients"]
+        if not recipients or not set(recipients) <= set(study.spec["sites"]):
             raise refuse(400, "malformed", "task recipients must be sites of the study")
         try:
-            seq = store.add_task_round(
-                str(header["task"]), study.id, envelope.sender, str(header["analysis"]), int(header["step"]),
-                recipients, str(header["nonce"]), envelope.encode(),
-            )
+            seq = store.add_task_round(header["task"], study.id, envelope.sender, header["analysis"], header["step"],
+                                       recipients, header["nonce"], envelope.encode())
         except Conflict as exc:
             raise refuse(409, "replay", str(exc)) from exc
-        except KeyError as exc:
-            raise refuse(400, "malformed", f"task header lacks {exc}") from exc
         for site in recipients:
             notifier.notify(f"inbox:{site}")
         return {"seq": seq}
 
     def post_reply(envelope: Envelope) -> dict[str, Any]:
         header = envelope.header
-        task_id, number = str(header.get("task")), int(header.get("step", -1))
+        required(header, "task", "step")
+        task_id, number = header["task"], header["step"]
         round_row = store.round(task_id, number)
         if round_row is None or envelope.sender not in round_row.recipients:
             raise refuse(403, "not_recipient", f"{envelope.sender!r} was not asked step {number} of {task_id!r}")
         if store.last_step(task_id) > number:
             raise refuse(409, "closed", f"step {number} of task {task_id!r} is closed; a later step has begun")
         try:
-            seq = store.add_reply(task_id, number, envelope.sender, str(header["nonce"]), envelope.encode())
+            seq = store.add_reply(task_id, number, envelope.sender, header["nonce"], envelope.encode())
         except Conflict as exc:
             raise refuse(409, "replay", str(exc)) from exc
         notifier.notify(f"replies:{task_id}:{number}")
@@ -222,7 +278,7 @@ def create_hub_app(store: HubStore, *, max_bytes: int = DEFAULT_MAX_BYTES, recor
 
     async def long_poll(key: str, wait: float, fetch: Callable[[], list], ready: Callable[[list], bool]) -> list:
         """Fetch until `ready` or `wait` seconds pass, sleeping on the key's event between tries."""
-        deadline = time.monotonic() + min(max(wait, 0.0), MAX_WAIT_S)
+        deadline = time.monotonic() + min(max(wait, 0.0), max_wait_s)
         while True:
             notifier.event(key)  # registered before the fetch, so a message arriving after it wakes us
             items = fetch()
@@ -232,14 +288,14 @@ def create_hub_app(store: HubStore, *, max_bytes: int = DEFAULT_MAX_BYTES, recor
             await notifier.wait(key, remaining)
 
     @app.get("/v1/inbox")
-    async def inbox(request: Request, after: int = 0, wait: float = 0.0) -> Response:
+    async def inbox(request: Request, after: Cursor = 0, wait: WaitSeconds = 0.0) -> Response:
         site = reader(request, "site")
         items = await long_poll(f"inbox:{site}", wait, lambda: store.inbox(site, after), bool)
         payload = [[m.seq, m.envelope] for m in items]
         return Response(msgpack.packb(payload, use_bin_type=True), media_type=BINARY)
 
     @app.get("/v1/tasks/{task_id}/rounds/{number}/replies")
-    async def replies(task_id: str, number: int, request: Request, wait: float = 0.0) -> Response:
+    async def replies(task_id: Id, number: StepNumber, request: Request, wait: WaitSeconds = 0.0) -> Response:
         researcher = reader(request, "researcher")
         task, round_row = store.task(task_id), store.round(task_id, number)
         if task is None or round_row is None or task.researcher != researcher:
@@ -249,7 +305,7 @@ def create_hub_app(store: HubStore, *, max_bytes: int = DEFAULT_MAX_BYTES, recor
         return Response(msgpack.packb([m.envelope for m in items], use_bin_type=True), media_type=BINARY)
 
     @app.get("/v1/tasks/{task_id}/rounds/{number}/senders")
-    def senders(task_id: str, number: int, request: Request) -> list[str]:
+    def senders(task_id: Id, number: StepNumber, request: Request) -> list[str]:
         """Which sites' replies the hub holds for a step: what secure aggregation's unmasking relies on."""
         party = reader(request)
         round_row = store.round(task_id, number)
@@ -258,19 +314,29 @@ def create_hub_app(store: HubStore, *, max_bytes: int = DEFAULT_MAX_BYTES, recor
             raise refuse(404, "not_found", f"no step {number} of task {task_id!r} for {party!r}")
         return sorted({open_envelope(m.envelope, max_bytes).sender for m in store.replies(task_id, number)})
 
-    @app.post("/v1/tasks/{task_id}/result")
-    async def post_result(task_id: str, request: Request) -> dict[str, Any]:
+    @app.post("/v1/tasks/{task_id}/result", openapi_extra=ENVELOPE_BODY)
+    async def post_result(task_id: Id, request: Request) -> dict[str, Any]:
         envelope = await read_envelope(request)
         verify_sender(envelope, "researcher")
         task = store.task(task_id)
-        if task is None or task.researcher != envelope.sender or envelope.kind != "result":
+        if (task is None or task.researcher != envelope.sender or envelope.kind != "result"
+                or envelope.header.get("task") != task_id):
             raise refuse(403, "not_owner", f"{envelope.sender!r} cannot close task {task_id!r}")
-        body = envelope.body(max_bytes)
-        store.set_result(task_id, str(body.get("status", "done")), body.get("summary", {}))
+        body = read_body(envelope)
+        status, summary = body.get("status", "done"), body.get("summary", {})
+        if not is_id(status) or not isinstance(summary, dict):
+            raise refuse(400, "malformed", "a result carries a status id and a summary map")
+        try:
+            size = len(canonical_json(summary))
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise refuse(400, "malformed", "a result summary must be finite JSON") from exc
+        if size > MAX_SUMMARY_BYTES:
+            raise refuse(413, "oversized", f"a result summary exceeds {MAX_SUMMARY_BYTES} bytes")
+        store.set_result(task_id, status, summary)
         return {"task": task_id}
 
     @app.get("/v1/tasks/{task_id}")
-    def get_task(task_id: str, request: Request) -> dict[str, Any]:
+    def get_task(task_id: Id, request: Request) -> dict[str, Any]:
         reader(request)
         task = store.task(task_id)
         if task is None:

@@ -113,6 +113,9 @@ class HubEvent(Base):
     detail: Mapped[str] = mapped_column(Text)
 
 
+MAX_EVENT_DETAIL = 2000
+
+
 class Conflict(ValueError):
     """A write collides with what is stored (replayed nonce, re-registered key)."""
 
@@ -153,7 +156,8 @@ class HubStore:
         return self._sessions()
 
     def register(self, party_id: str, role: str, public_key: str) -> bool:
-        """Record a party's key on first use; True if new. A different key for a known id is refused."""
+        """Record an enrolled party's key (the hub checks the invitation); True if new. A different
+        key or role for a known id is refused."""
         with self._lock, self._session() as s:
             existing = s.get(Party, party_id)
             if existing is not None:
@@ -303,8 +307,9 @@ class HubStore:
             return [self._stored(*row) for row in rows]
 
     def log_event(self, kind: str, detail: str) -> None:
+        """Record a refused request or notable event; the detail is cut to MAX_EVENT_DETAIL characters."""
         with self._lock, self._session() as s:
-            s.add(HubEvent(at=time.time(), kind=kind, detail=detail))
+            s.add(HubEvent(at=time.time(), kind=kind[:32], detail=detail[:MAX_EVENT_DETAIL]))
             s.commit()
 
     def events(self) -> list[HubEvent]:

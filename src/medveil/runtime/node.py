@@ -17,7 +17,6 @@ passed its rules (masked under secure aggregation, so the hub and researcher see
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import logging
 import math
@@ -44,13 +43,7 @@ from medveil.runtime.audit import AuditLog, summarised
 from medveil.runtime.client import HubClient, HubError
 from medveil.runtime.config import SiteConfig, load_site_config
 from medveil.runtime.node_store import NodeStore, TaskState
-from medveil.runtime.secure_aggregation import (
-    NodeTaskKeys,
-    node_mask,
-    node_new_keys,
-    node_reveal,
-    node_shares,
-)
+from medveil.runtime.secure_aggregation import SecureAggregationRefused, SiteSecureAggregation
 from medveil.runtime.study import StudySpec, sign_approval, verify_approval
 from medveil.runtime.wire import Envelope, WireError, canonical_json, open_envelope, pack_body
 
@@ -58,8 +51,8 @@ log = logging.getLogger("medveil.node")
 MAX_TASK_AGE_S = 3600.0
 MAX_STEP = 1_000_000
 TASK_RETENTION_S = 7 * 24 * 3600.0
-PHASES = ("keys", "shares", "compute", "unmask")
-REQUEST_FIELDS = ("study", "task", "step", "phase", "round", "analysis", "sender", "nonce")
+PHASES = ("keys", "compute", "unmask")
+REQUEST_FIELDS = ("study", "task", "step", "phase", "round", "analysis", "sender", "nonce", "body_sha256")
 
 
 class Refusal(Exception):
@@ -154,11 +147,19 @@ class Node:
         self.store.prune_tasks(TASK_RETENTION_S)
 
     @classmethod
-    def from_config_file(cls, path: Path) -> "Node":
+    def from_config_file(cls, path: Path, passphrase: bytes | None = None) -> "Node":
+        """The node a site YAML describes. Its identity key must be private to its owner (else
+        KeyFileError) and, if encrypted, unlocked by `passphrase` or MEDVEIL_KEY_PASSPHRASE; the
+        state directory is made 0700."""
+        from medveil.runtime.config import make_private_dir, read_private_key
+
         config = load_site_config(path)
-        identity = SigningKey.from_pem(config.identity.read_bytes())
+        identity = read_private_key(config.identity, passphrase)
         steward = VerifyKey.from_text(config.steward_key.read_text().strip())
-        return cls(config, identity, steward)
+        make_private_dir(config.state_dir)
+        client = HubClient(config.hub, config.site, identity, max_bytes=config.max_message_bytes,
+                           invitation=config.invitation)
+        return cls(config, identity, steward, client=client)
 
     def close(self) -> None:
         self.client.close()
@@ -173,7 +174,9 @@ class Node:
         self.client.register("site")
 
     def approve(self, study_id: str, steward_key: SigningKey) -> StudySpec:
-        """Steward approves a study as published on the hub, after checking the researcher signed it."""
+        """Steward approves a study as published on the hub, after checking the researcher signed it
+        and that it pins this node's own identity key for the site (else Refusal `pinned_key_mismatch`):
+        the steward thereby approves exactly the keys that researchers and peers will verify against."""
         if steward_key.verify_key != self.steward:
             raise SignatureError("this is not the steward key configured for the site")
         envelope = self.client.study_envelope(study_id)
@@ -181,6 +184,9 @@ class Node:
         envelope.verify(VerifyKey.from_text(spec.researcher_key))
         if self.site not in spec.sites:
             raise ValueError(f"study {study_id!r} does not include site {self.site!r}")
+        if spec.site_keys[self.site] != self.client.key.verify_key.to_text():
+            raise Refusal("pinned_key_mismatch", f"study {study_id!r} pins another identity key for {self.site!r} "
+                                                 "than this node's; not approved")
         approval = sign_approval(spec, self.site, steward_key, time.time())
         self.store.save_approval(spec.id, spec.model_dump(), approval)
         self.audit.append("approval", study=spec.id, spec_sha256=spec.digest(), datasets=spec.datasets,
@@ -245,7 +251,8 @@ class Node:
 
     def compute_guards(self) -> list[Callable[["TaskStep"], None]]:
         """The further checks of a compute step, once the data are at hand."""
-        return [self._guard_columns_present, self._guard_broadcast_vouched, self._guard_differencing]
+        return [self._guard_secure_participants, self._guard_columns_present, self._guard_broadcast_vouched,
+                self._guard_differencing]
 
     def _run(self, step: "TaskStep") -> tuple[dict[str, Any], list[str]]:
         for guard in self.task_guards():
@@ -384,6 +391,8 @@ class Node:
             return
         try:
             row_sets = step.analysis.row_sets(step.params, step.data, step.round_no, step.broadcast)
+        except (DisclosureRefused, BroadcastRefused) as exc:
+            raise Refusal(exc.rule, exc.detail) from exc
         except (AnalysisError, ValueError, TypeError, KeyError) as exc:
             raise Refusal("analysis_error", str(exc)) from exc
         if row_sets:
@@ -408,7 +417,7 @@ class Node:
             broadcast_sha256=hashlib.sha256(pack_body(step.broadcast)).hexdigest())
         try:
             release = analysis.local(step.params, round_no, step.broadcast, step.data, self.config.policy, **extra)
-        except DisclosureRefused as exc:
+        except (DisclosureRefused, BroadcastRefused) as exc:
             raise Refusal(exc.rule, exc.detail) from exc
         except FixedPointOverflow as exc:
             raise Refusal("analysis_error", "a value is too large to be released") from exc
@@ -523,73 +532,58 @@ class Node:
 
     # --- secure aggregation (the site's side) ------------------------------------------------
 
+    def _secure_aggregation(self) -> SiteSecureAggregation:
+        """This site's half of secure aggregation (runtime/secure_aggregation.py), made on first use;
+        it keeps its key sets and masking records in the node's store."""
+        agent = getattr(self, "_secagg_agent", None)
+        if agent is None:
+            agent = SiteSecureAggregation(self.site, self.store, senders=self._hub_senders,
+                                          hub_key=self.client.public_key, max_bytes=self.config.max_message_bytes)
+            self._secagg_agent = agent
+        return agent
+
+    def _hub_senders(self, task: str, step: int) -> set[str]:
+        """Which sites' replies the hub says it holds for a step (a second check, never relied on)."""
+        return set(self.client.get_json(f"/v1/tasks/{task}/rounds/{step}/senders"))
+
+    def _guard_secure_participants(self, step: "TaskStep") -> None:
+        """Rule secagg_participants (and the key set's study): a compute step of a secure study covers
+        exactly the key set's sites less this task's recorded dropouts, checked before any data are read."""
+        if not (step.spec.secure_aggregation and step.analysis.releases_sums):
+            return
+        try:
+            self._secure_aggregation().check_compute(step.spec, step.task, step.body.get("secagg"),
+                                                     step.header.get("recipients"))
+        except SecureAggregationRefused as exc:
+            raise Refusal(exc.rule, str(exc)) from exc
+
     def _mask_release(self, spec: StudySpec, task: str, step: int, body: dict[str, Any],
                       sums: dict[str, np.ndarray]) -> dict[str, Any]:
-        """The masked payload of a compute step's sums."""
-        secure = body.get("secagg", {})
-        participants = list(secure.get("participants", []))
-        keys = self._keyset(str(secure.get("keyset")))
-        if self.site not in participants or not set(participants) <= set(keys.peers):
-            raise Refusal("secure_aggregation", "participants do not match the key exchange")
+        """The double-masked payload of a compute step's sums, with the encrypted shares of its self mask."""
         try:
-            return node_mask(keys, self.site, task, step, participants, sums)
-        except (FixedPointOverflow, PermissionError) as exc:
-            raise Refusal("secure_aggregation", f"release cannot be masked: {exc}") from exc
-
-    def _keyset(self, keyset: str) -> NodeTaskKeys:
-        stored = self.store.get(f"secagg:{keyset}")
-        if stored is None:
-            raise Refusal("secure_aggregation", f"no key exchange {keyset!r} at {self.site}")
-        return NodeTaskKeys.from_json(stored)
+            return self._secure_aggregation().mask(spec, task, step, body.get("secagg"), sums)
+        except SecureAggregationRefused as exc:
+            raise Refusal(exc.rule, str(exc)) from exc
 
     def _secure_step(self, spec: StudySpec, phase: str, task: str, step: int,
                      body: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-        """The key exchange, share distribution and unmasking steps of secure aggregation."""
-        if not spec.secure_aggregation:
-            raise Refusal("secure_aggregation", f"study {spec.id!r} does not use secure aggregation")
-        secure = body.get("secagg", {})
-        keyset = str(secure.get("keyset"))
-        if phase == "keys":
-            if self.store.get(f"secagg:{keyset}") is not None:
-                raise Refusal("secure_aggregation", f"key set {keyset!r} already exists")
-            keys, public = node_new_keys()
-            public["keyset"] = keyset
-        elif phase == "shares":
-            keys = self._keyset(keyset)
-            peers = self._verified_peer_keys(keyset, secure.get("key_envelopes", {}), spec)
-            public = node_shares(keys, self.site, keyset, peers, spec.threshold())
-        elif phase == "unmask":
-            keys = self._keyset(keyset)
-            of_step = int(secure["of_step"])
-            submitted = set(self.client.get_json(f"/v1/tasks/{task}/rounds/{of_step}/senders"))
-            try:
-                public = node_reveal(keys, self.site, keyset, list(secure["dropped"]),
-                                     secure["ciphertexts"].get(self.site, {}), submitted)
-            except PermissionError as exc:
-                raise Refusal("secure_aggregation", str(exc)) from exc
-        else:
-            raise Refusal("malformed", f"unknown phase {phase!r}")
-        self.store.put(f"secagg:{keyset}", keys.to_json())
+        """The key step and the unmask step of secure aggregation."""
+        agent, request = self._secure_aggregation(), body.get("secagg")
+        try:
+            if phase == "keys":
+                public = agent.new_keys(spec, request)
+                detail: dict[str, Any] = {"keyset": public["keyset"]}
+            elif phase == "unmask":
+                public = agent.unmask(spec, task, request)
+                detail = {"of_step": request["of_step"], "self_mask_shares_of": sorted(public["self_mask_shares"]),
+                          "dropped_seeds_of": sorted(public["dropped_seeds"])}
+            else:
+                raise Refusal("malformed", f"unknown secure-aggregation phase {phase[:32]!r}")
+        except SecureAggregationRefused as exc:
+            raise Refusal(exc.rule, str(exc)) from exc
         decision_id = self.audit.append("secure_aggregation", phase=phase, study=spec.id, task=task, step=step,
-                                        detail=sorted(public))
+                                        **detail)
         return {"sums": {}, "public": public}, [decision_id]
-
-    def _verified_peer_keys(self, keyset: str, envelopes: dict[str, bytes], spec: StudySpec) -> dict[str, bytes]:
-        """Each peer's key must come in that peer's own signed reply to this key set's key step."""
-        peers = {}
-        for site, raw in envelopes.items():
-            envelope = open_envelope(raw, self.config.max_message_bytes)
-            try:
-                envelope.verify(self.client.public_key(site))
-            except SignatureError as exc:
-                raise Refusal("secure_aggregation", f"key of {site!r} is not signed by {site!r}") from exc
-            public = envelope.body()["public"]
-            if envelope.sender != site or public.get("keyset") != keyset or site not in spec.sites:
-                raise Refusal("secure_aggregation", f"key envelope of {site!r} is bound to another key set or site")
-            peers[site] = base64.b64decode(public["secagg_public"])
-        if self.site not in peers:
-            raise Refusal("secure_aggregation", f"the key exchange does not include {self.site}")
-        return peers
 
     # --- data ------------------------------------------------------------------------------
 

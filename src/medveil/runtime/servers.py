@@ -14,17 +14,30 @@ from pathlib import Path
 
 import uvicorn
 
+from medveil.crypto.signing import SigningKey, VerifyKey
+from medveil.runtime.auth import make_invitation
+from medveil.runtime.config import load_site_config
 from medveil.runtime.hub import create_hub_app
 from medveil.runtime.hub_store import HubStore
 from medveil.runtime.node import Node
 from medveil.runtime.wire import DEFAULT_MAX_BYTES
 
+INVITATION_TTL_S = 7 * 24 * 3600.0
+
 
 class HubServer:
-    """A real hub on a loopback port, stoppable and restartable on the same port and store."""
+    """A real hub on a loopback port, stoppable and restartable on the same port and store.
 
-    def __init__(self, db_url: str, *, host: str = "127.0.0.1", port: int = 0, record_traffic: bool = False,
-                 max_bytes: int = DEFAULT_MAX_BYTES):
+    Parties enrol with invitations signed by `operator_key`; without one, the server makes an
+    operator key of its own and `invite` signs with it (simulations, benchmarks)."""
+
+    def __init__(self, db_url: str, *, operator_key: VerifyKey | None = None, host: str = "127.0.0.1",
+                 port: int = 0, record_traffic: bool = False, max_bytes: int = DEFAULT_MAX_BYTES):
+        self.operator: SigningKey | None = None
+        if operator_key is None:
+            self.operator = SigningKey.generate()
+            operator_key = self.operator.verify_key
+        self.operator_key = operator_key
         self.db_url = db_url
         self.host = host
         self.port = port
@@ -39,9 +52,16 @@ class HubServer:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    def invite(self, party: str, role: str, public_key: str | None = None, ttl_s: float = INVITATION_TTL_S) -> str:
+        """An invitation signed by this server's own operator key."""
+        if self.operator is None:
+            raise RuntimeError("this hub's operator key is held elsewhere; invite with `medveil hub invite`")
+        return make_invitation(self.operator, party, role, time.time() + ttl_s, public_key)
+
     def start(self) -> "HubServer":
         self.store = HubStore(self.db_url)
-        app = create_hub_app(self.store, max_bytes=self.max_bytes, record_traffic=self.record_traffic)
+        app = create_hub_app(self.store, operator_key=self.operator_key, max_bytes=self.max_bytes,
+                             record_traffic=self.record_traffic)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # proto set: asyncio then enables TCP_NODELAY
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, self.port))
@@ -112,7 +132,13 @@ class NodeProcess:
         self.log_path = log_path
         self.process: subprocess.Popen | None = None
 
+    @property
+    def polling_marker(self) -> Path:
+        """The file a node writes when its polling loop starts."""
+        return load_site_config(self.config_path).state_dir / "polling"
+
     def start(self) -> "NodeProcess":
+        self.polling_marker.unlink(missing_ok=True)
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "medveil", "node", "start", "--config", str(self.config_path), "--quiet"],
@@ -120,6 +146,14 @@ class NodeProcess:
         )
         log.close()
         return self
+
+    def wait_until_polling(self, timeout: float = 120.0) -> None:
+        """Block until the node's polling loop has started; `timeout` only bounds a hang."""
+        deadline = time.monotonic() + timeout
+        while not self.polling_marker.exists():
+            if time.monotonic() > deadline or self.process is None or self.process.poll() is not None:
+                raise RuntimeError(f"node of {self.config_path} did not start polling; see {self.log_path}")
+            time.sleep(0.05)
 
     def kill(self) -> None:
         """Kill at once (SIGKILL), as a crash would."""

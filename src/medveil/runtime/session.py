@@ -1,10 +1,12 @@
 """The researcher's side of a run: send each step, gather signed replies, aggregate, step on.
 
 The global step runs here, in the researcher's process, on cross-site sums only. With secure
-aggregation (the default) the sums arrive masked and only their total can be decoded; see
-runtime/secure_aggregation.py. A refusal from any site stops the run with an error naming the
-site and the rule; a site that does not answer within the timeout stops it with an error
-naming the site, never a hang.
+aggregation (the default) the sums arrive double-masked and only their total can be decoded:
+each compute step is followed by one unmask step in which the sites reveal what removes the
+self masks (and a dropout's pairwise masks); see runtime/secure_aggregation.py. Replies are
+verified against the identity keys pinned in the study, never against what the hub serves. A
+refusal from any site stops the run with an error naming the site and the rule; a site that
+does not answer within the timeout stops it with an error naming the site, never a hang.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from medveil.analyses.base import (
     Params,
     get_analysis,
 )
-from medveil.crypto.signing import SignatureError
+from medveil.crypto.signing import SignatureError, VerifyKey
 from medveil.runtime.aggregation import aggregate
 from medveil.runtime.client import HubClient, HubError
 from medveil.runtime.secure_aggregation import (
@@ -125,8 +127,8 @@ class ResearcherSession:
         rows: dict[str, int] = {}
         dp_spent: dict[str, float] = {}
         round_no = 0
+        secure = self._secure_keys(task) if secure_needed else None
         while True:
-            secure = self._secure_keys(task) if secure_needed else None
             public, sums = self._compute(task, round_no, broadcast, secure)
             for site, facts in public.items():
                 if "rows" in facts:
@@ -161,27 +163,31 @@ class ResearcherSession:
             replies = self._exchange(task, "compute", round_no, {"broadcast": broadcast})
             public = {site: body["public"] for site, (_, body) in replies.items()}
             return public, aggregate({site: body["sums"] for site, (_, body) in replies.items()})
-        step = task.step
-        request = {"keyset": secure.keyset, "participants": secure.participants}
-        replies = self._exchange(task, "compute", round_no, {"broadcast": broadcast, "secagg": request},
-                                 recipients=secure.participants, tolerate_missing=self.allow_dropouts)
-        dropped = [site for site in secure.participants if site not in replies]
-        revealed: dict[str, dict[str, str]] = {}
-        if dropped:
-            self._keyset = None  # revealing a key spends the key set; the next task makes a new one
-            survivors = sorted(replies)
-            if len(survivors) < secure.threshold:
-                raise SecureAggregationError(
-                    f"only {len(survivors)} of {len(secure.participants)} sites submitted (threshold "
-                    f"{secure.threshold}); round aborted, nothing revealed; missing: {', '.join(dropped)}")
-            request = dict(secure.unmask_request(dropped, survivors), of_step=step, keyset=secure.keyset)
-            answers = self._exchange(task, "unmask", round_no, {"secagg": request}, recipients=survivors,
-                                     tolerate_missing=True)
-            if len(answers) < secure.threshold:
-                raise SecureAggregationError(
-                    f"only {len(answers)} sites helped unmask (threshold {secure.threshold}); round aborted")
-            revealed = {site: body["public"]["revealed"] for site, (_, body) in answers.items()}
-        sums = secure.combine({site: body for site, (_, body) in replies.items()}, task.id, step, revealed)
+        step, participants = task.step, list(task.sites)
+        replies = self._exchange(task, "compute", round_no,
+                                 {"broadcast": broadcast, "secagg": secure.compute_request(participants)},
+                                 recipients=participants, tolerate_missing=self.allow_dropouts)
+        public = {site: body["public"] for site, (_, body) in replies.items()}
+        masked = {site: body for site, (_, body) in replies.items()}
+        dropped = [site for site in participants if site not in replies]
+        floor = max(secure.threshold, 2)
+        if len(replies) < floor:
+            raise SecureAggregationError(
+                f"only {len(replies)} of {len(participants)} sites submitted (threshold {secure.threshold}); "
+                f"round aborted, nothing revealed; missing: {', '.join(dropped)}")
+        if not any("masked" in body for body in masked.values()):
+            if dropped:  # no unmask step in which the sites could record the dropout
+                raise SiteTimeoutError(dropped, self.timeout, step)
+            return public, {}
+        answers = self._exchange(task, "unmask", round_no,
+                                 {"secagg": secure.unmask_request(step, participants, masked)},
+                                 recipients=sorted(replies), tolerate_missing=True)
+        revealed = {site: body["public"] for site, (_, body) in answers.items()}
+        try:
+            sums = secure.combine(participants, masked, revealed)
+        except SecureAggregationAborted as exc:
+            raise SecureAggregationError(f"{len(answers)} of {len(replies)} sites answered the unmask step "
+                                         f"(threshold {secure.threshold}): {exc}; round aborted") from exc
         if dropped:
             task.sites = sorted(replies)
             warnings.warn(f"site(s) {', '.join(dropped)} dropped out; the sum covers {', '.join(task.sites)}",
@@ -189,17 +195,16 @@ class ResearcherSession:
             if round_no > 0:
                 raise SiteTimeoutError(dropped, self.timeout, step,
                                        "; the round's sum was recovered but earlier rounds included them")
-        return {site: body["public"] for site, (_, body) in replies.items()}, sums
+        return public, sums
 
     def _secure_keys(self, task: _Task) -> CoordinatorState:
-        """The session's key set: made (key exchange + share distribution) with the first secure task
-        and reused, with masks fresh per task and step, until a site drops out."""
-        if self._keyset is not None and self._keyset.participants == sorted(task.sites):
+        """The session's key set, bound to its study: made (one keys step to every study site) with the
+        first secure task and reused, with masks fresh per task and step, until it is KEYSET_RENEW_S old."""
+        if self._keyset is not None and not self._keyset.expired():
             return self._keyset
-        state = CoordinatorState(uuid.uuid4().hex, task.sites, self.study.threshold())
-        state.record_keys(self._exchange(task, "keys", 0, {"secagg": {"keyset": state.keyset}}))
-        state.record_shares(self._exchange(task, "shares", 0, {"secagg": {"keyset": state.keyset,
-                                                                          "key_envelopes": state.key_envelopes}}))
+        state = CoordinatorState(uuid.uuid4().hex, self.study.id, sorted(self.study.sites), self.study.threshold())
+        state.record_keys(self._exchange(task, "keys", 0, {"secagg": {"keyset": state.keyset}},
+                                         recipients=state.sites))
         self._keyset = state
         return state
 
@@ -218,6 +223,11 @@ class ResearcherSession:
             task.audit_ids.setdefault(site, []).extend(envelope.header.get("audit_ids", []))
         return replies
 
+    def _site_key(self, site: str) -> VerifyKey:
+        """The identity key pinned for `site` in the study (the hub's copy only for a spec without pins)."""
+        pinned = getattr(self.study, "site_keys", None)
+        return VerifyKey.from_text(pinned[site]) if pinned else self.client.public_key(site)
+
     def _gather(self, task_id: str, step: int, sites: list[str],
                 tolerate_missing: bool = False) -> dict[str, tuple[Envelope, dict]]:
         deadline = time.monotonic() + self.timeout
@@ -234,7 +244,7 @@ class ResearcherSession:
             if envelope.sender not in sites:
                 continue
             try:
-                envelope.verify(self.client.public_key(envelope.sender))
+                envelope.verify(self._site_key(envelope.sender))
             except SignatureError as exc:
                 raise FederationError(f"reply claiming to be from {envelope.sender!r} is forged: {exc}") from exc
             header = envelope.header

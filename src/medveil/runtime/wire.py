@@ -210,6 +210,6 @@ def open_envelope(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> Envelope:
     except WireError:
         raise
     except Exception as exc:
-        raise WireError(f"malformed envelope: {type(exc).__name__}") from exc
+        raise WireError(f"malformed envelope: {str(exc)[:200]}") from exc
     check_header(header)
     return Envelope(header, header_bytes, signature, body_bytes, raw=data)

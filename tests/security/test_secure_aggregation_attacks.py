@@ -1,0 +1,177 @@
+"""Red-team tests of secure aggregation: a hostile researcher (alone, or with the hub) tries to
+read one site's own sums by narrowing a compute step, rewinding or forging an unmask step,
+reusing a key set across studies, or claiming that a site which did submit dropped out.
+
+Each attack is a raw task message signed with the researcher's real key, for a study the sites
+approved the ordinary way. Each test asserts the named refusal and that the site's own sums
+were not recovered from what came back.
+"""
+
+from __future__ import annotations
+
+import base64
+import uuid
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import medveil as mv
+from medveil.analyses.base import get_analysis
+from medveil.crypto import secagg
+from medveil.privacy.disclosure import DisclosurePolicy
+from medveil.runtime.secure_aggregation import CoordinatorState
+
+pytestmark = pytest.mark.e2e
+
+SITES = ["a", "b", "c"]
+PARAMS = {"variables": ["x"]}
+
+
+def _frame(seed: int, n: int = 60) -> pd.DataFrame:
+    return pd.DataFrame({"x": np.random.default_rng(seed).normal(10, 3, n)})
+
+
+FRAMES = {site: _frame(i + 1) for i, site in enumerate(SITES)}
+
+
+@pytest.fixture(scope="module")
+def fed():
+    with mv.Federation.simulate(FRAMES, timeout=30) as federation:
+        federation.describe("x")  # the session's key set, as an honest run makes it
+        yield federation
+
+
+def _own_sums(site: str) -> np.ndarray:
+    """The site's round-0 release of describe(x) in the clear: what the attacks try to read."""
+    describe = get_analysis("describe")
+    release = describe.local(describe.parse_params(PARAMS), 0, {}, FRAMES[site], DisclosurePolicy())
+    return secagg.flatten({k: np.asarray(v, dtype=np.float64) for k, v in release.sums.items()})[0]
+
+
+def _keyset(fed) -> CoordinatorState:
+    return fed.session._keyset
+
+
+def _send(fed, task: str, step: int, phase: str, secure: dict, recipients: list[str], study: str | None = None,
+          round_no: int = 0) -> dict[str, dict]:
+    """Post one raw step and gather the replies ({site: body}); a refusal raises RefusedError."""
+    client = fed.session.client
+    message = client.seal("task", {"params": PARAMS, "broadcast": {}, "secagg": secure},
+                          study=study or fed.study.id, task=task, step=step, phase=phase, round=round_no,
+                          analysis="describe", dataset="default", recipients=recipients)
+    client.post("/v1/messages", message)
+    replies = fed.session._gather(task, step, recipients, tolerate_missing=True)
+    return {site: body for site, (_, body) in replies.items()}
+
+
+def _decoded(vector: np.ndarray) -> np.ndarray:
+    return secagg.decode_fixed(np.asarray(vector, dtype=np.uint64).reshape(-1, secagg.LIMBS))
+
+
+def _not_recovered(vector: np.ndarray, site: str) -> None:
+    """Neither the vector nor its decoding is the site's own release."""
+    own = _own_sums(site)
+    assert not np.array_equal(np.asarray(vector, dtype=np.uint64), secagg.encode_fixed(own).ravel())
+    assert not np.allclose(_decoded(vector), own, rtol=1e-6)
+
+
+@pytest.mark.parametrize("recipients", [["a"], ["a", "b"]], ids=["single_site", "subset"])
+def test_a_compute_step_addressed_to_fewer_sites_is_refused(fed, recipients):
+    secure = _keyset(fed).compute_request(recipients)
+    with pytest.raises(mv.RefusedError) as error:
+        _send(fed, uuid.uuid4().hex, 0, "compute", secure, recipients)
+    assert {rule for _, rule, _ in error.value.refusals} == {"secagg_participants"}
+    assert {site for site, _, _ in error.value.refusals} == set(recipients)
+
+
+def test_a_participant_list_that_omits_a_site_is_refused(fed):
+    secure = _keyset(fed).compute_request(["a", "b"])
+    with pytest.raises(mv.RefusedError) as error:
+        _send(fed, uuid.uuid4().hex, 0, "compute", secure, SITES)
+    assert {rule for _, rule, _ in error.value.refusals} == {"secagg_participants"}
+
+
+def test_a_single_site_step_under_the_full_participant_list_cannot_be_unmasked(fed):
+    """Told every site takes part but sent to one: it masks against all, and no unmask opens it."""
+    task = uuid.uuid4().hex
+    secure = _keyset(fed).compute_request(SITES)
+    try:
+        replies = _send(fed, task, 0, "compute", secure, ["a"])
+    except mv.RefusedError as error:  # refused already because the step is not addressed to its participants
+        assert error.rule == "secagg_participants"
+        return
+    _not_recovered(replies["a"]["masked"], "a")
+    request = _keyset(fed).unmask_request(0, SITES, replies)
+    with pytest.raises(mv.RefusedError) as error:
+        _send(fed, task, 1, "unmask", request, ["a"])
+    assert error.value.rule == "secagg_unmask_refused"
+
+
+def _honest_compute(fed, task: str, step: int = 0) -> dict[str, dict]:
+    return _send(fed, task, step, "compute", _keyset(fed).compute_request(SITES), SITES)
+
+
+def test_an_unmask_step_for_a_site_that_submitted_is_refused(fed):
+    task = uuid.uuid4().hex
+    replies = _honest_compute(fed, task)
+    request = _keyset(fed).unmask_request(0, SITES, {s: replies[s] for s in ["a", "b"]})  # claims c dropped
+    with pytest.raises(mv.RefusedError) as error:
+        _send(fed, task, 1, "unmask", request, ["a", "b"])
+    assert {rule for _, rule, _ in error.value.refusals} == {"secagg_unmask_refused"}
+    _not_recovered(replies["c"]["masked"], "c")
+
+
+def test_a_rewound_or_repeated_unmask_step_is_refused(fed):
+    task = uuid.uuid4().hex
+    replies = _honest_compute(fed, task)
+    request = _keyset(fed).unmask_request(0, SITES, replies)
+    answers = _send(fed, task, 1, "unmask", request, SITES)
+    assert all(body["public"]["dropped_seeds"] == {} for body in answers.values())
+    with pytest.raises(mv.RefusedError) as error:  # the same step again, now claiming c dropped
+        _send(fed, task, 2, "unmask", _keyset(fed).unmask_request(0, SITES, {s: replies[s] for s in ["a", "b"]}),
+              ["a", "b"])
+    assert {rule for _, rule, _ in error.value.refusals} == {"secagg_unmask_refused"}
+    with pytest.raises(mv.RefusedError) as error:  # a step no site masked (the request's own earlier step)
+        _send(fed, task, 3, "unmask", dict(request, of_step=2), SITES)
+    assert {rule for _, rule, _ in error.value.refusals} == {"secagg_unmask_refused"}
+    _not_recovered(replies["c"]["masked"], "c")
+
+
+def test_a_key_set_of_another_study_is_refused(fed):
+    other = fed.network.add_study(f"other-{uuid.uuid4().hex[:8]}", {"default": ["x"]})
+    secure = _keyset(fed).compute_request(SITES)
+    with pytest.raises(mv.RefusedError) as error:
+        _send(fed, uuid.uuid4().hex, 0, "compute", secure, SITES, study=other.id)
+    assert {rule for _, rule, _ in error.value.refusals} == {"secagg_wrong_study"}
+
+
+def test_a_false_dropout_claimed_by_hub_and_researcher_leaves_the_vector_hidden(fed):
+    """Every site submits; the hub says c did not and the researcher asks a and b for c's seeds
+    (and, in another step, asks c as if nobody dropped). Double masking keeps c's vector hidden."""
+    task = uuid.uuid4().hex
+    replies = _honest_compute(fed, task)
+    nodes = {site: fed.network.nodes[site].node for site in SITES}
+    agents = {site: node._secure_aggregation() for site, node in nodes.items()}
+    honest = {site: agent.senders for site, agent in agents.items()}
+    try:
+        for agent in agents.values():
+            agent.senders = lambda task, step: {"a", "b"}  # the colluding hub hides c's reply
+        ab = {s: replies[s] for s in ["a", "b"]}
+        told_dropped = _send(fed, task, 1, "unmask", _keyset(fed).unmask_request(0, SITES, ab), ["a", "b"])
+        told_submitted = _send(fed, task, 2, "unmask", _keyset(fed).unmask_request(0, SITES, replies), ["c"])
+    finally:
+        for site, agent in agents.items():
+            agent.senders = honest[site]
+    revealed = {site: body["public"] for site, body in {**told_dropped, **told_submitted}.items()}
+    for site in ["a", "b"]:
+        assert list(revealed[site]["dropped_seeds"]) == ["c"]
+        assert "c" not in revealed[site]["self_mask_shares"]  # never both for one site in one step
+    # The researcher removes every pairwise mask of c's vector ...
+    seeds = {q: base64.b64decode(revealed[q]["dropped_seeds"]["c"]) for q in ["a", "b"]}
+    vector = np.asarray(replies["c"]["masked"], dtype=np.uint64)
+    without_pairwise = vector + secagg.dropped_mask_total("c", seeds, vector.size)
+    # ... but holds a single share of c's self-mask seed, fewer than the threshold
+    shares = [body["self_mask_shares"]["c"] for body in revealed.values() if "c" in body["self_mask_shares"]]
+    assert len(shares) < fed.study.threshold()
+    _not_recovered(without_pairwise, "c")
