@@ -286,9 +286,9 @@ def _exit_on_signal(signum: int, _frame: object) -> None:
 
 @node_app.command("status")
 def node_status(config: Path = typer.Option(..., help="site YAML config")) -> None:
-    """Show the site's disclosure policy, approved studies and each study's remaining DP budget."""
+    """Show the site's disclosure policy, approved studies and the DP budget each study's researcher has left."""
     from medveil.runtime.config import load_site_config
-    from medveil.runtime.node_store import NodeStore
+    from medveil.runtime.node_store import NodeStore, dp_account
 
     site = load_site_config(config)
     console.print(f"[bold]{site.site}[/] hub {site.hub}")
@@ -302,7 +302,7 @@ def node_status(config: Path = typer.Option(..., help="site YAML config")) -> No
     for approval in store.approvals():
         spec = approval.spec
         rho = spec.get("dp_rho_per_release")
-        left = site.policy.dp_budget_rho - store.budget_spent(spec["id"])
+        left = site.policy.dp_budget_rho - store.budget_spent(dp_account(spec["researcher"]))
         studies.add_row(spec["id"], spec["researcher"], ", ".join(spec["datasets"]),
                         "on" if spec.get("secure_aggregation", True) else "OFF",
                         "-" if rho is None else f"{rho:g}", f"{left:g} of {site.policy.dp_budget_rho:g}")

@@ -67,7 +67,7 @@ def test_histogram_equals_numpy(fed, pooled):
     inner, _ = np.histogram(pooled["time"], bins=edges)
     inner_bins = result.iloc[1:-1]
     released = ~inner_bins["suppressed"].to_numpy()
-    assert released.sum() >= 5
+    assert released.sum() >= 4  # one small bin, and one more hidden beside it (secondary suppression)
     assert (inner_bins["count"].to_numpy(dtype=float)[released] == inner[released]).all()
     assert inner_bins["count"][~released].isna().all()
 

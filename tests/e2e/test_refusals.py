@@ -91,7 +91,7 @@ def test_forged_task_is_refused_by_hub_and_by_node(fed):
 def test_replayed_task_is_refused_by_hub_and_by_node(fed):
     client = fed.session.client
     task = client.seal("task", {"params": {}, "broadcast": {}}, study=fed.study.id, task="t-replay", step=0,
-                       phase="keys", round=0, analysis="ping", dataset="default", recipients=fed.sites)
+                       phase="compute", round=0, analysis="ping", dataset="default", recipients=fed.sites)
     client.post("/v1/messages", task)
     assert len(fed.session._gather("t-replay", 0, fed.sites)) == 3
     with pytest.raises(HubError) as hub_error:

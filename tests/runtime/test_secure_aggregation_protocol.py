@@ -382,3 +382,15 @@ def test_expired_key_sets_and_idle_tasks_are_deleted(harness):
         agent.check_compute(harness.spec, TASK, harness.coordinator.compute_request(SITES))
     assert store.get(agent._keyset_key(KEYSET)) is None
     assert not any("private" in value for value in store.data.values())
+
+
+def test_a_site_whose_policy_refuses_dropouts_reveals_no_pairwise_seed(harness):
+    """With `secagg_dropouts: false` a sum over survivors is never recovered at that site's expense
+    or with its help (the residual risk of a survivor sum compared with a full one)."""
+    masked = harness.compute(0, site_sums(14), sites=SITES[:3])
+    strict = SiteSecureAggregation("site_a", harness.stores["site_a"], senders=harness.senders,
+                                   clock=harness.clock, allow_dropouts=False)
+    request = harness.coordinator.unmask_request(0, SITES, masked)
+    with refused("secagg_dropouts_refused"):
+        strict.unmask(harness.spec, TASK, request)
+    assert harness.stores["site_a"].get(harness.agents["site_a"]._task_key(TASK))["steps"]["0"]["unmasked"] is False

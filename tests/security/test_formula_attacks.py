@@ -79,10 +79,11 @@ def _escapes(path) -> list[str]:
 
 
 def _raw_task(fed, params: dict, broadcast: dict | None = None, task: str | None = None, step: int = 0,
-              round_no: int = 0) -> str:
+              round_no: int = 0, study: str | None = None) -> str:
     """Seal and post a task as a hostile researcher would, bypassing the client's validation."""
     task = task or f"t-{uuid.uuid4().hex}"
-    envelope = fed.session.client.seal("task", {"params": params, "broadcast": broadcast or {}}, study=fed.study.id,
+    envelope = fed.session.client.seal("task", {"params": params, "broadcast": broadcast or {}},
+                                       study=study or fed.study.id,
                                        task=task, step=step, phase="compute", round=round_no, analysis="glm",
                                        dataset="default", recipients=fed.sites)
     fed.session.client.post("/v1/messages", envelope)
@@ -268,9 +269,12 @@ def test_honest_broadcasts_pass():
 
 
 def test_levels_the_node_never_released_are_refused_end_to_end(fed):
-    task = _raw_task(fed, {"formula": "y ~ x + C(stage)"})
+    """Without secure aggregation in the way (whose own guard would refuse a raw step first)."""
+    study = fed.network.add_study("glm-plain", fed.study.datasets, secure_aggregation=False).id
+    task = _raw_task(fed, {"formula": "y ~ x + C(stage)"}, study=study)
     assert len(fed.session._gather(task, 0, fed.sites)) == 3
-    _raw_task(fed, {"formula": "y ~ x + C(stage)"}, {"levels": {"stage": ["IV"], "age": ["97"]}}, task, 1, 1)
+    _raw_task(fed, {"formula": "y ~ x + C(stage)"}, {"levels": {"stage": ["IV"], "age": ["97"]}}, task, 1, 1,
+              study=study)
     with pytest.raises(mv.RefusedError) as error:
         fed.session._gather(task, 1, fed.sites)
     assert {rule for _, rule, _ in error.value.refusals} == {"broadcast_not_released"}

@@ -99,10 +99,11 @@ class Analysis(ABC, Generic[P]):
         checks it is approved and passes it to `local` as `genotypes`."""
         return None
 
-    def row_sets(self, params: P, data: pd.DataFrame, round_no: int = 0,
-                 broadcast: dict[str, Any] | None = None) -> list[np.ndarray]:
+    def row_sets(self, params: P, data: pd.DataFrame, round_no: int = 0, broadcast: dict[str, Any] | None = None,
+                 policy: DisclosurePolicy | None = None) -> list[np.ndarray]:
         """Boolean masks of the rows each statistic released in this round rests on (each bin, each
-        cell), for the differencing guard; the node calls it before every compute round.
+        cell), for the differencing guard; the node calls it before every compute round, with its
+        policy (which decides, e.g., which cells are suppressed and so release nothing).
 
         By default one set, in round 0: rows complete in every variable the analysis reads."""
         names = self.variables(params)

@@ -63,6 +63,7 @@ from medveil.analyses.survival import (
 from medveil.privacy.disclosure import (
     DisclosurePolicy,
     DisclosureRefused,
+    public_count,
     releasable_levels,
     require_not_saturated,
     require_time_unit,
@@ -319,7 +320,8 @@ class CoxPH(Analysis[CoxParams]):
         if round_no == 0:
             require_not_saturated(site["complete"], len(params.covariates), policy)
             strata = releasable_levels(pd.Series(site["strata"]), params.strata or ALL, policy)
-            return Release(public={"strata": strata, "rows": site["complete"], "rows_dropped": site["dropped"]})
+            return Release(public={"strata": strata, "rows": site["complete"],
+                                   "rows_dropped": public_count(site["dropped"], policy)})
         strata = broadcast["strata"]
         used = np.isin(site["strata"], strata)
         require_not_saturated(int(used.sum()), len(params.covariates), policy)

@@ -103,7 +103,8 @@ class Describe(Analysis[DescribeParams]):
                                                              "increasing points centred on round 1's mean")
 
     def row_sets(self, params: DescribeParams, data: pd.DataFrame, round_no: int = 0,
-                 broadcast: dict[str, Any] | None = None) -> list[np.ndarray]:
+                 broadcast: dict[str, Any] | None = None, policy: DisclosurePolicy | None = None
+                 ) -> list[np.ndarray]:
         """Round 0: each variable's rows, and all rows (behind `rows`). Round 1's sums rest on the
         same rows; round 2's CDF holds no exact count (`coarsen_cumulative_counts`)."""
         if round_no != 0:

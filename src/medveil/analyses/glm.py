@@ -60,6 +60,7 @@ from medveil.analyses.glm_results import GLMResults
 from medveil.privacy.disclosure import (
     DisclosurePolicy,
     DisclosureRefused,
+    public_count,
     releasable_levels,
     require_not_saturated,
 )
@@ -222,7 +223,8 @@ class GLM(Analysis[GLMParams]):
         return sorted(set(parsed.response_variables) | set(parsed.rhs_variables) | extra)
 
     def row_sets(self, params: GLMParams, data: pd.DataFrame, round_no: int = 0,
-                 broadcast: dict[str, Any] | None = None) -> list[np.ndarray]:
+                 broadcast: dict[str, Any] | None = None, policy: DisclosurePolicy | None = None
+                 ) -> list[np.ndarray]:
         """Round 1 releases the row count and sums over the rows used (complete, with agreed
         levels); later rounds rest on the same rows, and round 0 releases only level names."""
         if round_no != 1:
@@ -323,7 +325,7 @@ class GLM(Analysis[GLMParams]):
                 raise AnalysisError("a binomial response must be 0 or 1")
             totals = [len(y), y.sum(), prior.sum(), prior @ y, np.log(prior).sum()]
             return Release(sums={"totals": np.array(totals, dtype=np.float64)},
-                           public={"rows": len(y), "rows_dropped": dropped, "columns": columns})
+                           public={"rows": len(y), "rows_dropped": public_count(dropped, policy), "columns": columns})
         if "beta" in broadcast:
             linear = x @ _finite_vector(broadcast["beta"], x.shape[1], "beta") + offset
             mu = family.fitted(linear)

@@ -126,7 +126,8 @@ class GWAS(Analysis[GWASParams]):
         return params.genotypes
 
     def row_sets(self, params: GWASParams, data: pd.DataFrame, round_no: int = 0,
-                 broadcast: dict[str, Any] | None = None) -> list[np.ndarray]:
+                 broadcast: dict[str, Any] | None = None, policy: DisclosurePolicy | None = None
+                 ) -> list[np.ndarray]:
         """In round 1, where the samples are first used: the table's sample rows (complete, one per
         IID), and for a case-control test its cases and controls; later rounds use the same rows."""
         if round_no != 1:

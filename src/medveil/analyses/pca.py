@@ -169,7 +169,8 @@ class PCA(Analysis[PCAParams]):
         return params.genotypes
 
     def row_sets(self, params: PCAParams, data: pd.DataFrame, round_no: int = 0,
-                 broadcast: dict[str, Any] | None = None) -> list[np.ndarray]:
+                 broadcast: dict[str, Any] | None = None, policy: DisclosurePolicy | None = None
+                 ) -> list[np.ndarray]:
         """In round 1, where the samples are first used: the table's rows with an IID."""
         return [data[params.iid].notna().to_numpy()] if round_no == 1 else []
 

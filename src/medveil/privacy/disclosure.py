@@ -33,6 +33,9 @@ class DisclosurePolicy(BaseModel):
                                                          "finer grid are refused (e.g. 7 for weeks)")
     dp_budget_rho: float = Field(1.0, gt=0, description="zCDP budget (rho) each researcher may spend at this "
                                                          "site, across all of their studies")
+    secagg_dropouts: bool = Field(True, description="reveal a dropped peer's pairwise masks of one step so a "
+                                                    "secure sum survives its dropout (off: a missing site fails "
+                                                    "the round)")
     max_broadcast_bytes: int = Field(64 * 1024 * 1024, gt=0, description="largest broadcast a task step may "
                                                                           "carry to this site")
 
@@ -147,7 +150,7 @@ def check_differencing_many(row_sets: list[np.ndarray], earlier: list[np.ndarray
         previous = np.asarray(previous, dtype=bool)
         if previous.ndim == 1 and np.count_nonzero(previous) >= policy.min_cell_count:
             by_length.setdefault(len(previous), []).append(previous)
-    stacks: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    stacks: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for row_set in row_sets:
         row_set = np.asarray(row_set, dtype=bool)
         if row_set.ndim != 1 or len(row_set) not in by_length or np.count_nonzero(row_set) < policy.min_cell_count:
@@ -156,8 +159,8 @@ def check_differencing_many(row_sets: list[np.ndarray], earlier: list[np.ndarray
             stacked = np.stack(by_length[len(row_set)])
             sizes = np.count_nonzero(stacked, axis=1)
             order = np.argsort(sizes, kind="stable")
-            stacks[len(row_set)] = (sizes[order], np.packbits(stacked[order], axis=1), order)
-        sizes, packed, _ = stacks[len(row_set)]
+            stacks[len(row_set)] = (sizes[order], np.packbits(stacked[order], axis=1))
+        sizes, packed = stacks[len(row_set)]
         size = int(np.count_nonzero(row_set))
         lo, hi = np.searchsorted(sizes, size - near, "left"), np.searchsorted(sizes, size + near, "right")
         if lo == hi:
@@ -196,6 +199,12 @@ def require_not_saturated(n_rows: int, n_parameters: int, policy: DisclosurePoli
         raise DisclosureRefused(
             "saturation", f"a model with {n_parameters} parameters needs at least "
                           f"{int(n_parameters / policy.max_parameter_ratio) + 1} rows at a site; this site has fewer")
+
+
+def public_count(n: int, policy: DisclosurePolicy) -> int | None:
+    """A per-site count released as a public fact (e.g. rows dropped for missing values): as it is
+    when 0 or at least min_cell_count, else withheld (None), like any small cell."""
+    return int(n) if n == 0 or n >= policy.min_cell_count else None
 
 
 def require_min_count(n: int, policy: DisclosurePolicy, what: str) -> None:

@@ -37,12 +37,12 @@ from medveil.crypto.secagg import FixedPointOverflow
 from medveil.crypto.signing import SignatureError, SigningKey, VerifyKey
 from medveil.data.genotypes import GenotypeFile
 from medveil.data.sources import DataError, load_dataset
-from medveil.privacy.disclosure import DisclosureRefused, check_differencing
+from medveil.privacy.disclosure import DisclosureRefused, check_differencing_many
 from medveil.privacy.dp import BudgetExhausted, CountNoise, gaussian_count_noise
 from medveil.runtime.audit import AuditLog, summarised
 from medveil.runtime.client import HubClient, HubError
 from medveil.runtime.config import SiteConfig, load_site_config
-from medveil.runtime.node_store import NodeStore, TaskState
+from medveil.runtime.node_store import NodeStore, TaskState, dp_account
 from medveil.runtime.secure_aggregation import SecureAggregationRefused, SiteSecureAggregation
 from medveil.runtime.study import StudySpec, sign_approval, verify_approval
 from medveil.runtime.wire import Envelope, WireError, canonical_json, open_envelope, pack_body
@@ -390,7 +390,8 @@ class Node:
         if not self.config.policy.differencing_guard:
             return
         try:
-            row_sets = step.analysis.row_sets(step.params, step.data, step.round_no, step.broadcast)
+            row_sets = step.analysis.row_sets(step.params, step.data, step.round_no, step.broadcast,
+                                              policy=self.config.policy)
         except (DisclosureRefused, BroadcastRefused) as exc:
             raise Refusal(exc.rule, exc.detail) from exc
         except (AnalysisError, ValueError, TypeError, KeyError) as exc:
@@ -495,17 +496,15 @@ class Node:
         version = self._data_version(dataset)
         earlier = self.store.row_sets(study, dataset, version)
         try:
-            for row_set in row_sets:
-                check_differencing(row_set, earlier, self.config.policy)
+            check_differencing_many(row_sets, earlier, self.config.policy)
         except DisclosureRefused as exc:
             raise Refusal(exc.rule, exc.detail) from exc
         for row_set in row_sets:
             self.store.add_row_set(study, dataset, version, row_set)
 
     def dp_account(self, spec: StudySpec) -> str:
-        """The budget a DP release is charged to: this site's account for the study's researcher,
-        shared by all of that researcher's studies, so a new study does not refill it."""
-        return f"researcher:{spec.researcher}"
+        """The budget a DP release of this study is charged to: its researcher's account here."""
+        return dp_account(spec.researcher)
 
     def _dp_noise(self, spec: StudySpec, analysis: Any) -> "ChargedNoise | None":
         """OpenDP noise for the local step when the study asks for DP; it charges the budget as it
@@ -538,7 +537,8 @@ class Node:
         agent = getattr(self, "_secagg_agent", None)
         if agent is None:
             agent = SiteSecureAggregation(self.site, self.store, senders=self._hub_senders,
-                                          hub_key=self.client.public_key, max_bytes=self.config.max_message_bytes)
+                                          hub_key=self.client.public_key, max_bytes=self.config.max_message_bytes,
+                                          allow_dropouts=self.config.policy.secagg_dropouts)
             self._secagg_agent = agent
         return agent
 

@@ -76,6 +76,12 @@ class StoredRelease(_Base):
     public: Mapped[bytes] = mapped_column(LargeBinary)
 
 
+def dp_account(researcher: str) -> str:
+    """The differential-privacy account a researcher's releases are charged to at a site, shared
+    by all of that researcher's studies (a new study does not refill it)."""
+    return f"researcher:{researcher}"
+
+
 @dataclass
 class TaskState:
     """A task as this node knows it: pinned study, analysis, dataset and parameters, the last

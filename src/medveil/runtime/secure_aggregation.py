@@ -76,6 +76,8 @@ RULES = {
                              "the step, too few submitters, a claimed dropout whose vector the hub holds, "
                              "or a share not addressed to this site",
     "secagg_repeat": "a compute step this site has masked before",
+    "secagg_dropouts_refused": "an unmask step names dropouts, and this site's policy does not recover sums "
+                               "without a site",
     "secagg_overflow": "a value is too large to be masked",
 }
 
@@ -144,12 +146,15 @@ class SiteSecureAggregation:
 
     `senders(task, step)`: the sites whose replies the hub holds for a step (checked as well,
     not relied on); `hub_key(site)`: a site's key as the hub serves it, used only for a spec
-    without pinned keys."""
+    without pinned keys; `allow_dropouts`: the site's policy on revealing a dropped peer's
+    pairwise seeds (off: a sum never survives a missing site, which closes the residual risk of
+    a sum over survivors compared with a full one)."""
 
     site: str
     store: Any
     senders: Callable[[str, int], set[str]]
     hub_key: Callable[[str], VerifyKey] | None = None
+    allow_dropouts: bool = True
     max_bytes: int = 64 * 1024 * 1024
     clock: Callable[[], float] = time.time
     random_bytes: Callable[[int], bytes] = os.urandom
@@ -347,6 +352,9 @@ class SiteSecureAggregation:
         if not set(dropped) <= set(participants) - {self.site}:
             raise SecureAggregationRefused("secagg_unmask_refused", "a claimed dropout was not a participant "
                                                                     "of the step")
+        if dropped and not self.allow_dropouts:
+            raise SecureAggregationRefused("secagg_dropouts_refused", "this site does not help recover a sum "
+                                                                      "without a missing site")
         submitters = [p for p in participants if p not in dropped]
         if len(submitters) < max(spec.threshold(), 2):
             raise SecureAggregationRefused("secagg_unmask_refused", "too few sites submitted to recover the sum")
