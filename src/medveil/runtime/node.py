@@ -84,6 +84,7 @@ class TaskStep:
     analysis: Analysis | None = None
     params: Params | None = None
     params_sha256: str = ""
+    broadcast_sha256: str = ""
     body: dict[str, Any] = field(default_factory=dict)
     broadcast: dict[str, Any] = field(default_factory=dict)
     variables: list[str] = field(default_factory=list)
@@ -377,7 +378,9 @@ class Node:
             raise Refusal("missing_column", f"column(s) {missing} not found in dataset {step.dataset!r} at {self.site}")
 
     def _guard_broadcast_vouched(self, step: "TaskStep") -> None:
-        size = len(pack_body(step.broadcast))
+        packed = pack_body(step.broadcast)
+        step.broadcast_sha256 = hashlib.sha256(packed).hexdigest()
+        size = len(packed)
         if size > self.config.policy.max_broadcast_bytes:
             raise Refusal("broadcast_too_large", f"the broadcast has {size} bytes, more than this site's limit of "
                                                  f"{self.config.policy.max_broadcast_bytes}")
@@ -415,7 +418,7 @@ class Node:
             "decision", decision="run", study=spec.id, task=step.task, step=step.step, round=round_no,
             analysis=analysis.name, dataset=step.dataset, variables=step.variables,
             secure_aggregation=spec.secure_aggregation, params_sha256=step.params_sha256,
-            broadcast_sha256=hashlib.sha256(pack_body(step.broadcast)).hexdigest())
+            broadcast_sha256=step.broadcast_sha256)
         try:
             release = analysis.local(step.params, round_no, step.broadcast, step.data, self.config.policy, **extra)
         except (DisclosureRefused, BroadcastRefused) as exc:

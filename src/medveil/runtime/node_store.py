@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import JSON, Float, Integer, LargeBinary, String, select
+from sqlalchemy import JSON, Float, Integer, LargeBinary, String, insert, select
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
@@ -141,11 +142,12 @@ class NodeStore:
 
     def claim(self, nonce: str, task: str, round_no: int) -> bool:
         """Record a task message as handled; False if its nonce or its (task, round) was seen before."""
-        with self._lock, self._sessions() as s:
-            s.add(SeenNonce(nonce=nonce, at=time.time()))
-            s.add(ProcessedRound(task=task, round=round_no, at=time.time()))
+        now = time.time()
+        with self._lock:
             try:
-                s.commit()
+                with self.engine.begin() as connection:  # rolled back whole if either row exists
+                    connection.execute(insert(SeenNonce).values(nonce=nonce, at=now))
+                    connection.execute(insert(ProcessedRound).values(task=task, round=round_no, at=now))
             except IntegrityError:
                 return False
             return True
@@ -211,16 +213,23 @@ class NodeStore:
                          row.last_round, memory)
 
     def save_task_state(self, state: TaskState, released_round: int | None = None) -> None:
-        """Persist a task's state; `released_round` adds that round's public release (written once)."""
-        memory = pack_body({k: v for k, v in state.memory.items() if k != "released"})
-        with self._lock, self._sessions() as s:
-            s.merge(StoredTask(task=state.task, study=state.study, analysis=state.analysis, dataset=state.dataset,
-                               params_sha256=state.params_sha256, last_step=state.last_step,
-                               last_round=state.last_round, memory=memory, updated_at=time.time()))
+        """Persist a task's state; `released_round` adds that round's public release (written once).
+
+        One SQLite upsert per table (not an ORM merge, which reads the row first): this runs
+        for every step a node handles."""
+        row = {"task": state.task, "study": state.study, "analysis": state.analysis, "dataset": state.dataset,
+               "params_sha256": state.params_sha256, "last_step": state.last_step, "last_round": state.last_round,
+               "memory": pack_body({k: v for k, v in state.memory.items() if k != "released"}),
+               "updated_at": time.time()}
+        changing = {k: v for k, v in row.items() if k != "task"}
+        with self._lock, self.engine.begin() as connection:
+            connection.execute(sqlite_insert(StoredTask).values(row)
+                               .on_conflict_do_update(index_elements=["task"], set_=changing))
             if released_round is not None:
-                public = state.memory["released"][released_round]
-                s.merge(StoredRelease(task=state.task, round=released_round, public=pack_body({"public": public})))
-            s.commit()
+                public = pack_body({"public": state.memory["released"][released_round]})
+                connection.execute(sqlite_insert(StoredRelease).values(task=state.task, round=released_round,
+                                                                       public=public)
+                                   .on_conflict_do_update(index_elements=["task", "round"], set_={"public": public}))
 
     def prune_tasks(self, older_than_s: float) -> int:
         """Forget the state of tasks untouched for `older_than_s` seconds; return how many."""
