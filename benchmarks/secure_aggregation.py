@@ -14,7 +14,6 @@ key set, which a session reuses).
 from __future__ import annotations
 
 import argparse
-import base64
 import statistics
 import tempfile
 import time

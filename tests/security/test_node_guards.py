@@ -24,6 +24,7 @@ from medveil.privacy.disclosure import DisclosurePolicy
 from medveil.runtime.audit import read_audit_log
 from medveil.runtime.session import ResearcherSession
 from medveil.runtime.wire import canonical_json
+from raw_tasks import refusal_rules, send_raw
 
 pytestmark = pytest.mark.e2e
 
@@ -45,62 +46,36 @@ def fed():
         yield federation
 
 
-def _send(fed, study: str, task: str, step: int, round_no: int, analysis: str, params: dict,
-          broadcast: dict | None = None, phase: str = "compute") -> dict:
-    """Post one raw task step to every site and gather the replies: {site: (status, rule or body)}."""
-    client = fed.session.client
-    message = client.seal("task", {"params": params, "broadcast": broadcast or {}}, study=study, task=task,
-                          step=step, phase=phase, round=round_no, analysis=analysis, dataset="default",
-                          recipients=fed.sites)
-    client.post("/v1/messages", message)
-    deadline = time.monotonic() + 60
-    while True:
-        replies = client.replies(task, step, wait=10)
-        if len(replies) == len(fed.sites) or time.monotonic() > deadline:
-            break
-    answers = {}
-    for envelope in replies:
-        body = envelope.body()
-        status = envelope.header["status"]
-        answers[envelope.sender] = (status, body["rule"] if status != "ok" else body)
-    assert set(answers) == set(fed.sites), "every site must answer"
-    return answers
-
-
-def _rules(answers: dict) -> set[str]:
-    return {rule for status, rule in answers.values() if status != "ok"}
-
-
 def test_a_task_cannot_start_at_round_3(fed):
-    answers = _send(fed, "plain", "t-round3", 0, 3, "histogram", {"variable": "x", "edges": EDGES})
-    assert _rules(answers) == {"round_order"}
+    answers = send_raw(fed, "plain", "t-round3", 0, 3, "histogram", {"variable": "x", "edges": EDGES})
+    assert refusal_rules(answers) == {"round_order"}
     assert all(status == "refused" for status, _ in answers.values())
 
 
 def test_a_round_cannot_be_rewound_or_repeated(fed):
     params = {"variable": "x", "edges": EDGES}
-    first = _send(fed, "plain", "t-rewind", 0, 0, "histogram", params)
+    first = send_raw(fed, "plain", "t-rewind", 0, 0, "histogram", params)
     assert all(status == "ok" for status, _ in first.values())
-    again = _send(fed, "plain", "t-rewind", 1, 0, "histogram", params)
-    assert _rules(again) == {"round_order"}
+    again = send_raw(fed, "plain", "t-rewind", 1, 0, "histogram", params)
+    assert refusal_rules(again) == {"round_order"}
     assert all("sums" not in body for status, body in again.values() if status == "ok")
 
 
 def test_parameters_cannot_change_within_a_task(fed):
     """Shifted edges inside one task would difference two histograms; the task pins its parameters."""
-    _send(fed, "plain", "t-shift", 0, 0, "ping", {})
-    shifted = _send(fed, "plain", "t-shift", 1, 1, "histogram", {"variable": "x", "edges": EDGES})
-    assert _rules(shifted) == {"task_mismatch"}
+    send_raw(fed, "plain", "t-shift", 0, 0, "ping", {})
+    shifted = send_raw(fed, "plain", "t-shift", 1, 1, "histogram", {"variable": "x", "edges": EDGES})
+    assert refusal_rules(shifted) == {"task_mismatch"}
 
 
 def test_a_broadcast_the_analysis_never_asks_for_is_refused(fed):
-    answers = _send(fed, "plain", "t-bcast", 0, 0, "ping", {}, broadcast={"levels": {"x": ["97"]}})
-    assert _rules(answers) == {"unexpected_broadcast"}
+    answers = send_raw(fed, "plain", "t-bcast", 0, 0, "ping", {}, broadcast={"levels": {"x": ["97"]}})
+    assert refusal_rules(answers) == {"unexpected_broadcast"}
 
 
 def test_an_oversized_broadcast_is_refused_before_the_analysis_sees_it(fed):
-    answers = _send(fed, "plain", "t-big", 0, 0, "ping", {}, broadcast={"filler": np.zeros(1024)})
-    assert _rules(answers) == {"broadcast_too_large"}
+    answers = send_raw(fed, "plain", "t-big", 0, 0, "ping", {}, broadcast={"filler": np.zeros(1024)})
+    assert refusal_rules(answers) == {"broadcast_too_large"}
 
 
 def test_every_reply_quotes_the_audit_head_and_decisions_digest_what_was_asked(fed):

@@ -10,7 +10,6 @@ patients, nor shows a minimum or maximum time.
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pandas as pd
@@ -20,6 +19,7 @@ import medveil as mv
 from medveil.analyses.cox import CoxPH
 from medveil.analyses.survival import KaplanMeier, Logrank, released_durations
 from medveil.privacy.disclosure import DisclosurePolicy
+from raw_tasks import refusal_rules, send_raw
 
 pytestmark = pytest.mark.e2e
 
@@ -138,27 +138,8 @@ def test_cox_covariate_that_singles_out_one_patient_is_refused(fed):
 # --- raw tasks a well-behaved session never sends -------------------------------------------------
 
 def _send(fed, task: str, step: int, round_no: int, analysis: str, params: dict, broadcast: dict | None = None) -> dict:
-    """Post one raw compute step of the plain study to every site: {site: (status, rule or body)}."""
-    client = fed.session.client
-    message = client.seal("task", {"params": params, "broadcast": broadcast or {}}, study="plain", task=task,
-                          step=step, phase="compute", round=round_no, analysis=analysis, dataset="default",
-                          recipients=fed.sites)
-    client.post("/v1/messages", message)
-    deadline = time.monotonic() + 120
-    replies: list = []
-    while len(replies) < len(fed.sites) and time.monotonic() < deadline:
-        replies = client.replies(task, step, wait=10)
-    answers = {}
-    for envelope in replies:
-        body = envelope.body()
-        status = envelope.header["status"]
-        answers[envelope.sender] = (status, body["rule"] if status != "ok" else body)
-    assert set(answers) == set(fed.sites), "every site must answer"
-    return answers
-
-
-def _rules(answers: dict) -> set[str]:
-    return {rule for status, rule in answers.values() if status != "ok"}
+    """One raw compute step of the plain study to every site."""
+    return send_raw(fed, "plain", task, step, round_no, analysis, params, broadcast)
 
 
 def _ok(answers: dict) -> bool:
@@ -183,7 +164,7 @@ def test_cox_coefficients_that_make_one_patient_dominate_are_refused(fed):
     slots = _cox_fit_round(fed, "t-cox-softmax")
     attack = _send(fed, "t-cox-softmax", 2, 2, "coxph", COX,
                    {"strata": ["all"], "beta": np.array([80.0, 0.0]), "event_slots": [slots]})
-    assert _rules(attack) == {"weight_dominance"}
+    assert refusal_rules(attack) == {"weight_dominance"}
     assert all("sums" not in body for status, body in attack.values() if status == "ok")
 
 
@@ -191,26 +172,26 @@ def test_cox_event_times_the_node_never_agreed_are_refused(fed):
     slots = _cox_fit_round(fed, "t-cox-times")
     off_grid = _send(fed, "t-cox-times", 2, 2, "coxph", COX,
                      {"strata": ["all"], "beta": np.zeros(2), "event_slots": [slots + [10 ** 7]]})
-    assert _rules(off_grid) == {"broadcast_malformed"}
+    assert refusal_rules(off_grid) == {"broadcast_malformed"}
     first = _send(fed, "t-cox-times", 3, 2, "coxph", COX,
                   {"strata": ["all"], "beta": np.zeros(2), "event_slots": [slots]})
     assert _ok(first)
     shifted = _send(fed, "t-cox-times", 4, 3, "coxph", COX,
                     {"strata": ["all"], "beta": np.zeros(2), "event_slots": [[s + 1 for s in slots]]})
-    assert _rules(shifted) == {"broadcast_changed"}
+    assert refusal_rules(shifted) == {"broadcast_changed"}
 
 
 def test_cox_strata_the_sites_never_released_are_refused(fed):
     assert _ok(_send(fed, "t-cox-strata", 0, 0, "coxph", COX))
     answers = _send(fed, "t-cox-strata", 1, 1, "coxph", COX, {"strata": ["all", "ssn-123"]})
-    assert _rules(answers) == {"broadcast_mismatch"}
+    assert refusal_rules(answers) == {"broadcast_mismatch"}
 
 
 def test_km_groups_and_rounds_the_sites_never_agreed_are_refused(fed):
     first = _send(fed, "t-km-groups", 0, 0, "kaplan_meier", KM)
     assert _ok(first)
     dropped = _send(fed, "t-km-groups", 1, 1, "kaplan_meier", KM, {"groups": ["rare"]})
-    assert _rules(dropped) == {"broadcast_mismatch"}
+    assert refusal_rules(dropped) == {"broadcast_mismatch"}
     assert _ok(_send(fed, "t-km-groups", 2, 1, "kaplan_meier", KM, {"groups": ["rare", "x", "y"]}))
     again = _send(fed, "t-km-groups", 3, 2, "kaplan_meier", KM, {"groups": ["rare"]})
-    assert _rules(again) == {"unexpected_round"}
+    assert refusal_rules(again) == {"unexpected_round"}

@@ -11,7 +11,6 @@ attacker would. Each attack is refused with a named rule, or finds nothing ident
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pandas as pd
@@ -20,6 +19,7 @@ import pytest
 import medveil as mv
 from medveil.analyses.describe import GRID_HALF_WIDTH_SD, GRID_POINTS
 from medveil.privacy.disclosure import DisclosurePolicy
+from raw_tasks import send_raw
 
 pytestmark = pytest.mark.e2e
 
@@ -57,27 +57,6 @@ def fed():
         yield federation
 
 
-def _send(fed, study: str, task: str, step: int, round_no: int, analysis: str, params: dict,
-          broadcast: dict | None = None, dataset: str = "default") -> dict:
-    """Post one raw compute step to every site; {site: (status, reply body or refusal rule)}."""
-    client = fed.session.client
-    message = client.seal("task", {"params": params, "broadcast": broadcast or {}}, study=study, task=task,
-                          step=step, phase="compute", round=round_no, analysis=analysis, dataset=dataset,
-                          recipients=fed.sites)
-    client.post("/v1/messages", message)
-    deadline = time.monotonic() + 120
-    replies: list = []
-    while len(replies) < len(fed.sites) and time.monotonic() < deadline:
-        replies = client.replies(task, step, wait=10)
-    answers = {}
-    for envelope in replies:
-        body = envelope.body()
-        status = envelope.header["status"]
-        answers[envelope.sender] = (status, body["rule"] if status != "ok" else body)
-    assert set(answers) == set(fed.sites), "every site must answer"
-    return answers
-
-
 def _session(fed, spec):
     from medveil.runtime.session import ResearcherSession
 
@@ -85,7 +64,7 @@ def _session(fed, spec):
 
 
 def test_a_suppressed_bin_is_not_rows_used_minus_the_bins_shown(fed):
-    answers = _send(fed, "plain", "t-hist-rows", 0, 0, "histogram", {"variable": "age", "edges": AGE_EDGES})
+    answers = send_raw(fed, "plain", "t-hist-rows", 0, 0, "histogram", {"variable": "age", "edges": AGE_EDGES})
     status, body = answers["a"]
     assert status == "ok"
     counts, hidden = body["sums"]["counts"], body["sums"]["suppressed"] > 0
@@ -106,9 +85,9 @@ def test_a_crosstab_margin_does_not_recover_a_hidden_cell(fed):
     shown = table.loc["IV"].dropna().sum()
     assert margins.loc["IV", "count"] - shown >= MIN  # the margin minus the cells shown is not the 3
     # Per site, in the clear: the same holds for site a's own cells and its rows.
-    _send(fed, "plain", "t-xtab", 0, 0, "crosstab", {"row": "stage", "col": "sex"})
+    send_raw(fed, "plain", "t-xtab", 0, 0, "crosstab", {"row": "stage", "col": "sex"})
     levels = {"stage": ["I", "II", "III", "IV"], "sex": ["f", "m"]}
-    status, body = _send(fed, "plain", "t-xtab", 1, 1, "crosstab", {"row": "stage", "col": "sex"},
+    status, body = send_raw(fed, "plain", "t-xtab", 1, 1, "crosstab", {"row": "stage", "col": "sex"},
                          {"levels": levels})["a"]
     assert status == "ok"
     cells, cell_hidden = body["sums"]["counts"], body["sums"]["suppressed"] > 0
@@ -136,10 +115,10 @@ def test_a_describe_on_a_subset_one_row_smaller_is_refused(fed):
 def _describe_rounds(fed, task: str, variable: str) -> tuple[np.ndarray, dict]:
     """Rounds 0 and 1 of a describe, as an honest session would run them; returns the pooled mean."""
     params = {"variables": [variable]}
-    first = _send(fed, "plain", task, 0, 0, "describe", params)
+    first = send_raw(fed, "plain", task, 0, 0, "describe", params)
     n = sum(body["sums"]["n"] for _, body in first.values())
     mean = sum(body["sums"]["sum"] for _, body in first.values()) / n
-    second = _send(fed, "plain", task, 1, 1, "describe", params, {"mean": mean})
+    second = send_raw(fed, "plain", task, 1, 1, "describe", params, {"mean": mean})
     assert all(status == "ok" for status, _ in second.values())
     return mean, params
 
@@ -158,7 +137,7 @@ def test_a_describe_grid_the_node_never_derived_is_refused(fed, forged):
         broadcast["mean"] = mean
     else:
         broadcast["grid"] = np.where(np.arange(GRID_POINTS) == 7, np.nan, grid)
-    answers = _send(fed, "plain", f"t-grid-{forged}", 2, 2, "describe", params, broadcast)
+    answers = send_raw(fed, "plain", f"t-grid-{forged}", 2, 2, "describe", params, broadcast)
     expected = {"uneven": "broadcast_not_released", "off_centre": "broadcast_not_released",
                 "extra_key": "unexpected_broadcast", "nan": "broadcast_malformed"}[forged]
     assert {rule for _, rule in answers.values()} == {expected}
@@ -174,7 +153,7 @@ def test_a_describe_grid_fine_enough_to_isolate_one_patient_shows_no_step(fed):
     grid = mean[:, None] + np.linspace(-half_width, half_width, GRID_POINTS)[None, :]
     inside = np.count_nonzero(np.abs(values - mean[0]) <= half_width)
     assert inside >= 1
-    status, body = _send(fed, "plain", "t-grid-fine", 2, 2, "describe", params, {"grid": grid})["a"]
+    status, body = send_raw(fed, "plain", "t-grid-fine", 2, 2, "describe", params, {"grid": grid})["a"]
     assert status == "ok"
     cdf = body["sums"]["cdf"][0]
     true = np.searchsorted(np.sort(values), grid[0], side="right")
@@ -222,17 +201,17 @@ def test_a_gwas_batch_with_a_variant_the_site_never_listed_is_refused(tmp_path):
     sites = _genotype_sites(tmp_path)
     with mv.Federation.simulate(sites, timeout=30, secure_aggregation=False) as fed:
         params = {"genotypes": "geno", "phenotype": "case"}
-        first = _send(fed, fed.study.id, "t-variant", 0, 0, "gwas", params, dataset="cohort")
+        first = send_raw(fed, fed.study.id, "t-variant", 0, 0, "gwas", params, dataset="cohort")
         listed = first["site_0"][1]["public"]["variants"]
         batch = {"chrom": [listed["chrom"][0], "1"], "pos": np.array([listed["pos"][0], 10**9]),
                  "counted": [listed["a1"][0], "A"]}
-        answers = _send(fed, fed.study.id, "t-variant", 1, 1, "gwas", params, {"stage": "counts", "batch": batch},
+        answers = send_raw(fed, fed.study.id, "t-variant", 1, 1, "gwas", params, {"stage": "counts", "batch": batch},
                         dataset="cohort")
         assert {rule for _, rule in answers.values()} == {"broadcast_not_released"}
         assert all(status == "refused" for status, _ in answers.values())
-        unknown_stage = _send(fed, fed.study.id, "t-variant-2", 0, 0, "gwas", params, dataset="cohort")
+        unknown_stage = send_raw(fed, fed.study.id, "t-variant-2", 0, 0, "gwas", params, dataset="cohort")
         assert all(status == "ok" for status, _ in unknown_stage.values())
-        answers = _send(fed, fed.study.id, "t-variant-2", 1, 1, "gwas", params,
+        answers = send_raw(fed, fed.study.id, "t-variant-2", 1, 1, "gwas", params,
                         {"stage": "newton", "batch": {k: v[:1] for k, v in batch.items()}, "active": np.array([0]),
                          "beta": np.zeros((1, 2))}, dataset="cohort")
         assert {rule for _, rule in answers.values()} == {"unexpected_broadcast"}  # allelic has no Newton stage

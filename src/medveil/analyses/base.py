@@ -199,3 +199,14 @@ def check_collinearity(xtx: np.ndarray, names: list[str]) -> None:
         involved = sorted({names[i] for k in np.where(null)[0] for i in np.where(np.abs(vectors[:, k]) > 1e-6)[0]})
         raise AnalysisError(f"the design is collinear: columns {involved} are linearly dependent "
                             f"(rank {int((~null).sum())} of {len(names)})")
+
+
+def finite_array(value: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """A broadcast array of finite floats of exactly `shape`, or a refusal."""
+    try:
+        array = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise BroadcastRefused("broadcast_malformed", "a broadcast array is not numeric") from None
+    if array.shape != shape or not np.all(np.isfinite(array)):
+        raise BroadcastRefused("broadcast_malformed", f"a broadcast array must be finite with shape {shape}")
+    return array

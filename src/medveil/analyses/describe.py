@@ -35,6 +35,7 @@ from medveil.analyses.base import (
     NextRound,
     Params,
     Release,
+    finite_array,
     numeric_column,
     register,
 )
@@ -87,7 +88,7 @@ class Describe(Analysis[DescribeParams]):
         key = "mean" if round_no == 1 else "grid"
         if set(broadcast) != {key}:
             raise BroadcastRefused("unexpected_broadcast", f"round {round_no} of describe carries `{key}` only")
-        value = _float_array(broadcast[key], (k,) if round_no == 1 else (k, GRID_POINTS))
+        value = finite_array(broadcast[key], (k,) if round_no == 1 else (k, GRID_POINTS))
         if round_no == 1:
             memory["describe_mean"] = value
             return
@@ -183,14 +184,3 @@ def _grid_quantile(grid: np.ndarray, cdf: np.ndarray, n: float, q: float, min_co
         return float("nan")
     lo, hi = cdf[j - 1], cdf[j]
     return float(grid[j - 1] + (grid[j] - grid[j - 1]) * (target - lo) / (hi - lo))
-
-
-def _float_array(value: Any, shape: tuple[int, ...]) -> np.ndarray:
-    """A broadcast array of finite floats of exactly `shape`, or a refusal."""
-    try:
-        array = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise BroadcastRefused("broadcast_malformed", "a broadcast array is not numeric") from None
-    if array.shape != shape or not np.all(np.isfinite(array)):
-        raise BroadcastRefused("broadcast_malformed", f"a broadcast array must be finite with shape {shape}")
-    return array

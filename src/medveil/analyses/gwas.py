@@ -52,6 +52,7 @@ from medveil.analyses.base import (
     BroadcastRefused,
     Params,
     Release,
+    finite_array,
     register,
 )
 from medveil.analyses.gwas_family import tdt_counts, tdt_table, trios
@@ -70,7 +71,6 @@ from medveil.analyses.variants import (
     batch_broadcast,
     check_batch,
     count_genotypes,
-    finite_array,
     site_variants,
 )
 from medveil.data.genotypes import GenotypeFile

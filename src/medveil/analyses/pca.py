@@ -47,6 +47,7 @@ from medveil.analyses.base import (
     NextRound,
     Params,
     Release,
+    finite_array,
     register,
 )
 from medveil.analyses.variants import (
@@ -55,7 +56,6 @@ from medveil.analyses.variants import (
     batch_broadcast,
     check_batch,
     count_genotypes,
-    finite_array,
     site_variants,
 )
 from medveil.data.genotypes import GenotypeFile

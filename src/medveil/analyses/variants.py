@@ -108,17 +108,6 @@ def check_batch(batch: Any, listed: Any, max_variants: int) -> int:
     return len(chrom)
 
 
-def finite_array(value: Any, shape: tuple[int, ...]) -> np.ndarray:
-    """A broadcast array of finite floats of exactly `shape`, or a refusal."""
-    try:
-        array = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise BroadcastRefused("broadcast_malformed", "a broadcast array is not numeric") from None
-    if array.shape != shape or not np.all(np.isfinite(array)):
-        raise BroadcastRefused("broadcast_malformed", f"a broadcast array must be finite with shape {shape}")
-    return array
-
-
 def locate(genotypes: GenotypeFile, batch: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     """Indices in this site's fileset of a broadcast batch, and whether to flip each (2 - dosage)."""
     index = genotypes.index_of(batch["chrom"], np.asarray(batch["pos"], np.int64))
