@@ -103,11 +103,14 @@ def test_saturation_guard_refuses_a_small_site(gbsg2):
     assert error.value.site == "tiny" and error.value.rule == "saturation"
 
 
-def test_perfect_separation_warns(gbsg2):
+def test_perfect_separation_is_refused_once_fitted_values_reach_their_bounds(gbsg2):
+    """Diverging coefficients put every row at mu = 0 or 1: the deviance would then count the
+    patients on each side of a cut, so the sites refuse the round (statsmodels warns instead)."""
     frame = gbsg2.assign(outcome=(gbsg2["age"] > 50).astype(int))
     with mv.Federation.simulate(split_uneven(frame)) as fed:
-        with pytest.warns(RuntimeWarning, match="Perfect fit"):
+        with pytest.raises(mv.RefusedError) as error:
             fed.glm("outcome ~ age", family="binomial")
+    assert {rule for _, rule, _ in error.value.refusals} == {"weight_dominance"}
 
 
 def test_traffic_envelopes_are_signed_by_their_senders(gbsg2):

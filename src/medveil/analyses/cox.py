@@ -320,7 +320,8 @@ class CoxPH(Analysis[CoxParams]):
         if round_no == 0:
             require_not_saturated(site["complete"], len(params.covariates), policy)
             strata = releasable_levels(pd.Series(site["strata"]), params.strata or ALL, policy)
-            return Release(public={"strata": strata, "rows": site["complete"],
+            rows = public_count(site["complete"], policy)  # a small count is withheld, like a hidden cell
+            return Release(public={"strata": strata, **({} if rows is None else {"rows": rows}),
                                    "rows_dropped": public_count(site["dropped"], policy)})
         strata = broadcast["strata"]
         used = np.isin(site["strata"], strata)

@@ -62,9 +62,13 @@ from medveil.privacy.disclosure import (
     DisclosureRefused,
     public_count,
     releasable_levels,
+    require_min_count,
+    require_no_dominant_row,
     require_not_saturated,
+    require_spread_weights,
 )
 
+SATURATED = 1e-6  # a fitted mean this close to its bound carries (almost) no weight
 MAX_BROADCAST_LEVELS = 1000  # levels of one variable in a broadcast (the union over sites)
 MAX_LEVEL_CHARS = 200
 BROADCAST_KEYS = {1: {"levels"}, 2: {"levels", "ybar", "ybar_weighted"}}  # later rounds: levels and beta
@@ -178,6 +182,25 @@ def _require_combinations_isolated(columns: list[np.ndarray], policy: Disclosure
         raise DisclosureRefused(
             "indicator_isolation", f"the comparisons of this formula together single out fewer than "
                                    f"{policy.min_cell_count} rows at this site (e.g. nested thresholds)")
+
+
+def _require_unsaturated(mu: np.ndarray, family: str) -> None:
+    """Refuse a round whose coefficients push fitted values to their bounds.
+
+    What it protects: the researcher chooses the coefficients of every round. A steep slope
+    K * (age - a) gives mu = 0 below age a and 1 above, and the round's deviance then counts the
+    patients on each side of that cut by response: a table with edges of the researcher's
+    choosing, and, moving the cut between tasks, the patients of one age. A fit whose fitted
+    values reach their bounds (perfect separation) is refused too: its coefficients diverge."""
+    if family == "gaussian":
+        return
+    saturated = mu < SATURATED
+    if family == "binomial":
+        saturated |= mu > 1 - SATURATED
+    if saturated.any():
+        raise DisclosureRefused("weight_dominance", "the coefficients of this round push fitted values to their "
+                                                    "bounds at this site (a cut through the data, or perfect "
+                                                    "separation)")
 
 
 def _check_indicator_isolation(parsed: ParsedFormula, frame: pd.DataFrame, y: np.ndarray, matrices: Any,
@@ -305,6 +328,7 @@ class GLM(Analysis[GLMParams]):
         prior = complete[params.weights].to_numpy(np.float64) if params.weights else np.ones(len(y))
         if np.any(prior <= 0):
             raise AnalysisError(f"weights {params.weights!r} must be positive")
+        require_no_dominant_row(x, prior, policy)
         scratch["design"] = (y, x, offset, prior, list(matrices.rhs.columns), len(data) - len(complete))
         return scratch["design"]
 
@@ -319,6 +343,7 @@ class GLM(Analysis[GLMParams]):
         family = statsmodels_family(params.family)
         levels = _checked_levels(broadcast.get("levels"))
         y, x, offset, prior, columns, dropped = self._design(params, data, levels, policy, scratch)
+        require_min_count(len(y), policy, "this site's model")
         require_not_saturated(len(y), x.shape[1], policy)
         if round_no == 1:
             if params.family == "binomial" and not np.all((y == 0) | (y == 1)):
@@ -333,6 +358,8 @@ class GLM(Analysis[GLMParams]):
             mu = family.starting_mu(y) if params.family == "binomial" else (y + float(broadcast["ybar"])) / 2
             linear = family.predict(mu)
         weights = prior * family.weights(mu)
+        _require_unsaturated(mu, params.family)
+        require_spread_weights(weights, policy)
         z = linear + family.link.deriv(mu) * (y - mu) - offset
         xw = x * weights[:, None]
         sums = {

@@ -52,6 +52,7 @@ from medveil.analyses.base import (
 from medveil.plotting import axes, save
 from medveil.privacy.disclosure import (
     DisclosurePolicy,
+    public_count,
     releasable_levels,
     require_time_unit,
 )
@@ -264,10 +265,10 @@ class _SurvivalCountsAnalysis(Analysis[SurvivalParams]):
         require_time_unit(params.time_unit, policy)
         complete = data[self.variables(params)].dropna()
         if round_no == 0:
-            if params.by is None:
-                return Release(public={"groups": [ALL], "rows": len(complete)})
-            return Release(public={"groups": releasable_levels(categorical_column(complete, params.by), params.by,
-                                                               policy), "rows": len(complete)})
+            groups = [ALL] if params.by is None else releasable_levels(categorical_column(complete, params.by),
+                                                                       params.by, policy)
+            rows = public_count(len(complete), policy)  # a small count is withheld, like a hidden cell
+            return Release(public={"groups": groups, **({} if rows is None else {"rows": rows})})
         groups = broadcast["groups"]
         _, slots, events, labels = self._released(params, data, groups, policy.min_cell_count)
         size = grid_size(params.time_unit, params.max_time)

@@ -33,6 +33,9 @@ class DisclosurePolicy(BaseModel):
                                                          "finer grid are refused (e.g. 7 for weeks)")
     dp_budget_rho: float = Field(1.0, gt=0, description="zCDP budget (rho) each researcher may spend at this "
                                                          "site, across all of their studies")
+    max_leverage: float = Field(0.9, gt=0, le=1, description="largest hat value one row may have in a model's "
+                                                              "design at this site (one row determining a "
+                                                              "coefficient reads its response)")
     secagg_dropouts: bool = Field(True, description="reveal a dropped peer's pairwise masks of one step so a "
                                                     "secure sum survives its dropout (off: a missing site fails "
                                                     "the round)")
@@ -205,6 +208,34 @@ def public_count(n: int, policy: DisclosurePolicy) -> int | None:
     """A per-site count released as a public fact (e.g. rows dropped for missing values): as it is
     when 0 or at least min_cell_count, else withheld (None), like any small cell."""
     return int(n) if n == 0 or n >= policy.min_cell_count else None
+
+
+def require_no_dominant_row(design: np.ndarray, weights: np.ndarray, policy: DisclosurePolicy) -> None:
+    """Refuse a model design in which one row has leverage above `max_leverage`.
+
+    What it protects: a column that is (nearly) zero but for one row (a smooth spike such as
+    exp(-100 (age - 97)^2), or 1/((age - 97)^2 + eps)) makes that row's fitted value its own
+    response; no comparison or level is needed, so indicator isolation cannot see it. A row's
+    hat value h_i = |u_i|^2 over the design's (weighted) left singular vectors is near 1 then."""
+    scaled = design * np.sqrt(weights)[:, None]
+    if scaled.size == 0:
+        return
+    u, singular, _ = np.linalg.svd(scaled, full_matrices=False)
+    kept = singular > singular.max() * 1e-10
+    leverage = np.einsum("ij,ij->i", u[:, kept], u[:, kept])
+    if leverage.max() > policy.max_leverage:
+        raise DisclosureRefused("leverage", f"one row would determine part of the model on its own (leverage "
+                                            f"above {policy.max_leverage:g}): a term singles out a patient")
+
+
+def require_spread_weights(weights: np.ndarray, policy: DisclosurePolicy) -> None:
+    """Refuse a fit round whose working weights rest on fewer than min_cell_count rows in effect
+    ((sum w)^2 / sum w^2), as chosen coefficients can make them (a steep slope puts all weight
+    on the rows at one age)."""
+    total, squares = float(np.sum(weights)), float(np.sum(np.square(weights)))
+    if squares > 0 and total * total < policy.min_cell_count * squares:
+        raise DisclosureRefused("weight_dominance", f"the coefficients of this round put the model's weight on "
+                                                    f"fewer than {policy.min_cell_count} rows at this site")
 
 
 def require_min_count(n: int, policy: DisclosurePolicy, what: str) -> None:

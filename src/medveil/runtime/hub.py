@@ -337,10 +337,10 @@ def create_hub_app(store: HubStore, *, operator_key: VerifyKey, max_bytes: int =
 
     @app.get("/v1/tasks/{task_id}")
     def get_task(task_id: Id, request: Request) -> dict[str, Any]:
-        reader(request)
+        researcher = reader(request)
         task = store.task(task_id)
-        if task is None:
-            raise HTTPException(404, f"task {task_id!r} does not exist")
+        if task is None or task.researcher != researcher:  # its summary is the researcher's provenance
+            raise refuse(404, "not_found", f"no task {task_id!r} for {researcher!r}")
         return {"id": task.id, "study": task.study, "analysis": task.analysis, "status": task.status,
                 "result": task.result}
 

@@ -21,8 +21,10 @@ the study's sites) less the dropouts recorded earlier in T, never fewer than max
              encrypted to its peer. It records (T, s, P) and keeps its own share of b.
   "unmask"   (every step: one extra round trip) the request names the sites D of P whose vector
              the hub does not hold and forwards to each survivor the shares of b addressed to it.
-             A survivor that masked step s answers once: if D is within P, leaves at least
-             max(t, 2) submitters and the hub holds no vector from D, it reveals its shares of b
+             A survivor that masked step s answers once: if D is within P, holds at most t - 2
+             sites, leaves at least max(t, 2) submitters and the hub holds no vector from D (so
+             views of D that differ from site to site never add up to t shares of one self
+             mask whose pairwise masks are revealed too), it reveals its shares of b
              for every submitter and, for every site of D, its pairwise seed of step s, never
              both for one site. The session rebuilds each b from t shares, removes the self masks
              and the uncancelled pairwise masks of D, and decodes the sum.
@@ -73,8 +75,8 @@ RULES = {
                            "less the dropouts this site recorded in the same task, or covers fewer than "
                            "max(threshold, 2)",
     "secagg_unmask_refused": "an unmask step for a step this site did not mask, a repeat, a peer outside "
-                             "the step, too few submitters, a claimed dropout whose vector the hub holds, "
-                             "or a share not addressed to this site",
+                             "the step, too few submitters, more than threshold - 2 claimed dropouts, a "
+                             "claimed dropout whose vector the hub holds, or a share not addressed to this site",
     "secagg_repeat": "a compute step this site has masked before",
     "secagg_dropouts_refused": "an unmask step names dropouts, and this site's policy does not recover sums "
                                "without a site",
@@ -358,6 +360,13 @@ class SiteSecureAggregation:
         submitters = [p for p in participants if p not in dropped]
         if len(submitters) < max(spec.threshold(), 2):
             raise SecureAggregationRefused("secagg_unmask_refused", "too few sites submitted to recover the sum")
+        if len(dropped) > spec.threshold() - 2:
+            # A hub and researcher may tell each site of a different dropout. A site's vector opens
+            # only with its self mask, whose shares then come from itself and from the peers it was
+            # told dropped (the others were told it dropped): t - 1 at most, never enough.
+            raise SecureAggregationRefused("secagg_unmask_refused", "more sites are claimed to have dropped than "
+                                                                    "the threshold lets a sum survive safely "
+                                                                    "(threshold - 2)")
         try:
             held = set(self.senders(task, of_step))
         except Exception as exc:  # no answer: reveal nothing
