@@ -16,6 +16,8 @@ import pandas as pd
 from lifelines import CoxPHFitter
 
 import medveil as mv
+from medveil.analyses.survival import released_durations
+from medveil.privacy.disclosure import DisclosurePolicy
 
 
 def make_data(rows: int, covariates: int, seed: int = 2026) -> pd.DataFrame:
@@ -43,14 +45,18 @@ def main() -> None:
         federated = fed.coxph("time", "event", covariates, max_time=3650)
         t_fed = time.perf_counter() - start
     start = time.perf_counter()
-    reference = CoxPHFitter().fit(frame, "time", "event")
+    CoxPHFitter().fit(frame, "time", "event")
     t_ref = time.perf_counter() - start
+    # What the federated fit equals: lifelines on the times as each site coarsens them.
+    released = pd.concat([released_durations(frame.iloc[idx], "time", "event", DisclosurePolicy().min_cell_count,
+                                             max_time=3650) for idx in thirds]).dropna(subset=["time"])
+    reference = CoxPHFitter().fit(released, "time", "event")
     max_rel = float(np.max(np.abs(federated.params / reference.params_ - 1)))
     print(f"Cox PH (Efron), {args.rows:,} rows x {args.covariates} covariates, "
           f"{int(frame['event'].sum()):,} events on {frame['time'].nunique():,} distinct days, 3 sites, secure on")
     print(f"federated fed.coxph:         {t_fed:7.2f} s  ({federated.iterations} Newton iterations)")
     print(f"lifelines CoxPHFitter:       {t_ref:7.2f} s  ratio federated/lifelines {t_fed / t_ref:.2f}")
-    print(f"max relative difference of coefficients vs lifelines: {max_rel:.1e}")
+    print(f"max relative difference of coefficients vs lifelines on the coarsened times: {max_rel:.1e}")
 
 
 if __name__ == "__main__":

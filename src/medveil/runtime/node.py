@@ -502,8 +502,7 @@ class Node:
             check_differencing_many(row_sets, earlier, self.config.policy)
         except DisclosureRefused as exc:
             raise Refusal(exc.rule, exc.detail) from exc
-        for row_set in row_sets:
-            self.store.add_row_set(study, dataset, version, row_set)
+        self.store.add_row_sets(study, dataset, version, row_sets)
 
     def dp_account(self, spec: StudySpec) -> str:
         """The budget a DP release of this study is charged to: its researcher's account here."""

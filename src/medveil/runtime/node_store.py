@@ -174,12 +174,18 @@ class NodeStore:
                                                   RowSet.version == version))
             return [np.unpackbits(np.frombuffer(r.bits, dtype=np.uint8), count=r.size).astype(bool) for r in rows]
 
-    def add_row_set(self, study: str, dataset: str, version: str, row_set: np.ndarray) -> None:
-        bits = np.packbits(row_set.astype(np.uint8)).tobytes()
-        digest = hashlib.sha256(bits + version.encode()).hexdigest()
-        with self._lock, self._sessions() as s:
-            s.merge(RowSet(study=study, dataset=dataset, digest=digest, version=version, size=len(row_set), bits=bits))
-            s.commit()
+    def add_row_sets(self, study: str, dataset: str, version: str, row_sets: list[np.ndarray]) -> None:
+        """Remember the rows behind released statistics, in one transaction (a survival fit has
+        one set per step and risk set); a set already stored is kept once."""
+        rows = []
+        for row_set in row_sets:
+            bits = np.packbits(np.asarray(row_set, dtype=np.uint8)).tobytes()
+            rows.append({"study": study, "dataset": dataset, "version": version, "size": len(row_set), "bits": bits,
+                         "digest": hashlib.sha256(bits + version.encode()).hexdigest()})
+        if not rows:
+            return
+        with self._lock, self.engine.begin() as connection:
+            connection.execute(sqlite_insert(RowSet).on_conflict_do_nothing(), rows)  # executemany
 
     def get(self, key: str, default: Any = None) -> Any:
         with self._sessions() as s:
