@@ -124,13 +124,15 @@ class Federation:
     def coxph(self, duration: str, event: str, covariates: Sequence[str], ties: str = "efron",
               strata: str | None = None, data: str | None = None, time_unit: float = 1.0,
               max_time: float = 36_500.0) -> CoxResults:
-        """Cox proportional-hazards model by exact distributed Newton, equal to a pooled fit."""
+        """Cox proportional-hazards model by exact distributed Newton, equal to a pooled fit on the
+        times as each site coarsens them (no step rests on fewer than min_cell_count patients)."""
         return self._result("coxph", data, duration=duration, event=event, covariates=list(covariates), ties=ties,
                             strata=strata, time_unit=time_unit, max_time=max_time)
 
     def kaplan_meier(self, duration: str, event: str, by: str | None = None, data: str | None = None,
                      time_unit: float = 1.0, max_time: float = 36_500.0, alpha: float = 0.05) -> KaplanMeierResult:
-        """Kaplan-Meier curves with exponential-Greenwood intervals, equal to lifelines on the pooled rows."""
+        """Kaplan-Meier curves with exponential-Greenwood intervals, equal to lifelines on the pooled
+        rows with the times as each site coarsens them; no minimum or maximum time shows."""
         return self._result("kaplan_meier", data, duration=duration, event=event, by=by, time_unit=time_unit,
                            max_time=max_time, alpha=alpha)
 
