@@ -22,23 +22,7 @@ import numpy as np
 from relay import relay
 
 from medveil.runtime.aggregation import aggregate
-from medveil.runtime.secure_aggregation import CoordinatorState, SiteSecureAggregation
-
-
-class MemoryStore:
-    """A node store's get/put/delete, in memory."""
-
-    def __init__(self):
-        self.values: dict = {}
-
-    def get(self, key, default=None):
-        return self.values.get(key, default)
-
-    def put(self, key, value):
-        self.values[key] = value
-
-    def delete(self, key):
-        self.values.pop(key, None)
+from medveil.runtime.secure_aggregation import CoordinatorState, MemoryStore, SiteSecureAggregation
 
 
 def main() -> None:

@@ -7,7 +7,6 @@ folders have no __init__.py, so two test modules with one basename break collect
 from __future__ import annotations
 
 import base64
-import json
 import math
 import time
 from contextlib import contextmanager
@@ -22,6 +21,7 @@ from medveil.runtime.secure_aggregation import (
     RULES,
     TASK_IDLE_S,
     CoordinatorState,
+    MemoryStore,
     SecureAggregationAborted,
     SecureAggregationRefused,
     SiteSecureAggregation,
@@ -34,22 +34,6 @@ from medveil.runtime.wire import seal
 SITES = ["site_a", "site_b", "site_c", "site_d"]
 TASK = "task-0123"
 KEYSET = "keyset-0001"
-
-
-class DictStore:
-    """The node store's get/put/delete of JSON values, in memory (values round-trip through JSON)."""
-
-    def __init__(self):
-        self.data: dict[str, str] = {}
-
-    def get(self, key, default=None):
-        return json.loads(self.data[key]) if key in self.data else default
-
-    def put(self, key, value):
-        self.data[key] = json.dumps(value)
-
-    def delete(self, key):
-        self.data.pop(key, None)
 
 
 class Clock:
@@ -80,7 +64,7 @@ class Harness:
         self.spec = make_spec(self.identities, study, threshold)
         self.clock = Clock()
         self.held: dict[int, set[str]] = {}
-        self.stores = {site: DictStore() for site in SITES}
+        self.stores = {site: MemoryStore() for site in SITES}
         self.agents = {site: SiteSecureAggregation(site, self.stores[site], senders=self.senders, clock=self.clock)
                        for site in SITES}
         self.coordinator = CoordinatorState(KEYSET, self.spec.id, SITES, self.spec.threshold())

@@ -6,7 +6,6 @@ refused with a named rule and that nothing was extracted.
 
 from __future__ import annotations
 
-import json
 import time
 
 import numpy as np
@@ -20,6 +19,7 @@ from medveil.privacy.disclosure import DisclosurePolicy, DisclosureRefused
 from medveil.runtime.client import new_nonce
 from medveil.runtime.secure_aggregation import (
     CoordinatorState,
+    MemoryStore,
     SecureAggregationAborted,
     SecureAggregationRefused,
     SiteSecureAggregation,
@@ -31,22 +31,6 @@ TASK = "task-review-0001"
 KEYSET = "keyset-review-01"
 
 
-class _Store:
-    """get/put/delete of JSON values in memory, as the node store does them."""
-
-    def __init__(self):
-        self.data: dict[str, str] = {}
-
-    def get(self, key, default=None):
-        return json.loads(self.data[key]) if key in self.data else default
-
-    def put(self, key, value):
-        self.data[key] = json.dumps(value)
-
-    def delete(self, key):
-        self.data.pop(key, None)
-
-
 def _secure_sites(sites: list[str], threshold: int | None = None):
     """Agents of `sites` with a key set made; the hub (colluding) says it holds no vector at all."""
     identities = {site: SigningKey.generate() for site in sites}
@@ -54,7 +38,7 @@ def _secure_sites(sites: list[str], threshold: int | None = None):
     spec = StudySpec(id="study-review", researcher="r", researcher_key=researcher.verify_key.to_text(),
                      sites=sites, site_keys={s: k.verify_key.to_text() for s, k in identities.items()},
                      datasets={"d": ["x"]}, analyses=["describe"], secagg_threshold=threshold)
-    agents = {site: SiteSecureAggregation(site, _Store(), senders=lambda task, step: set()) for site in sites}
+    agents = {site: SiteSecureAggregation(site, MemoryStore(), senders=lambda task, step: set()) for site in sites}
     coordinator = CoordinatorState(KEYSET, spec.id, sites, spec.threshold())
     replies = {}
     for site in sites:

@@ -43,6 +43,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import json
 import os
 import re
 import time
@@ -139,6 +140,23 @@ def _digest(text: str) -> str:
 
 
 # --- the site's side ----------------------------------------------------------------------
+
+class MemoryStore:
+    """The node store's get/put/delete in memory, values round-tripped through JSON as the node
+    store keeps them: for a site's secure-aggregation state in tests and benchmarks."""
+
+    def __init__(self) -> None:
+        self.data: dict[str, str] = {}
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return json.loads(self.data[key]) if key in self.data else default
+
+    def put(self, key: str, value: Any) -> None:
+        self.data[key] = json.dumps(value)
+
+    def delete(self, key: str) -> None:
+        self.data.pop(key, None)
+
 
 @dataclass
 class SiteSecureAggregation:
