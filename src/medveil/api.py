@@ -132,7 +132,8 @@ class Federation:
     def kaplan_meier(self, duration: str, event: str, by: str | None = None, data: str | None = None,
                      time_unit: float = 1.0, max_time: float = 36_500.0, alpha: float = 0.05) -> KaplanMeierResult:
         """Kaplan-Meier curves with exponential-Greenwood intervals, equal to lifelines on the pooled
-        rows with the times as each site coarsens them; no minimum or maximum time shows."""
+        rows with the times as each site coarsens them; no minimum or maximum time shows. Durations
+        beyond `max_time` are censored at `max_time`."""
         return self._result("kaplan_meier", data, duration=duration, event=event, by=by, time_unit=time_unit,
                            max_time=max_time, alpha=alpha)
 

@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import Field
+from pydantic import Field, model_validator
 from scipy import stats
 
 from medveil.analyses.base import (
@@ -52,6 +52,7 @@ from medveil.analyses.base import (
 from medveil.analyses.survival import (
     LEFT_OUT,
     check_agreed_levels,
+    check_grid,
     check_keys,
     coarsen_by_group,
     grid_size,
@@ -90,6 +91,11 @@ class CoxParams(Params):
     max_iter: int = Field(50, ge=1, le=500)
     tol: float = Field(1e-10, gt=0)
     alpha: float = Field(0.05, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _grid_is_bounded(self) -> CoxParams:
+        check_grid(self.time_unit, self.max_time)
+        return self
 
 
 @dataclass(frozen=True)

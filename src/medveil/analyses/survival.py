@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from pydantic import Field
+from pydantic import Field, model_validator
 from scipy import stats
 
 from medveil.analyses.base import (
@@ -72,17 +72,34 @@ class SurvivalParams(Params):
     max_time: float = Field(36_500.0, gt=0)
     alpha: float = Field(0.05, gt=0, lt=1)
 
+    @model_validator(mode="after")
+    def _grid_is_bounded(self) -> SurvivalParams:
+        check_grid(self.time_unit, self.max_time)
+        return self
+
+
+def check_grid(time_unit: float, max_time: float) -> None:
+    """Refuse a time grid of more than MAX_GRID points, before any site allocates it."""
+    if not max_time / time_unit < MAX_GRID:
+        raise ValueError(f"the grid max_time/time_unit has more than {MAX_GRID} points; coarsen time")
+
 
 def time_slots(data: pd.DataFrame, duration: str, event: str, time_unit: float,
                max_time: float) -> tuple[np.ndarray, np.ndarray]:
-    """Grid slot of each row's duration (rounded to the unit) and its event indicator, checked."""
+    """Grid slot of each row's duration (rounded to the unit) and its event indicator, checked.
+
+    A duration beyond max_time is censored at the grid's last point (administrative censoring),
+    never refused: a refusal would tell the researcher whether someone's time exceeds the
+    max_time it chose, and so, query by query, the longest follow-up."""
     durations = numeric_column(data, duration).to_numpy()
     events = numeric_column(data, event).to_numpy()
-    if np.any(durations < 0) or np.any(durations > max_time):
-        raise AnalysisError(f"durations must lie in [0, max_time={max_time:g}]")
+    if np.any(durations < 0):
+        raise AnalysisError("durations must not be negative")
     if not np.all((events == 0) | (events == 1)):
         raise AnalysisError(f"event indicator {event!r} must be 0 or 1")
-    return np.rint(durations / time_unit).astype(np.int64), events
+    last = grid_size(time_unit, max_time) - 1
+    slots = np.rint(np.minimum(durations, max_time) / time_unit).astype(np.int64)
+    return np.minimum(slots, last), np.where(durations > max_time, 0, events)
 
 
 def grid_size(time_unit: float, max_time: float) -> int:
@@ -282,8 +299,6 @@ class _SurvivalCountsAnalysis(Analysis[SurvivalParams]):
     def _counts(self, params: SurvivalParams, round_no: int, aggregated: Aggregated,
                 state: dict[str, Any]) -> NextRound | SurvivalCounts:
         if round_no == 0:
-            if grid_size(params.time_unit, params.max_time) > MAX_GRID:
-                raise AnalysisError(f"the grid max_time/time_unit has more than {MAX_GRID} points; coarsen time")
             groups = union_of_levels(aggregated.public, "groups")
             if not groups:
                 raise AnalysisError("no group is held by at least min_cell_count patients at any site")

@@ -2,9 +2,10 @@
 
 Threat model: the operator may be malicious for integrity and is honest-but-curious for
 secrecy. It checks who may send what (every write is a signed envelope from a registered party,
-fresh and never replayed; every read carries a signed token; a party registers only with the
-operator's signed invitation) but it cannot forge a task or a release, its key list is never
-what researchers or peers verify sites against (they use the keys pinned in the study), and it
+fresh and never replayed; every read carries a signed token, and only the operator reads the
+event log; a party registers only with the operator's signed invitation; only a study's sites
+post approvals of it) but it cannot forge a task or a release, its key list is never what
+researchers or peers verify sites against (they use the keys pinned in the study), and it
 sees only what sites chose to release (masked, once secure aggregation is on). It never runs
 analysis code. Every malformed request gets a 4xx and a `hub_events` entry, never a 5xx.
 Long-polls wake at once when a message arrives: waiters park on an asyncio.Event per inbox.
@@ -150,6 +151,16 @@ def create_hub_app(store: HubStore, *, operator_key: VerifyKey, max_bytes: int =
             raise refuse(403, "wrong_role", f"{party_id!r} is a {party.role}, not a {role}")
         return party_id
 
+    def operator_reader(request: Request) -> None:
+        """Admit only a read token signed by the operator's key: the event log is the operator's."""
+        token = request.headers.get(HEADER)
+        if not token:
+            raise refuse(401, "unauthenticated", f"missing {HEADER} header")
+        try:
+            check_token(token, operator_key, request.method, request.url.path, time.time())
+        except AuthError as exc:
+            raise refuse(403, "not_operator", "only the hub's operator reads its event log") from exc
+
     @app.get("/v1/health")
     def health() -> dict[str, Any]:
         return {"status": "ok", "time": time.time()}
@@ -225,8 +236,11 @@ def create_hub_app(store: HubStore, *, operator_key: VerifyKey, max_bytes: int =
     async def post_approval(study_id: Id, request: Request) -> dict[str, Any]:
         envelope = await read_envelope(request)
         verify_sender(envelope, "site")
-        if envelope.kind != "approval" or envelope.header.get("study") != study_id or store.study(study_id) is None:
+        study = store.study(study_id)
+        if envelope.kind != "approval" or envelope.header.get("study") != study_id or study is None:
             raise refuse(400, "malformed", f"not an approval of an existing study {study_id!r}")
+        if envelope.sender not in study.spec["sites"]:
+            raise refuse(403, "not_in_study", f"{envelope.sender!r} is not a site of study {study_id!r}")
         store.add_approval(study_id, envelope.sender, envelope.encode())
         return {"study": study_id, "site": envelope.sender}
 
@@ -249,8 +263,8 @@ def create_hub_app(store: HubStore, *, operator_key: VerifyKey, max_bytes: int =
         if study is None or study.researcher != envelope.sender:
             raise refuse(403, "not_owner", f"{envelope.sender!r} does not own study {header['study']!r}")
         recipients = header["recipients"]
-        if not recipients or not set(recipients) <= set(study.spec["sites"]):
-            raise refuse(400, "malformed", "task recipients must be sites of the study")
+        if not recipients or len(set(recipients)) != len(recipients) or not set(recipients) <= set(study.spec["sites"]):
+            raise refuse(400, "malformed", "task recipients must be distinct sites of the study")
         try:
             seq = store.add_task_round(header["task"], study.id, envelope.sender, header["analysis"], header["step"],
                                        recipients, header["nonce"], envelope.encode())
@@ -353,7 +367,7 @@ def create_hub_app(store: HubStore, *, operator_key: VerifyKey, max_bytes: int =
 
     @app.get("/v1/events")
     def events(request: Request) -> JSONResponse:
-        reader(request)
+        operator_reader(request)
         return JSONResponse([{"at": e.at, "kind": e.kind, "detail": e.detail} for e in store.events()])
 
     return app
