@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -12,10 +13,10 @@ from medveil.analyses.cox import CoxResults
 from medveil.analyses.glm_results import GLMResults
 from medveil.analyses.pca import PCAResult
 from medveil.analyses.survival import KaplanMeierResult, LogrankResult
-from medveil.crypto.signing import SigningKey, VerifyKey
+from medveil.crypto.signing import SigningKey, VerifyKey, is_encrypted_pem
 from medveil.privacy.disclosure import DisclosurePolicy
 from medveil.runtime.client import HubClient
-from medveil.runtime.config import read_private_key
+from medveil.runtime.config import PASSPHRASE_ENV, read_private_key
 from medveil.runtime.session import ResearcherSession, RunOutcome
 from medveil.runtime.simulation import LocalNetwork, SiteData, start_local_network
 from medveil.runtime.study import StudySpec
@@ -200,7 +201,13 @@ def connect(url: str, identity: str | Path | SigningKey, study: str, *, timeout:
     A key file must be private to its owner; an encrypted one is unlocked with `passphrase` or
     MEDVEIL_KEY_PASSPHRASE. Sites are verified against the keys pinned in the study (which the
     researcher signed), never against the keys the hub serves."""
-    key = identity if isinstance(identity, SigningKey) else read_private_key(Path(identity), passphrase)
+    if isinstance(identity, SigningKey):
+        key = identity
+    else:
+        key = read_private_key(Path(identity), passphrase)
+        if not is_encrypted_pem(Path(identity).read_bytes()):
+            warnings.warn(f"private key {identity} is not encrypted; re-create it with {PASSPHRASE_ENV} set",
+                          UserWarning, stacklevel=2)
     client = HubClient(url, "", key)
     try:
         envelope = client.study_envelope(study)

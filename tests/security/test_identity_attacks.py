@@ -235,3 +235,12 @@ def test_study_pinning_another_key_for_the_site_is_not_approved_by_its_steward(f
     assert refusals and {entry["rule"] for entry in refusals} == {"study_not_approved"}
     assert not any(entry["kind"] == "release" and entry.get("study") == spec.id
                    for entry in read_audit_log(network.workdir / "site_a" / "state" / "audit.jsonl"))
+
+
+def test_connect_warns_about_an_unencrypted_key_file(fed, tmp_path, monkeypatch):
+    monkeypatch.delenv("MEDVEIL_KEY_PASSPHRASE", raising=False)
+    path = tmp_path / "researcher.key"
+    write_private_key(path, fed.network.researcher.key)
+    with pytest.warns(UserWarning, match="not encrypted"):
+        connected = mv.connect(fed.network.hub.url, path, fed.study.id, timeout=60)
+    connected.close()
