@@ -83,6 +83,25 @@ def test_five_sites_one_dropping_after_sharing_keys_still_give_the_exact_sum():
     assert len(revealed) == 4 and all(list(seeds) == ["site_3"] for seeds in revealed)
 
 
+def test_three_sites_with_threshold_two_survive_one_dropout():
+    """Each submitter signs the dropout set in a consistency step before anything is revealed."""
+    sites = _sites(3, seed=8)
+    with mv.Federation.simulate(sites, timeout=3, record_hub_traffic=True, allow_dropouts=True) as fed:
+        assert fed.study.threshold() == 2
+        _drop_at_compute(fed, ["site_1"])
+        with pytest.warns(RuntimeWarning, match="site_1 dropped out"):
+            result = fed.describe(["x", "y"])
+        bodies = fed.hub_traffic()["body"]
+    survivors = pd.concat([sites["site_0"], sites["site_2"]])
+    np.testing.assert_allclose(result["mean"], survivors[["x", "y"]].mean(), rtol=1e-12)
+    np.testing.assert_allclose(result["sd"], survivors[["x", "y"]].std(), rtol=1e-12)
+    assert result.attrs["provenance"]["sites"] == ["site_0", "site_2"]
+    agreed = [body["public"] for body in bodies if "signature" in body.get("public", {})]
+    assert len(agreed) == 2 and all(public["dropped"] == ["site_1"] for public in agreed)
+    revealed = [body["public"]["dropped_seeds"] for body in bodies if body.get("public", {}).get("dropped_seeds")]
+    assert len(revealed) == 2 and all(list(seeds) == ["site_1"] for seeds in revealed)
+
+
 def test_below_the_threshold_the_round_aborts_and_nothing_is_revealed():
     with mv.Federation.simulate(_sites(5, seed=3), timeout=2, record_hub_traffic=True, allow_dropouts=True) as fed:
         assert fed.study.threshold() == 3

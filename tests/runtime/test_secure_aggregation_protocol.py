@@ -25,6 +25,7 @@ from medveil.runtime.secure_aggregation import (
     SecureAggregationAborted,
     SecureAggregationRefused,
     SiteSecureAggregation,
+    consistency_statement,
     mask_context,
 )
 from medveil.runtime.study import StudySpec
@@ -65,7 +66,8 @@ class Harness:
         self.clock = Clock()
         self.held: dict[int, set[str]] = {}
         self.stores = {site: MemoryStore() for site in SITES}
-        self.agents = {site: SiteSecureAggregation(site, self.stores[site], senders=self.senders, clock=self.clock)
+        self.agents = {site: SiteSecureAggregation(site, self.stores[site], senders=self.senders, clock=self.clock,
+                                                   sign=self.identities[site].sign)
                        for site in SITES}
         self.coordinator = CoordinatorState(KEYSET, self.spec.id, SITES, self.spec.threshold())
 
@@ -88,8 +90,16 @@ class Harness:
         self.held[step] = set(masked)
         return masked
 
+    def consistency(self, step: int, masked: dict[str, dict], participants=None) -> dict[str, str] | None:
+        """Every submitter's signature on the dropouts (None when nobody dropped: no consistency step)."""
+        request = self.coordinator.consistency_request(step, participants or SITES, masked)
+        if not request["dropped"]:
+            return None
+        return {site: self.agents[site].consistency(self.spec, TASK, request)["signature"] for site in sorted(masked)}
+
     def unmask(self, step: int, masked: dict[str, dict], participants=None, responders=None) -> dict[str, dict]:
-        request = self.coordinator.unmask_request(step, participants or SITES, masked)
+        signatures = self.consistency(step, masked, participants)
+        request = self.coordinator.unmask_request(step, participants or SITES, masked, signatures)
         return {site: self.agents[site].unmask(self.spec, TASK, request) for site in (responders or sorted(masked))}
 
 
@@ -325,6 +335,93 @@ def test_after_a_recorded_dropout_the_task_continues_with_its_survivors(harness)
     assert "masked" in harness.agents["site_a"].mask(harness.spec, "task-2", 0, request, sums["site_a"])
 
 
+# --- the consistency step ----------------------------------------------------------------
+
+def _one_dropout(h: Harness, step: int = 0) -> tuple[dict[str, dict], dict]:
+    """site_d silent in a compute step; the consistency request naming it."""
+    masked = h.compute(step, site_sums(20), sites=SITES[:3])
+    return masked, h.coordinator.consistency_request(step, SITES, masked)
+
+
+def test_no_consistency_step_without_dropouts(harness):
+    masked = harness.compute(0, site_sums(21))
+    assert harness.consistency(0, masked) is None
+    assert "signatures" not in harness.coordinator.unmask_request(0, SITES, masked)
+    with refused("secagg_malformed"):
+        harness.agents["site_a"].consistency(harness.spec, TASK,
+                                             harness.coordinator.consistency_request(0, SITES, masked))
+
+
+def test_a_consistency_signature_binds_study_key_set_task_step_dropouts_and_submitters(harness):
+    _, request = _one_dropout(harness)
+    answer = harness.agents["site_a"].consistency(harness.spec, TASK, request)
+    assert answer["dropped"] == ["site_d"] and answer["of_step"] == 0
+    statement = consistency_statement(harness.spec.id, KEYSET, TASK, 0, ["site_d"], SITES[:3])
+    harness.identities["site_a"].verify_key.verify(base64.b64decode(answer["signature"]), statement)
+    others = {consistency_statement("study-2", KEYSET, TASK, 0, ["site_d"], SITES[:3]),
+              consistency_statement(harness.spec.id, "keyset-0002", TASK, 0, ["site_d"], SITES[:3]),
+              consistency_statement(harness.spec.id, KEYSET, "task-2", 0, ["site_d"], SITES[:3]),
+              consistency_statement(harness.spec.id, KEYSET, TASK, 1, ["site_d"], SITES[:3]),
+              consistency_statement(harness.spec.id, KEYSET, TASK, 0, ["site_c"], SITES[:3]),
+              consistency_statement(harness.spec.id, KEYSET, TASK, 0, ["site_d"], SITES[:2])}
+    assert statement not in others and len(others) == 6
+
+
+def test_an_unmask_step_naming_dropouts_needs_the_consistency_step(harness):
+    masked, _ = _one_dropout(harness)
+    request = harness.coordinator.unmask_request(0, SITES, masked)
+    with refused("secagg_inconsistent_dropouts"):
+        harness.agents["site_a"].unmask(harness.spec, TASK, request)
+    assert harness.stores["site_a"].get(harness.agents["site_a"]._task_key(TASK))["steps"]["0"]["own_share"]
+
+
+def test_a_site_agrees_to_one_dropout_set_per_step_and_not_after_unmasking(harness):
+    masked, request = _one_dropout(harness)
+    agent = harness.agents["site_a"]
+    first = agent.consistency(harness.spec, TASK, request)
+    assert agent.consistency(harness.spec, TASK, request) == first  # the same set again: the same signature
+    harness.held[0] = {"site_a", "site_b"}  # a colluding hub now hides site_c's vector instead
+    with refused("secagg_inconsistent_dropouts"):
+        agent.consistency(harness.spec, TASK, dict(request, dropped=["site_c"], submitters=["site_a", "site_b",
+                                                                                               "site_d"]))
+    harness.held[0] = set(masked)
+    harness.unmask(0, masked)
+    with refused("secagg_inconsistent_dropouts"):
+        harness.agents["site_b"].consistency(harness.spec, TASK, request)
+
+
+def test_an_unmask_step_needs_every_submitters_signature_on_the_same_dropouts(harness):
+    masked, request = _one_dropout(harness)
+    signatures = {site: harness.agents[site].consistency(harness.spec, TASK, request)["signature"]
+                  for site in SITES[:3]}
+    other_statement = consistency_statement(harness.spec.id, KEYSET, TASK, 1, ["site_d"], SITES[:3])
+    forged = base64.b64encode(harness.identities["site_b"].sign(other_statement)).decode()
+    bad = [{site: signatures[site] for site in SITES[:2]},  # one missing
+           dict(signatures, site_b=signatures["site_c"]),  # another site's signature
+           dict(signatures, site_b=forged),  # the right signer on another statement
+           dict(signatures, site_b="not base64")]
+    for candidate in bad:
+        with refused("secagg_inconsistent_dropouts"):
+            harness.agents["site_a"].unmask(harness.spec, TASK,
+                                            harness.coordinator.unmask_request(0, SITES, masked, candidate))
+    with refused("secagg_inconsistent_dropouts"):  # agreed to a dropout, then told that nobody dropped
+        harness.agents["site_a"].unmask(harness.spec, TASK, harness.coordinator.unmask_request(0, SITES, masked))
+    record = harness.stores["site_a"].get(harness.agents["site_a"]._task_key(TASK))["steps"]["0"]
+    assert record["unmasked"] is False and record["own_share"]
+    revealed = {site: harness.agents[site].unmask(
+        harness.spec, TASK, harness.coordinator.unmask_request(0, SITES, masked, signatures)) for site in SITES[:3]}
+    assert all(list(body["dropped_seeds"]) == ["site_d"] for body in revealed.values())
+
+
+def test_a_consistency_request_must_name_the_steps_submitters(harness):
+    _, request = _one_dropout(harness)
+    with refused("secagg_unmask_refused"):
+        harness.agents["site_a"].consistency(harness.spec, TASK, dict(request, submitters=SITES[:2]))
+    with refused("secagg_unmask_refused"):  # the hub holds the claimed dropout's vector
+        harness.agents["site_a"].consistency(harness.spec, TASK, dict(request, dropped=["site_c"],
+                                                                      submitters=["site_a", "site_b", "site_d"]))
+
+
 def test_a_task_cannot_switch_key_sets(harness):
     harness.compute(0, site_sums(14))
     request = dict(harness.coordinator.compute_request(SITES), keyset="keyset-0002")
@@ -368,4 +465,9 @@ def test_a_site_whose_policy_refuses_dropouts_reveals_no_pairwise_seed(harness):
     request = harness.coordinator.unmask_request(0, SITES, masked)
     with refused("secagg_dropouts_refused"):
         strict.unmask(harness.spec, TASK, request)
+    with refused("secagg_dropouts_refused"):
+        strict.consistency(harness.spec, TASK, harness.coordinator.consistency_request(0, SITES, masked))
+    unsigned = SiteSecureAggregation("site_a", harness.stores["site_a"], senders=harness.senders, clock=harness.clock)
+    with refused("secagg_dropouts_refused"):  # no identity key to sign the dropouts with
+        unsigned.consistency(harness.spec, TASK, harness.coordinator.consistency_request(0, SITES, masked))
     assert harness.stores["site_a"].get(harness.agents["site_a"]._task_key(TASK))["steps"]["0"]["unmasked"] is False

@@ -6,6 +6,7 @@ refused with a named rule and that nothing was extracted.
 
 from __future__ import annotations
 
+import base64
 import time
 
 import numpy as np
@@ -23,6 +24,7 @@ from medveil.runtime.secure_aggregation import (
     SecureAggregationAborted,
     SecureAggregationRefused,
     SiteSecureAggregation,
+    consistency_statement,
 )
 from medveil.runtime.study import StudySpec
 from medveil.runtime.wire import seal
@@ -38,7 +40,8 @@ def _secure_sites(sites: list[str], threshold: int | None = None):
     spec = StudySpec(id="study-review", researcher="r", researcher_key=researcher.verify_key.to_text(),
                      sites=sites, site_keys={s: k.verify_key.to_text() for s, k in identities.items()},
                      datasets={"d": ["x"]}, analyses=["describe"], secagg_threshold=threshold)
-    agents = {site: SiteSecureAggregation(site, MemoryStore(), senders=lambda task, step: set()) for site in sites}
+    agents = {site: SiteSecureAggregation(site, MemoryStore(), senders=lambda task, step: set(),
+                                          sign=identities[site].sign) for site in sites}
     coordinator = CoordinatorState(KEYSET, spec.id, sites, spec.threshold())
     replies = {}
     for site in sites:
@@ -50,34 +53,97 @@ def _secure_sites(sites: list[str], threshold: int | None = None):
     return spec, agents, coordinator
 
 
+def _honest_unmask(spec, agents, coordinator, sites, masked) -> dict[str, dict]:
+    """The session's steps after a compute step: consistency (if some site dropped), then unmask."""
+    consistency = coordinator.consistency_request(0, sites, masked)
+    signatures = None
+    if consistency["dropped"]:
+        signatures = {site: agents[site].consistency(spec, TASK, consistency)["signature"] for site in masked}
+    request = coordinator.unmask_request(0, sites, masked, signatures)
+    return {site: agents[site].unmask(spec, TASK, request) for site in masked}
+
+
+def _show_each_site_its_own_dropouts(spec, agents, coordinator, sites, masked, told, colluders=()):
+    """The hub and researcher run a consistency step per site with the dropouts `told[site]`, the
+    colluders signing whatever is asked, and then ask each honest site to unmask with the
+    signatures gathered for its view. Returns what came back and the refusals' rules."""
+    signed: dict[tuple, dict[str, str]] = {}
+    refusals = []
+    for site, dropped in told.items():
+        request = coordinator.consistency_request(0, sites, {q: masked[q] for q in sites if q not in dropped})
+        key = tuple(request["dropped"])
+        signed[key] = {site: agents[site].consistency(spec, TASK, request)["signature"]}
+        for colluder in colluders:
+            statement = consistency_statement(spec.id, KEYSET, TASK, 0, request["dropped"], request["submitters"])
+            signed[key][colluder] = base64.b64encode(agents[colluder].sign(statement)).decode()  # its own key
+    for site, dropped in told.items():
+        submitters = [q for q in sites if q not in dropped]
+        # the signature each other submitter gave, on whichever dropouts it was shown
+        signatures = {q: next(s[q] for s in signed.values() if q in s) for q in submitters}
+        signatures.update(signed[tuple(sorted(dropped))])
+        for q in submitters:  # ask the other honest submitters to sign this view too
+            if q not in signed[tuple(sorted(dropped))] and q not in colluders:
+                request = coordinator.consistency_request(0, sites, {p: masked[p] for p in submitters})
+                try:
+                    agents[q].consistency(spec, TASK, request)
+                except SecureAggregationRefused as exc:
+                    refusals.append(exc.rule)
+        request = coordinator.unmask_request(0, sites, {q: masked[q] for q in submitters}, signatures)
+        try:
+            agents[site].unmask(spec, TASK, request)
+        except SecureAggregationRefused as exc:
+            refusals.append(exc.rule)
+    return refusals
+
+
+def _still_masked(spec, agents, masked, sums, site) -> None:
+    """The site's vector is not its plain release, and its own self-mask share was never revealed."""
+    plain = secagg.encode_fixed(secagg.flatten(sums[site])[0]).ravel()
+    assert not np.array_equal(np.asarray(masked[site]["masked"], dtype=np.uint64), plain)
+    for agent in agents.values():
+        record = agent.store.get(agent._task_key(TASK))
+        assert record["steps"]["0"]["unmasked"] is False and record["steps"]["0"]["own_share"]
+
+
 def test_inconsistent_dropout_claims_from_hub_and_researcher_do_not_open_a_site():
     """Every site submits. The hub and researcher tell a that c dropped, b that a dropped, and c
-    that b dropped: from each site's own view an ordinary single dropout. a then reveals its own
-    self-mask share and its seed with c, c a share of a's self mask, b its seed with a: with the
-    default threshold of 2 of 3 that is everything that opens a's vector. Refused: a site helps
-    recover a dropout only while the claimed dropouts are at most threshold - 2."""
+    that b dropped: from each site's own view an ordinary single dropout. Without a consistency
+    check, a would reveal its own self-mask share and its seed with c, c a share of a's self
+    mask, b its seed with a: with threshold 2 of 3 everything that opens a's vector. Refused: a
+    site signs one dropout set per step, and unmasks only against every submitter's signature
+    on the set it signed, which the others, shown other sets, never gave."""
     sites = ["a", "b", "c"]
     spec, agents, coordinator = _secure_sites(sites)
+    assert spec.threshold() == 2
     rng = np.random.default_rng(1)
     sums = {site: {"v": rng.normal(50, 10, 4)} for site in sites}
     masked = {site: agents[site].mask(spec, TASK, 0, coordinator.compute_request(sites), sums[site])
               for site in sites}
-    told = {"a": ["c"], "b": ["a"], "c": ["b"]}
-    revealed, refusals = {}, []
-    for site, dropped in told.items():
-        submitted = {q: masked[q] for q in sites if q not in dropped}
-        request = coordinator.unmask_request(0, sites, submitted)
-        try:
-            revealed[site] = agents[site].unmask(spec, TASK, request)
-        except SecureAggregationRefused as exc:
-            refusals.append(exc.rule)
-    assert refusals == ["secagg_unmask_refused"] * 3
-    # Nothing came back, so a's vector stays under its masks.
-    shares = {sites.index(v) + 1: int(body["self_mask_shares"]["a"], 16)
-              for v, body in revealed.items() if "a" in body["self_mask_shares"]}
-    assert len(shares) < spec.threshold()
-    plain = secagg.encode_fixed(secagg.flatten(sums["a"])[0]).ravel()
-    assert not np.array_equal(np.asarray(masked["a"]["masked"], dtype=np.uint64), plain)
+    refusals = _show_each_site_its_own_dropouts(spec, agents, coordinator, sites, masked,
+                                                {"a": ["c"], "b": ["a"], "c": ["b"]})
+    assert refusals and set(refusals) == {"secagg_inconsistent_dropouts"}
+    assert len(refusals) == 6  # each other submitter refuses to sign a second view; each site to unmask
+    for site in sites:
+        _still_masked(spec, agents, masked, sums, site)
+
+
+def test_inconsistent_dropout_claims_with_a_colluding_site_do_not_open_a_site():
+    """4 sites, threshold 3, d colluding (it signs anything and hands over its key material).
+    Told: a that b dropped, b that c dropped, c that a dropped. Without a consistency check a
+    would reveal its share of its own self mask and its seed with b, b a share of a's self
+    mask, c its seed with a, d the rest: 3 shares of a's self mask and every pairwise seed of
+    a's, under the old limit of threshold - 2 claimed dropouts too. Refused as above."""
+    sites = ["a", "b", "c", "d"]
+    spec, agents, coordinator = _secure_sites(sites, threshold=3)
+    rng = np.random.default_rng(2)
+    sums = {site: {"v": rng.normal(50, 10, 4)} for site in sites}
+    masked = {site: agents[site].mask(spec, TASK, 0, coordinator.compute_request(sites), sums[site])
+              for site in sites}
+    refusals = _show_each_site_its_own_dropouts(spec, agents, coordinator, sites, masked,
+                                                {"a": ["b"], "b": ["c"], "c": ["a"]}, colluders=["d"])
+    assert refusals and set(refusals) == {"secagg_inconsistent_dropouts"}
+    for site in "abc":
+        _still_masked(spec, {s: agents[s] for s in "abc"}, masked, sums, site)
 
 
 def test_a_single_dropout_is_still_recovered_where_the_threshold_allows_it():
@@ -87,26 +153,53 @@ def test_a_single_dropout_is_still_recovered_where_the_threshold_allows_it():
     sums = {site: {"v": np.arange(4.0) + i} for i, site in enumerate(sites)}
     masked = {site: agents[site].mask(spec, TASK, 0, coordinator.compute_request(sites), sums[site])
               for site in sites[:3]}
-    request = coordinator.unmask_request(0, sites, masked)
-    revealed = {site: agents[site].unmask(spec, TASK, request) for site in masked}
+    revealed = _honest_unmask(spec, agents, coordinator, sites, masked)
     total = coordinator.combine(sites, masked, revealed)
     assert np.allclose(total["v"], sum(sums[s]["v"] for s in sites[:3]))
 
 
-@pytest.mark.parametrize("threshold, dropped", [(2, ["b"]), (2, ["b", "d"]), (3, ["b", "d"])])
-def test_more_claimed_dropouts_than_threshold_minus_two_are_refused(threshold, dropped):
-    """4 sites: with threshold 2 no dropout, with threshold 3 one at most, can be recovered
-    without the inconsistent-view attack above; nothing is revealed."""
+def test_three_sites_with_threshold_two_recover_one_dropout():
+    """The limit of threshold - 2 claimed dropouts made a 3-site study unable to survive any."""
+    sites = ["a", "b", "c"]
+    spec, agents, coordinator = _secure_sites(sites)
+    assert spec.threshold() == 2
+    sums = {site: {"v": np.arange(3.0) * (i + 1)} for i, site in enumerate(sites)}
+    masked = {site: agents[site].mask(spec, TASK, 0, coordinator.compute_request(sites), sums[site])
+              for site in ["a", "c"]}
+    revealed = _honest_unmask(spec, agents, coordinator, sites, masked)
+    assert all(list(body["dropped_seeds"]) == ["b"] for body in revealed.values())
+    assert np.allclose(coordinator.combine(sites, masked, revealed)["v"], sums["a"]["v"] + sums["c"]["v"])
+
+
+@pytest.mark.parametrize("threshold, dropped", [(3, ["b", "d"]), (2, ["b", "c", "d"])])
+def test_fewer_submitters_than_the_threshold_are_refused(threshold, dropped):
+    """4 sites: a dropout is recovered only while at least max(threshold, 2) sites submitted;
+    neither the consistency step nor the unmask step reveals anything below that."""
     sites = ["a", "b", "c", "d"]
     spec, agents, coordinator = _secure_sites(sites, threshold)
     survivors = [s for s in sites if s not in dropped]
     masked = {site: agents[site].mask(spec, TASK, 0, coordinator.compute_request(sites), {"v": np.ones(3)})
               for site in survivors}
-    request = coordinator.unmask_request(0, sites, masked)
+    consistency = coordinator.consistency_request(0, sites, masked)
+    unmask = coordinator.unmask_request(0, sites, masked)
     for site in survivors:
-        with pytest.raises(SecureAggregationRefused) as error:
-            agents[site].unmask(spec, TASK, request)
-        assert error.value.rule == "secagg_unmask_refused"
+        for step, request in ((agents[site].consistency, consistency), (agents[site].unmask, unmask)):
+            with pytest.raises(SecureAggregationRefused) as error:
+                step(spec, TASK, request)
+            assert error.value.rule == "secagg_unmask_refused"
+
+
+@pytest.mark.parametrize("threshold, dropped", [(2, ["b"]), (2, ["b", "d"]), (3, ["b"])])
+def test_dropouts_are_recovered_down_to_the_threshold(threshold, dropped):
+    """4 sites: with threshold 2 two dropouts, with threshold 3 one, are recovered exactly."""
+    sites = ["a", "b", "c", "d"]
+    spec, agents, coordinator = _secure_sites(sites, threshold)
+    survivors = [s for s in sites if s not in dropped]
+    sums = {site: {"v": np.arange(3.0) + i} for i, site in enumerate(sites)}
+    masked = {site: agents[site].mask(spec, TASK, 0, coordinator.compute_request(sites), sums[site])
+              for site in survivors}
+    revealed = _honest_unmask(spec, agents, coordinator, sites, masked)
+    assert np.allclose(coordinator.combine(sites, masked, revealed)["v"], sum(sums[s]["v"] for s in survivors))
 
 
 def test_a_dropout_needs_every_submitter_in_the_unmask_step():
@@ -117,8 +210,7 @@ def test_a_dropout_needs_every_submitter_in_the_unmask_step():
     assert spec.threshold() == 3
     masked = {site: agents[site].mask(spec, TASK, 0, coordinator.compute_request(sites), {"v": np.ones(3)})
               for site in sites[:4]}
-    request = coordinator.unmask_request(0, sites, masked)
-    revealed = {site: agents[site].unmask(spec, TASK, request) for site in masked}
+    revealed = _honest_unmask(spec, agents, coordinator, sites, masked)
     with pytest.raises(SecureAggregationAborted, match="every submitter"):
         coordinator.combine(sites, masked, {site: revealed[site] for site in sites[:3]})
     assert np.allclose(coordinator.combine(sites, masked, revealed)["v"], 4.0)

@@ -1,6 +1,7 @@
 """Red-team tests of secure aggregation: a hostile researcher (alone, or with the hub) tries to
 read one site's own sums by narrowing a compute step, rewinding or forging an unmask step,
-reusing a key set across studies, or claiming that a site which did submit dropped out.
+reusing a key set across studies, claiming that a site which did submit dropped out, or showing
+each site different dropouts.
 
 Each attack is a raw task message signed with the researcher's real key, for a study the sites
 approved the ordinary way. Each test asserts the named refusal and that the site's own sums
@@ -10,6 +11,7 @@ were not recovered from what came back.
 from __future__ import annotations
 
 import uuid
+from contextlib import contextmanager
 
 import numpy as np
 import pandas as pd
@@ -145,28 +147,70 @@ def test_a_key_set_of_another_study_is_refused(fed):
     assert {rule for _, rule, _ in error.value.refusals} == {"secagg_wrong_study"}
 
 
-def test_a_false_dropout_claimed_by_hub_and_researcher_leaves_the_vector_hidden(fed):
-    """Every site submits; the hub says c did not and the researcher asks a and b for c's seeds
-    (and, in another step, asks c as if nobody dropped). With 3 sites and threshold 2 no dropout
-    can be recovered safely (tests/security/test_review_attacks.py), so a and b refuse; c's
-    answer alone holds one share of its own self mask, fewer than the threshold."""
-    task = uuid.uuid4().hex
-    replies = _honest_compute(fed, task)
-    nodes = {site: fed.network.nodes[site].node for site in SITES}
-    agents = {site: node._secure_aggregation() for site, node in nodes.items()}
+@contextmanager
+def _hub_says_it_holds(fed, held: set[str]):
+    """A colluding hub: every node is told that the hub holds the vectors of `held` only."""
+    agents = {site: fed.network.nodes[site].node._secure_aggregation() for site in SITES}
     honest = {site: agent.senders for site, agent in agents.items()}
     try:
         for agent in agents.values():
-            agent.senders = lambda task, step: {"a", "b"}  # the colluding hub hides c's reply
-        ab = {s: replies[s] for s in ["a", "b"]}
-        with pytest.raises(mv.RefusedError) as error:
-            _send(fed, task, 1, "unmask", _keyset(fed).unmask_request(0, SITES, ab), ["a", "b"])
-        assert {rule for _, rule, _ in error.value.refusals} == {"secagg_unmask_refused"}
-        told_submitted = _send(fed, task, 2, "unmask", _keyset(fed).unmask_request(0, SITES, replies), ["c"])
+            agent.senders = lambda task, step: set(held)
+        yield
     finally:
         for site, agent in agents.items():
             agent.senders = honest[site]
-    revealed = told_submitted["c"]["public"]
-    assert revealed["dropped_seeds"] == {}
-    assert fed.study.threshold() == 2  # c's own share of its self mask is one of the two needed
+
+
+def test_a_false_dropout_claimed_by_hub_and_researcher_leaves_the_vector_hidden(fed):
+    """Every site submits; the hub says c did not. Asked for c's seeds without every
+    submitter's signature on that dropout, a and b refuse. With their signatures (they agree:
+    from their view c did drop) they reveal their seeds with c, and c, told in its own unmask
+    step that nobody dropped, reveals its own share of its self mask: one of the two needed,
+    since a and b, who take c for a dropout, reveal no share of it."""
+    task = uuid.uuid4().hex
+    replies = _honest_compute(fed, task)
+    ab = {s: replies[s] for s in ["a", "b"]}
+    with _hub_says_it_holds(fed, {"a", "b"}):
+        with pytest.raises(mv.RefusedError) as error:
+            _send(fed, task, 1, "unmask", _keyset(fed).unmask_request(0, SITES, ab), ["a", "b"])
+        assert {rule for _, rule, _ in error.value.refusals} == {"secagg_inconsistent_dropouts"}
+        agreed = _send(fed, task, 2, "consistency", _keyset(fed).consistency_request(0, SITES, ab), ["a", "b"])
+        signatures = {site: body["public"]["signature"] for site, body in agreed.items()}
+        told_submitted = _send(fed, task, 3, "unmask", _keyset(fed).unmask_request(0, SITES, replies), ["c"])
+        told_dropped = _send(fed, task, 4, "unmask", _keyset(fed).unmask_request(0, SITES, ab, signatures),
+                             ["a", "b"])
+    assert told_submitted["c"]["public"]["dropped_seeds"] == {}
+    assert all(list(body["public"]["dropped_seeds"]) == ["c"] for body in told_dropped.values())
+    shares_of_c = [body["public"]["self_mask_shares"] for body in [*told_submitted.values(), *told_dropped.values()]
+                   if "c" in body["public"]["self_mask_shares"]]
+    assert fed.study.threshold() == 2 and len(shares_of_c) == 1
     _not_recovered(replies["c"]["masked"], "c")
+
+
+def test_different_dropouts_shown_to_each_site_are_refused(fed):
+    """Every site submits. The hub and researcher tell a that c dropped, b that a dropped and c
+    that b dropped, each in a consistency step of its own, then ask each to unmask with the
+    signatures they gathered: no site holds its co-submitter's signature on its own view, and
+    a site that signed one view refuses to sign another. Nothing of any vector is revealed."""
+    task = uuid.uuid4().hex
+    replies = _honest_compute(fed, task)
+    told = {"a": ["c"], "b": ["a"], "c": ["b"]}
+    with _hub_says_it_holds(fed, set()):
+        views = {site: {q: replies[q] for q in SITES if q not in dropped} for site, dropped in told.items()}
+        steps = iter(range(1, 10))  # the hub takes each step of a task once
+        signed = {}
+        for site, view in views.items():
+            reply = _send(fed, task, next(steps), "consistency", _keyset(fed).consistency_request(0, SITES, view), [site])
+            signed[site] = reply[site]["public"]["signature"]
+        for site, view in views.items():
+            other = next(q for q in view if q != site)
+            with pytest.raises(mv.RefusedError) as error:  # the co-submitter will not sign this view too
+                _send(fed, task, next(steps), "consistency", _keyset(fed).consistency_request(0, SITES, view), [other])
+            assert error.value.rule == "secagg_inconsistent_dropouts"
+        for site, view in views.items():
+            request = _keyset(fed).unmask_request(0, SITES, view, {q: signed[q] for q in view})
+            with pytest.raises(mv.RefusedError) as error:
+                _send(fed, task, next(steps), "unmask", request, [site])
+            assert error.value.rule == "secagg_inconsistent_dropouts"
+    for site in SITES:
+        _not_recovered(replies[site]["masked"], site)

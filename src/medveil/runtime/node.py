@@ -51,7 +51,7 @@ log = logging.getLogger("medveil.node")
 MAX_TASK_AGE_S = 3600.0
 MAX_STEP = 1_000_000
 TASK_RETENTION_S = 7 * 24 * 3600.0
-PHASES = ("keys", "compute", "unmask")
+PHASES = ("keys", "compute", "consistency", "unmask")
 REQUEST_FIELDS = ("study", "task", "step", "phase", "round", "analysis", "sender", "nonce", "body_sha256")
 
 
@@ -363,11 +363,13 @@ class Node:
 
     def _guard_in_order(self, step: "TaskStep") -> None:
         """Steps come in increasing order; compute rounds one after another from round 0; set-up
-        steps of secure aggregation sit in round 0 and an unmask step in the last compute round."""
+        steps of secure aggregation sit in round 0, and consistency and unmask steps in the last
+        compute round."""
         state, round_no = step.state, step.round_no
         if step.step <= state.last_step:
             raise Refusal("round_order", f"step {step.step} of task {step.task!r} comes after step {state.last_step}")
-        expected = {"compute": state.last_round + 1, "unmask": state.last_round}.get(step.phase, 0)
+        expected = {"compute": state.last_round + 1, "consistency": state.last_round,
+                    "unmask": state.last_round}.get(step.phase, 0)
         if round_no != expected:
             raise Refusal("round_order", f"a {step.phase} step of task {step.task!r} must be in round {expected}, "
                                          f"not {round_no}")
@@ -535,11 +537,13 @@ class Node:
 
     def _secure_aggregation(self) -> SiteSecureAggregation:
         """This site's half of secure aggregation (runtime/secure_aggregation.py), made on first use;
-        it keeps its key sets and masking records in the node's store."""
+        it keeps its key sets and masking records in the node's store and signs the dropouts it
+        agrees to with the node's identity key."""
         agent = getattr(self, "_secagg_agent", None)
         if agent is None:
             agent = SiteSecureAggregation(self.site, self.store, senders=self._hub_senders,
-                                          hub_key=self.client.public_key, max_bytes=self.config.max_message_bytes,
+                                          hub_key=self.client.public_key, sign=self.client.key.sign,
+                                          max_bytes=self.config.max_message_bytes,
                                           allow_dropouts=self.config.policy.secagg_dropouts)
             self._secagg_agent = agent
         return agent
@@ -569,12 +573,15 @@ class Node:
 
     def _secure_step(self, spec: StudySpec, phase: str, task: str, step: int,
                      body: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-        """The key step and the unmask step of secure aggregation."""
+        """The key step, the consistency step and the unmask step of secure aggregation."""
         agent, request = self._secure_aggregation(), body.get("secagg")
         try:
             if phase == "keys":
                 public = agent.new_keys(spec, request)
                 detail: dict[str, Any] = {"keyset": public["keyset"]}
+            elif phase == "consistency":
+                public = agent.consistency(spec, task, request)
+                detail = {"of_step": public["of_step"], "agreed_dropouts": public["dropped"]}
             elif phase == "unmask":
                 public = agent.unmask(spec, task, request)
                 detail = {"of_step": request["of_step"], "self_mask_shares_of": sorted(public["self_mask_shares"]),

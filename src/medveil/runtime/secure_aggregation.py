@@ -2,10 +2,12 @@
 
 What each party learns: the researcher and the hub learn the sum over the sites that submitted
 a compute step, and which sites submitted; never one site's vector, even when they collude and
-claim that a site which did submit dropped out; a site learns nothing of its peers' data (their
-public keys, and shares that are each uniform on their own). Sites colluding with the
-researcher cannot open a peer's vector while they are fewer than threshold - 1 (a site's own
-share of its self-mask seed counts toward the threshold).
+show different sites different dropout sets (each submitter signs the one set it agrees to, and
+reveals only against every submitter's signature on that same set); a site learns nothing of its
+peers' data (their public keys, shares that are each uniform on their own, and the dropout set
+it signs). Residual: threshold - 1 sites colluding with the researcher and the hub can open a
+peer's vector, by claiming that every other site dropped (the peer's own share of its self-mask
+seed counts toward the threshold); fewer cannot.
 
 Key set (one per researcher session, bound to its study, reused across the session's tasks;
 a node deletes it after KEYSET_LIFETIME_S and the session renews it before):
@@ -19,23 +21,37 @@ the study's sites) less the dropouts recorded earlier in T, never fewer than max
                  y = encode(x) + PRG(b) + sum over p in P, p != me, of +-PRG(seed(me, p, T, s))
              with b a fresh self-mask seed, Shamir-shared (threshold t) among P, each share
              encrypted to its peer. It records (T, s, P) and keeps its own share of b.
-  "unmask"   (every step: one extra round trip) the request names the sites D of P whose vector
-             the hub does not hold and forwards to each survivor the shares of b addressed to it.
-             A survivor that masked step s answers once: if D is within P, holds at most t - 2
-             sites, leaves at least max(t, 2) submitters and the hub holds no vector from D (so
-             views of D that differ from site to site never add up to t shares of one self
-             mask whose pairwise masks are revealed too), it reveals its shares of b
-             for every submitter and, for every site of D, its pairwise seed of step s, never
-             both for one site. The session rebuilds each b from t shares, removes the self masks
-             and the uncancelled pairwise masks of D, and decodes the sum.
+  "consistency"  (only when some site of P did not submit: one extra round trip) the request
+             names the dropouts D and the submitters S = P less D. A submitter that masked s and
+             has not unmasked it checks D within P less itself, S of at least max(t, 2) sites and
+             that the hub holds no vector from D; it records D as the one dropout set it agrees to
+             for s, and signs, with its identity key, a statement binding study, key set, T, s, D
+             and S (consistency_statement).
+  "unmask"   (every step: one extra round trip) the request names D and forwards to each
+             submitter the shares of b addressed to it; with D non-empty it carries every
+             submitter's signature on the statement of D. A submitter answers once, and only if
+             D is what it agreed to (none when it agreed to nothing), every signature verifies
+             against the signer's pinned identity key, and the checks above hold again: it
+             reveals its shares of b for every submitter and, for every site of D, its pairwise
+             seed of step s, never both for one site. The session rebuilds each b from t shares,
+             removes the self masks and the uncancelled pairwise masks of D, and decodes the sum.
+Why the signatures: a site v's vector opens only when all its pairwise seeds come out and t
+shares of its b. Had the hub and researcher told each site of a different D, v could reveal
+its seed with a peer that in turn, told that v submitted, reveals a share of v's b, and such
+pieces add up (tests/security/test_review_attacks.py). Now v reveals seeds only for a D that
+every co-submitter signed, and a site signs one D per step and unmasks only with it, so every
+honest co-submitter takes v for a submitter as well and keeps its seed with v; without a D, v
+reveals no seed, and an honest site revealing a share of v's b keeps its seed with v. So v's
+vector opens only with at least t - 1 colluding sites (the residual above).
 Dropout recovery reveals per-step pairwise seeds rather than Shamir shares of a dropped site's
 private key (as in the paper): the key set lives across steps, and a revealed private key would
 open every earlier vector of that site whose self mask had already been removed; a seed opens
 one step, in which the site's self mask stays on. The price: a dropout is recovered only if
-every submitter answers the unmask step (removing self masks alone needs any t).
+every submitter signs the dropout set and answers the unmask step (removing self masks alone
+needs any t).
 Residual: hub and researcher together can keep a task from a site, so that a step's sum covers
 the others only (at least max(t, 2) sites); differencing that against another task's sum over
-all sites is not stopped here.
+all sites is not stopped here (a site's policy `secagg_dropouts: false` refuses to help).
 """
 
 from __future__ import annotations
@@ -56,12 +72,13 @@ from cryptography.exceptions import InvalidTag
 from medveil.crypto import secagg
 from medveil.crypto.signing import SignatureError, VerifyKey
 from medveil.runtime.study import StudySpec
-from medveil.runtime.wire import Envelope, WireError, open_envelope
+from medveil.runtime.wire import Envelope, WireError, canonical_json, open_envelope
 
 KEYSET_LIFETIME_S = 24 * 3600.0  # a node deletes a key set's private key this long after making it
 KEYSET_RENEW_S = 12 * 3600.0  # a session makes a fresh key set once its own is this old
 TASK_IDLE_S = 2 * 3600.0  # a node forgets a task's masking records after this long without a step
 KEYSET_PATTERN = re.compile(r"^[A-Za-z0-9_-]{8,64}$")
+CONSISTENCY_PREFIX = b"medveil secure-aggregation dropouts v1\n"
 
 RULES = {
     "secagg_disabled": "the study does not use secure aggregation",
@@ -75,12 +92,17 @@ RULES = {
     "secagg_participants": "a compute step does not cover exactly the key set's sites (the study's sites) "
                            "less the dropouts this site recorded in the same task, or covers fewer than "
                            "max(threshold, 2)",
-    "secagg_unmask_refused": "an unmask step for a step this site did not mask, a repeat, a peer outside "
-                             "the step, too few submitters, more than threshold - 2 claimed dropouts, a "
+    "secagg_unmask_refused": "a consistency or unmask step for a step this site did not mask, a repeated "
+                             "unmask, a claimed dropout outside the step, submitters other than the step's "
+                             "participants less the dropouts, fewer than max(threshold, 2) submitters, a "
                              "claimed dropout whose vector the hub holds, or a share not addressed to this site",
+    "secagg_inconsistent_dropouts": "a consistency step names other dropouts than this site agreed to before, "
+                                    "or comes after the step was unmasked; or an unmask step names other "
+                                    "dropouts than this site agreed to, or lacks a submitter's valid signature "
+                                    "on the same dropout statement",
     "secagg_repeat": "a compute step this site has masked before",
-    "secagg_dropouts_refused": "an unmask step names dropouts, and this site's policy does not recover sums "
-                               "without a site",
+    "secagg_dropouts_refused": "a consistency or unmask step names dropouts, and this site's policy (or its "
+                               "lack of a signing key) does not recover sums without a site",
     "secagg_overflow": "a value is too large to be masked",
 }
 
@@ -120,6 +142,14 @@ def mask_context(study: str, keyset: str, task: str, step: int) -> bytes:
 
 def self_share_context(study: str, keyset: str, task: str, step: int, sender: str, recipient: str) -> bytes:
     return f"{study}|{keyset}|{task}|step|{step}|self|{sender}|{recipient}".encode()
+
+
+def consistency_statement(study: str, keyset: str, task: str, step: int, dropped: list[str],
+                          submitters: list[str]) -> bytes:
+    """What a submitter signs in a consistency step: the one dropout set it agrees to for a step.
+    The prefix keeps it apart from anything else an identity key signs (envelope headers, tokens)."""
+    return CONSISTENCY_PREFIX + canonical_json({"study": study, "keyset": keyset, "task": task, "step": step,
+                                                "dropped": sorted(dropped), "submitters": sorted(submitters)})
 
 
 def _sorted_names(value: Any, what: str) -> list[str]:
@@ -168,12 +198,15 @@ class SiteSecureAggregation:
     not relied on); `hub_key(site)`: a site's key as the hub serves it, used only for a spec
     without pinned keys; `allow_dropouts`: the site's policy on revealing a dropped peer's
     pairwise seeds (off: a sum never survives a missing site, which closes the residual risk of
-    a sum over survivors compared with a full one)."""
+    a sum over survivors compared with a full one); `sign`: signs with the site's identity key
+    the dropout set it agrees to in a consistency step (without it the site agrees to none, so
+    it never helps recover a dropout)."""
 
     site: str
     store: Any
     senders: Callable[[str, int], set[str]]
     hub_key: Callable[[str], VerifyKey] | None = None
+    sign: Callable[[bytes], bytes] | None = None
     allow_dropouts: bool = True
     max_bytes: int = 64 * 1024 * 1024
     clock: Callable[[], float] = time.time
@@ -275,13 +308,16 @@ class SiteSecureAggregation:
         self.store.put(self._keyset_key(record["id"]), record)
         return peers
 
+    def _identity_key(self, spec: StudySpec, site: str) -> VerifyKey:
+        """A site's identity key as the study pins it (the hub's copy only for a spec without pins)."""
+        pinned = getattr(spec, "site_keys", None)
+        return VerifyKey.from_text(pinned[site]) if pinned else self.hub_key(site)
+
     def _verified_key(self, spec: StudySpec, keyset: str, site: str, raw: bytes) -> bytes:
         """A peer's public key, from its own reply to this key set's keys step, signed by its pinned key."""
         try:
             envelope = open_envelope(raw, self.max_bytes)
-            pinned = getattr(spec, "site_keys", None)
-            key = VerifyKey.from_text(pinned[site]) if pinned else self.hub_key(site)
-            envelope.verify(key)
+            envelope.verify(self._identity_key(spec, site))
             header, public = envelope.header, envelope.body(self.max_bytes).get("public", {})
         except (WireError, SignatureError, KeyError, ValueError, TypeError) as exc:
             raise SecureAggregationRefused("secagg_peer_key", f"key of {site!r} does not verify against "
@@ -347,13 +383,16 @@ class SiteSecureAggregation:
         return {"masked": masked, "layout": [[name, list(shape)] for name, shape in layout],
                 "self_shares": encrypted}
 
-    def unmask(self, spec: StudySpec, task: str, request: Any) -> dict[str, Any]:
-        """Step "unmask", once per compute step this site masked: shares of the submitters'
-        self-mask seeds, and this site's pairwise seeds of that step with the sites that dropped."""
+    def _dropout_claim(self, spec: StudySpec, task: str, request: Any,
+                       what: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], int, list[str], list[str]]:
+        """The checks a consistency and an unmask step share: the step this site masked, and the
+        request's dropouts D against it (within its participants less this site, allowed by policy,
+        at least max(threshold, 2) submitters left, none of D's vectors held by the hub).
+        Returns the key set, the task record, the step's record, the step, D and the submitters."""
         if not spec.secure_aggregation:
             raise SecureAggregationRefused("secagg_disabled", f"study {spec.id!r} does not use secure aggregation")
         if not isinstance(request, dict):
-            raise SecureAggregationRefused("secagg_malformed", "an unmask step needs its secure-aggregation fields")
+            raise SecureAggregationRefused("secagg_malformed", f"a {what} step needs its secure-aggregation fields")
         keyset = _keyset_id(request)
         record = self._load_keyset(spec, keyset)
         of_step = request.get("of_step")
@@ -364,9 +403,6 @@ class SiteSecureAggregation:
         if masked is None:
             raise SecureAggregationRefused("secagg_unmask_refused", f"{self.site} did not mask step {of_step} "
                                                                     f"of task {task!r}")
-        if masked["unmasked"]:
-            raise SecureAggregationRefused("secagg_unmask_refused", f"step {of_step} of task {task!r} was "
-                                                                    "unmasked before")
         participants = masked["participants"]
         dropped = _sorted_names(request.get("dropped"), "dropped")
         if not set(dropped) <= set(participants) - {self.site}:
@@ -378,13 +414,6 @@ class SiteSecureAggregation:
         submitters = [p for p in participants if p not in dropped]
         if len(submitters) < max(spec.threshold(), 2):
             raise SecureAggregationRefused("secagg_unmask_refused", "too few sites submitted to recover the sum")
-        if len(dropped) > spec.threshold() - 2:
-            # A hub and researcher may tell each site of a different dropout. A site's vector opens
-            # only with its self mask, whose shares then come from itself and from the peers it was
-            # told dropped (the others were told it dropped): t - 1 at most, never enough.
-            raise SecureAggregationRefused("secagg_unmask_refused", "more sites are claimed to have dropped than "
-                                                                    "the threshold lets a sum survive safely "
-                                                                    "(threshold - 2)")
         try:
             held = set(self.senders(task, of_step))
         except Exception as exc:  # no answer: reveal nothing
@@ -392,6 +421,64 @@ class SiteSecureAggregation:
                                                                     "submitted") from exc
         if held & set(dropped):
             raise SecureAggregationRefused("secagg_unmask_refused", "the hub holds the vector of a claimed dropout")
+        return record, task_record, masked, of_step, dropped, submitters
+
+    def consistency(self, spec: StudySpec, task: str, request: Any) -> dict[str, Any]:
+        """Step "consistency", before an unmask step that names dropouts: agree to one dropout set
+        for the step (recorded, and never another) and sign it, binding study, key set, task,
+        step, dropouts and submitters."""
+        record, task_record, masked, of_step, dropped, submitters = self._dropout_claim(
+            spec, task, request, "consistency")
+        if not dropped:
+            raise SecureAggregationRefused("secagg_malformed", "a consistency step names the dropouts")
+        if _sorted_names(request.get("submitters"), "submitters") != submitters:
+            raise SecureAggregationRefused("secagg_unmask_refused", "the submitters are not the step's "
+                                                                    "participants less the dropouts")
+        if self.sign is None:
+            raise SecureAggregationRefused("secagg_dropouts_refused", "this site has no identity key to sign "
+                                                                      "a dropout set with")
+        if masked["unmasked"]:
+            raise SecureAggregationRefused("secagg_inconsistent_dropouts", f"step {of_step} of task {task!r} "
+                                                                           "was unmasked before")
+        if masked.get("agreed") not in (None, dropped):
+            raise SecureAggregationRefused("secagg_inconsistent_dropouts", "this site agreed to other dropouts "
+                                                                           f"for step {of_step} of task {task!r}")
+        masked["agreed"] = dropped
+        self._save_task(task_record)  # recorded before anything leaves
+        statement = consistency_statement(spec.id, record["id"], task, of_step, dropped, submitters)
+        return {"of_step": of_step, "dropped": dropped, "signature": _b64(self.sign(statement))}
+
+    def _check_agreement(self, spec: StudySpec, keyset: str, task: str, of_step: int, masked: dict[str, Any],
+                         dropped: list[str], submitters: list[str], signatures: Any) -> None:
+        """An unmask step's dropouts are the ones this site agreed to (none if it agreed to none)
+        and, when there are any, every submitter signed that same statement with its pinned key."""
+        if (masked.get("agreed") or []) != dropped:
+            raise SecureAggregationRefused("secagg_inconsistent_dropouts", "the dropouts are not the ones this "
+                                                                           "site agreed to for the step")
+        if not dropped:
+            return
+        if not isinstance(signatures, dict) or sorted(signatures) != submitters:
+            raise SecureAggregationRefused("secagg_inconsistent_dropouts", "the request must carry every "
+                                                                           "submitter's signature on the dropouts")
+        statement = consistency_statement(spec.id, keyset, task, of_step, dropped, submitters)
+        for site in submitters:
+            try:
+                self._identity_key(spec, site).verify(_unb64(signatures[site], 64), statement)
+            except (SignatureError, SecureAggregationRefused, KeyError, ValueError, TypeError) as exc:
+                raise SecureAggregationRefused("secagg_inconsistent_dropouts", f"the signature of {site!r} on "
+                                                                               "the dropouts does not verify") from exc
+
+    def unmask(self, spec: StudySpec, task: str, request: Any) -> dict[str, Any]:
+        """Step "unmask", once per compute step this site masked: shares of the submitters'
+        self-mask seeds, and this site's pairwise seeds of that step with the sites that dropped
+        (only for the dropouts it agreed to, against every submitter's signature on them)."""
+        record, task_record, masked, of_step, dropped, submitters = self._dropout_claim(spec, task, request, "unmask")
+        keyset = record["id"]
+        if masked["unmasked"]:
+            raise SecureAggregationRefused("secagg_unmask_refused", f"step {of_step} of task {task!r} was "
+                                                                    "unmasked before")
+        self._check_agreement(spec, keyset, task, of_step, masked, dropped, submitters, request.get("signatures"))
+        participants = masked["participants"]
         ciphertexts = request.get("self_shares", {})
         ciphertexts = ciphertexts.get(self.site) if isinstance(ciphertexts, dict) else None
         others = [p for p in submitters if p != self.site]
@@ -444,13 +531,23 @@ class CoordinatorState:
     def compute_request(self, participants: list[str]) -> dict[str, Any]:
         return {"keyset": self.keyset, "participants": sorted(participants), "key_envelopes": self.key_envelopes}
 
-    def unmask_request(self, of_step: int, participants: list[str], masked: dict[str, dict]) -> dict[str, Any]:
-        """Name the dropouts; forward to each submitter the self-mask shares addressed to it."""
-        submitters = sorted(masked)
+    def consistency_request(self, of_step: int, participants: list[str], masked: dict[str, dict]) -> dict[str, Any]:
+        """Name the dropouts and the submitters, for every submitter to sign (only when some site dropped)."""
         return {"keyset": self.keyset, "of_step": of_step,
-                "dropped": [p for p in participants if p not in masked],
-                "self_shares": {r: {q: masked[q]["self_shares"][r] for q in submitters if q != r}
-                                for r in submitters}}
+                "dropped": sorted(p for p in participants if p not in masked), "submitters": sorted(masked)}
+
+    def unmask_request(self, of_step: int, participants: list[str], masked: dict[str, dict],
+                       signatures: dict[str, str] | None = None) -> dict[str, Any]:
+        """Name the dropouts, with the submitters' signatures on them from the consistency step;
+        forward to each submitter the self-mask shares addressed to it."""
+        submitters = sorted(masked)
+        request = {"keyset": self.keyset, "of_step": of_step,
+                   "dropped": sorted(p for p in participants if p not in masked),
+                   "self_shares": {r: {q: masked[q]["self_shares"][r] for q in submitters if q != r}
+                                   for r in submitters}}
+        if signatures is not None:
+            request["signatures"] = dict(signatures)
+        return request
 
     def combine(self, participants: list[str], masked: dict[str, dict],
                 revealed: dict[str, dict]) -> dict[str, np.ndarray]:

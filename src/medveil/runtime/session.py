@@ -3,10 +3,12 @@
 The global step runs here, in the researcher's process, on cross-site sums only. With secure
 aggregation (the default) the sums arrive double-masked and only their total can be decoded:
 each compute step is followed by one unmask step in which the sites reveal what removes the
-self masks (and a dropout's pairwise masks); see runtime/secure_aggregation.py. Replies are
-verified against the identity keys pinned in the study, never against what the hub serves. A
-refusal from any site stops the run with an error naming the site and the rule; a site that
-does not answer within the timeout stops it with an error naming the site, never a hang.
+self masks (and a dropout's pairwise masks); when a site dropped out, a consistency step comes
+first, in which every submitter signs the dropouts that the unmask step then names; see
+runtime/secure_aggregation.py. Replies are verified against the identity keys pinned in the
+study, never against what the hub serves. A refusal from any site stops the run with an error
+naming the site and the rule; a site that does not answer within the timeout stops it with an
+error naming the site, never a hang.
 """
 
 from __future__ import annotations
@@ -179,8 +181,9 @@ class ResearcherSession:
             if dropped:  # no unmask step in which the sites could record the dropout
                 raise SiteTimeoutError(dropped, self.timeout, step)
             return public, {}
+        signatures = self._agree_on_dropouts(task, round_no, step, participants, masked, secure) if dropped else None
         answers = self._exchange(task, "unmask", round_no,
-                                 {"secagg": secure.unmask_request(step, participants, masked)},
+                                 {"secagg": secure.unmask_request(step, participants, masked, signatures)},
                                  recipients=sorted(replies), tolerate_missing=True)
         revealed = {site: body["public"] for site, (_, body) in answers.items()}
         try:
@@ -196,6 +199,19 @@ class ResearcherSession:
                 raise SiteTimeoutError(dropped, self.timeout, step,
                                        "; the round's sum was recovered but earlier rounds included them")
         return public, sums
+
+    def _agree_on_dropouts(self, task: _Task, round_no: int, of_step: int, participants: list[str],
+                           masked: dict[str, dict], secure: CoordinatorState) -> dict[str, str]:
+        """The consistency step: every submitter signs the dropouts of the compute step `of_step`,
+        and the unmask step carries all the signatures (no site reveals without them)."""
+        agreed = self._exchange(task, "consistency", round_no,
+                                {"secagg": secure.consistency_request(of_step, participants, masked)},
+                                recipients=sorted(masked), tolerate_missing=True)
+        silent = sorted(set(masked) - set(agreed))
+        if silent:
+            raise SecureAggregationError(f"site(s) {', '.join(silent)} did not sign the dropouts; a dropout is "
+                                         "recovered only when every submitter does; round aborted, nothing revealed")
+        return {site: body["public"]["signature"] for site, (_, body) in agreed.items()}
 
     def _secure_keys(self, task: _Task) -> CoordinatorState:
         """The session's key set, bound to its study: made (one keys step to every study site) with the
