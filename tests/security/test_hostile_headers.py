@@ -16,12 +16,12 @@ from fastapi.testclient import TestClient
 
 from medveil.crypto.signing import SigningKey
 from medveil.runtime.audit import read_audit_log
-from medveil.runtime.auth import HEADER, make_invitation, make_token
+from medveil.runtime.auth import HEADER, make_token
 from medveil.runtime.config import SiteConfig
-from medveil.runtime.hub import BINARY, create_hub_app
+from medveil.runtime.hub import create_hub_app
 from medveil.runtime.hub_store import HubStore
 from medveil.runtime.node import Node
-from medveil.runtime.study import StudySpec
+from in_process_hub import enrol_and_publish, post
 from medveil.runtime.wire import MAX_HEADER_BYTES, PROTOCOL_VERSION, pack_body, seal
 
 OPERATOR = SigningKey.generate()
@@ -60,24 +60,10 @@ def hub(tmp_path_factory):
     store = HubStore(f"sqlite:///{tmp_path_factory.mktemp('hub') / 'hub.db'}")
     app = create_hub_app(store, operator_key=OPERATOR.verify_key, max_wait_s=0.05)
     with TestClient(app) as client:
-        for party, role, key in (("researcher", "researcher", RESEARCHER), ("site_a", "site", SITE)):
-            invitation = make_invitation(OPERATOR, party, role, time.time() + 600)
-            envelope = seal(key, {"kind": "register", "sender": party, "nonce": f"{party}-register",
-                                  "issued_at": time.time()},
-                            {"role": role, "public_key": key.verify_key.to_text(), "invitation": invitation})
-            assert post(client, "/v1/parties", envelope.encode()).status_code == 200
-        spec = StudySpec(id="study-1", researcher="researcher", researcher_key=RESEARCHER.verify_key.to_text(),
-                         sites=["site_a"], site_keys={"site_a": SITE.verify_key.to_text()},
-                         datasets={"default": ["x"]}, analyses=["ping"])
-        envelope = seal(RESEARCHER, {"kind": "study", "sender": "researcher", "nonce": "study-1",
-                                     "issued_at": time.time(), "study": spec.id}, {"spec": spec.model_dump()})
-        assert post(client, "/v1/studies", envelope.encode()).status_code == 200
+        enrol_and_publish(client, OPERATOR, {"researcher": ("researcher", RESEARCHER), "site_a": ("site", SITE)},
+                          SITE)
         yield client, store
     store.close()
-
-
-def post(client: TestClient, path: str, raw: bytes):
-    return client.post(path, content=raw, headers={"Content-Type": BINARY})
 
 
 def get(client: TestClient, path: str, party: str, key: SigningKey, **params):

@@ -17,16 +17,16 @@ import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
+from in_process_hub import enrol_and_publish, post
 from raw_tasks import refusal_rules, send_raw
 
 import medveil as mv
 from medveil.analyses.base import get_analysis
 from medveil.crypto.signing import SigningKey
 from medveil.privacy.disclosure import DisclosurePolicy
-from medveil.runtime.auth import HEADER, make_invitation, make_token
-from medveil.runtime.hub import BINARY, create_hub_app
+from medveil.runtime.auth import HEADER, make_token
+from medveil.runtime.hub import create_hub_app
 from medveil.runtime.hub_store import HubStore
-from medveil.runtime.study import StudySpec
 from medveil.runtime.wire import seal
 
 POLICY = DisclosurePolicy()
@@ -99,10 +99,6 @@ def test_a_raw_task_with_a_huge_time_grid_is_refused_by_every_node(fed):
 # --- hub: duplicate recipients, outsiders' approvals, the operator's event log ----------------
 
 
-def _post(client: TestClient, path: str, raw: bytes):
-    return client.post(path, content=raw, headers={"Content-Type": BINARY})
-
-
 def _get(client: TestClient, path: str, party: str, key: SigningKey):
     return client.get(path, headers={HEADER: make_token(party, key, "GET", path)})
 
@@ -113,19 +109,8 @@ def hub(tmp_path_factory):
     store = HubStore(f"sqlite:///{tmp_path_factory.mktemp('hub') / 'hub.db'}")
     app = create_hub_app(store, operator_key=OPERATOR.verify_key, max_wait_s=0.05)
     with TestClient(app, raise_server_exceptions=False) as client:
-        for party, role, key in (("researcher", "researcher", RESEARCHER), ("site_a", "site", SITE),
-                                 ("site_x", "site", OUTSIDER)):
-            envelope = seal(key, {"kind": "register", "sender": party, "nonce": f"{party}-register",
-                                  "issued_at": time.time()},
-                            {"role": role, "public_key": key.verify_key.to_text(),
-                             "invitation": make_invitation(OPERATOR, party, role, time.time() + 600)})
-            assert _post(client, "/v1/parties", envelope.encode()).status_code == 200
-        spec = StudySpec(id="study-1", researcher="researcher", researcher_key=RESEARCHER.verify_key.to_text(),
-                         sites=["site_a"], site_keys={"site_a": SITE.verify_key.to_text()},
-                         datasets={"default": ["x"]}, analyses=["ping"])
-        envelope = seal(RESEARCHER, {"kind": "study", "sender": "researcher", "nonce": "study-1",
-                                     "issued_at": time.time(), "study": spec.id}, {"spec": spec.model_dump()})
-        assert _post(client, "/v1/studies", envelope.encode()).status_code == 200
+        enrol_and_publish(client, OPERATOR, {"researcher": ("researcher", RESEARCHER), "site_a": ("site", SITE),
+                                             "site_x": ("site", OUTSIDER)}, SITE)
         yield client, store
     store.close()
 
@@ -136,7 +121,7 @@ def test_a_task_naming_a_site_twice_gets_a_4xx_not_a_server_error(hub):
                              "issued_at": time.time(), "study": "study-1", "task": "t-dup", "step": 0, "round": 0,
                              "phase": "compute", "analysis": "ping", "dataset": "default",
                              "recipients": ["site_a", "site_a"]}, {"params": {}, "broadcast": {}})
-    response = _post(client, "/v1/messages", task.encode())
+    response = post(client, "/v1/messages", task.encode())
     assert response.status_code == 400 and store.events()[-1].kind == "malformed"
     assert store.task("t-dup") is None and store.inbox("site_a", 0) == []
 
@@ -145,7 +130,7 @@ def test_a_site_outside_a_study_cannot_post_an_approval_of_it(hub):
     client, store = hub
     approval = seal(OUTSIDER, {"kind": "approval", "sender": "site_x", "nonce": "outsider-approval",
                                "issued_at": time.time(), "study": "study-1"}, {"approval": {}})
-    response = _post(client, "/v1/studies/study-1/approvals", approval.encode())
+    response = post(client, "/v1/studies/study-1/approvals", approval.encode())
     assert response.status_code == 403 and store.events()[-1].kind == "not_in_study"
     assert store.approvals("study-1") == []
     assert client.get("/v1/studies").json()[0]["approved_by"] == []

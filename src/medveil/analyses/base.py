@@ -201,12 +201,22 @@ def check_collinearity(xtx: np.ndarray, names: list[str]) -> None:
                             f"(rank {int((~null).sum())} of {len(names)})")
 
 
+def released_in(memory: dict[str, Any], round_no: int) -> dict[str, Any]:
+    """What this site released publicly in a round of the task, as its node recorded it ({} if nothing)."""
+    facts = memory.get("released", {}).get(round_no)
+    return facts if isinstance(facts, dict) else {}
+
+
 def finite_array(value: Any, shape: tuple[int, ...]) -> np.ndarray:
-    """A broadcast array of finite floats of exactly `shape`, or a refusal."""
-    try:
-        array = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise BroadcastRefused("broadcast_malformed", "a broadcast array is not numeric") from None
-    if array.shape != shape or not np.all(np.isfinite(array)):
+    """A broadcast array of finite numbers of exactly `shape` (a numeric array, or nested lists of
+    ints and floats; never bools or strings), as float64, or a refusal."""
+    if not isinstance(value, np.ndarray):
+        flat = np.ravel(np.asarray(value, dtype=object)) if isinstance(value, list) else None
+        if flat is None or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in flat):
+            raise BroadcastRefused("broadcast_malformed", "a broadcast array is not numeric")
+        value = np.asarray(value, dtype=np.float64)
+    if value.dtype.kind not in "fiu":
+        raise BroadcastRefused("broadcast_malformed", "a broadcast array is not numeric")
+    if value.shape != shape or not np.all(np.isfinite(value)):
         raise BroadcastRefused("broadcast_malformed", f"a broadcast array must be finite with shape {shape}")
-    return array
+    return value.astype(np.float64)

@@ -47,6 +47,7 @@ from medveil.analyses.base import (
     categorical_column,
     check_collinearity,
     register,
+    released_in,
     union_of_levels,
 )
 from medveil.analyses.survival import (
@@ -57,7 +58,6 @@ from medveil.analyses.survival import (
     coarsen_by_group,
     grid_size,
     pin,
-    released_facts,
     step_row_sets,
     time_slots,
 )
@@ -274,7 +274,7 @@ class CoxPH(Analysis[CoxParams]):
             check_keys(broadcast, FIT_KEYS, FIT_KEYS)
             if round_no - 1 > params.max_iter + 1:
                 raise BroadcastRefused("unexpected_round", "more fit rounds than max_iter allows")
-        strata = check_agreed_levels(broadcast["strata"], list(released_facts(memory, 0).get("strata", [])), "strata")
+        strata = check_agreed_levels(broadcast["strata"], list(released_in(memory, 0).get("strata", [])), "strata")
         if params.strata is None and strata != [ALL]:
             raise BroadcastRefused("broadcast_mismatch", f"without strata=..., the only stratum is {ALL!r}")
         pin(memory, "strata", strata)

@@ -34,6 +34,7 @@ from medveil.analyses.base import (
     Release,
     categorical_column,
     register,
+    released_in,
     union_of_levels,
 )
 from medveil.privacy.disclosure import (
@@ -110,7 +111,7 @@ class Crosstab(Analysis[CrosstabParams]):
             if levels != params.levels:
                 raise BroadcastRefused("broadcast_not_released", "the levels differ from those requested")
             return
-        named = (memory.get("released", {}).get(0) or {}).get("levels")
+        named = released_in(memory, 0).get("levels")
         if not isinstance(named, dict):
             raise BroadcastRefused("broadcast_not_released", "this site named no levels in round 0 of this task")
         for name, labels in levels.items():

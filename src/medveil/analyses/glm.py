@@ -46,7 +46,9 @@ from medveil.analyses.base import (
     Release,
     categorical_column,
     check_collinearity,
+    finite_array,
     register,
+    released_in,
     union_of_levels,
 )
 from medveil.analyses.formula import (
@@ -142,21 +144,10 @@ def _finite_number(value: Any, name: str) -> float:
     return float(value)
 
 
-def _finite_vector(value: Any, length: int, name: str) -> np.ndarray:
-    if isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-        value = np.asarray(value, dtype=np.float64)
-    if not isinstance(value, np.ndarray) or value.dtype.kind not in "fiu" or value.shape != (length,) \
-            or not np.all(np.isfinite(value)):
-        raise BroadcastRefused("broadcast_malformed", f"{name} must be {length} finite numbers "
-                                                      "(one per column of this site's design)")
-    return value.astype(np.float64)
-
-
 def _released(memory: dict[str, Any], round_no: int) -> dict[str, Any]:
     """What this site released publicly in an earlier round of the task (the node keeps it)."""
-    released = memory.get("released", {})
-    facts = released.get(round_no, released.get(str(round_no))) if isinstance(released, dict) else None
-    if not isinstance(facts, dict):
+    facts = released_in(memory, round_no)
+    if not facts:
         raise BroadcastRefused("broadcast_not_released", f"this site released nothing in round {round_no} of this task")
     return facts
 
@@ -283,7 +274,7 @@ class GLM(Analysis[GLMParams]):
             _finite_number(broadcast["ybar"], "ybar")
             _finite_number(broadcast["ybar_weighted"], "ybar_weighted")
         if "beta" in broadcast:
-            _finite_vector(broadcast["beta"], len(_released(memory, 1).get("columns", [])), "beta")
+            finite_array(broadcast["beta"], (len(_released(memory, 1).get("columns", [])),))
 
     def _frame(self, params: GLMParams, data: pd.DataFrame, levels: dict[str, list[str]]) -> pd.DataFrame:
         """The model's columns with agreed levels as categoricals (a level not agreed is missing)."""
@@ -352,7 +343,7 @@ class GLM(Analysis[GLMParams]):
             return Release(sums={"totals": np.array(totals, dtype=np.float64)},
                            public={"rows": len(y), "rows_dropped": public_count(dropped, policy), "columns": columns})
         if "beta" in broadcast:
-            linear = x @ _finite_vector(broadcast["beta"], x.shape[1], "beta") + offset
+            linear = x @ finite_array(broadcast["beta"], (x.shape[1],)) + offset
             mu = family.fitted(linear)
         else:
             mu = family.starting_mu(y) if params.family == "binomial" else (y + float(broadcast["ybar"])) / 2

@@ -54,6 +54,7 @@ from medveil.analyses.base import (
     Release,
     finite_array,
     register,
+    released_in,
 )
 from medveil.analyses.gwas_family import tdt_counts, tdt_table, trios
 from medveil.analyses.gwas_tables import (
@@ -450,7 +451,7 @@ def _checked_batch(batch: Any, memory: dict[str, Any], batch_size: int) -> int:
         raise BroadcastRefused("broadcast_malformed", "a variant batch has the columns chrom, pos and counted") from None
     if memory.get("checked_batch") == digest:
         return len(batch["chrom"])
-    released = (memory.get("released", {}).get(0) or {}).get("variants")
+    released = released_in(memory, 0).get("variants")
     length = check_batch(batch, released, batch_size)
     memory["checked_batch"] = digest
     return length

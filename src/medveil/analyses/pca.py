@@ -49,6 +49,7 @@ from medveil.analyses.base import (
     Release,
     finite_array,
     register,
+    released_in,
 )
 from medveil.analyses.variants import (
     agree_variants,
@@ -180,7 +181,7 @@ class PCA(Analysis[PCAParams]):
         first iteration, and a finite orthonormal basis of at most components + oversampling columns."""
         if round_no == 0:
             return super().check_broadcast(params, round_no, broadcast, memory)
-        listed = (memory.get("released", {}).get(0) or {}).get("variants")
+        listed = released_in(memory, 0).get("variants")
         if round_no == 1:
             if set(broadcast) != {"stage", "batch"} or broadcast["stage"] != "counts":
                 raise BroadcastRefused("unexpected_broadcast", "round 1 of pca carries the counts stage and a batch")

@@ -47,6 +47,7 @@ from medveil.analyses.base import (
     categorical_column,
     numeric_column,
     register,
+    released_in,
     union_of_levels,
 )
 from medveil.plotting import axes, save
@@ -207,12 +208,6 @@ def check_keys(broadcast: dict[str, Any], allowed: set[str], required: set[str])
                                                       f"(optional {sorted(allowed - required)})")
 
 
-def released_facts(memory: dict[str, Any], round_no: int) -> dict[str, Any]:
-    """What this site released publicly in a round, as the node recorded it."""
-    released = memory.get("released", {})
-    return released.get(round_no, released.get(str(round_no), {})) or {}
-
-
 def pin(memory: dict[str, Any], key: str, value: Any) -> None:
     """Record a broadcast value later rounds must repeat; refuse one that differs from the record."""
     if key in memory and memory[key] != value:
@@ -247,7 +242,7 @@ class _SurvivalCountsAnalysis(Analysis[SurvivalParams]):
         if round_no != 1:
             raise BroadcastRefused("unexpected_round", f"{self.name} has no round {round_no}")
         check_keys(broadcast, {"groups"}, {"groups"})
-        own = released_facts(memory, 0).get("groups", [])
+        own = released_in(memory, 0).get("groups", [])
         groups = check_agreed_levels(broadcast["groups"], list(own), "groups")
         if params.by is None and groups != [ALL]:
             raise BroadcastRefused("broadcast_mismatch", f"without by=..., the only group is {ALL!r}")
