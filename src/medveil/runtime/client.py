@@ -16,8 +16,7 @@ import msgpack
 
 from medveil.crypto.signing import SignatureError, SigningKey, VerifyKey
 from medveil.runtime.auth import HEADER, make_token
-from medveil.runtime.hub import BINARY
-from medveil.runtime.wire import DEFAULT_MAX_BYTES, Envelope, open_envelope, seal
+from medveil.runtime.wire import BINARY, DEFAULT_MAX_BYTES, Envelope, open_envelope, seal
 
 
 class HubError(RuntimeError):

@@ -29,6 +29,7 @@ from medveil.runtime.auth import HEADER, AuthError, check_invitation, check_toke
 from medveil.runtime.hub_store import Conflict, HubStore
 from medveil.runtime.study import StudySpec
 from medveil.runtime.wire import (
+    BINARY,
     DEFAULT_MAX_BYTES,
     MAX_ID_LENGTH,
     MAX_STEP,
@@ -39,7 +40,6 @@ from medveil.runtime.wire import (
     open_envelope,
 )
 
-BINARY = "application/x-medveil"
 MAX_WAIT_S = 30.0
 MAX_MESSAGE_AGE_S = 300.0
 MAX_SUMMARY_BYTES = 1024 * 1024

@@ -29,6 +29,7 @@ from medveil.crypto.signing import SignatureError, SigningKey, VerifyKey
 
 PROTOCOL_VERSION = 1
 ARRAY_EXT = 1
+BINARY = "application/x-medveil"  # the media type of envelopes over HTTP
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 _ALLOWED_KINDS = set("biuf")
 MAX_HEADER_BYTES = 128 * 1024
@@ -39,7 +40,7 @@ MAX_ISSUED_AT = 1e11  # seconds since 1970: year 5138; anything later is not a t
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]*")
 SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
 REQUIRED_FIELDS = ("kind", "sender", "nonce", "issued_at", "body_sha256")
-ID_FIELDS = ("kind", "sender", "nonce", "study", "task", "dataset", "analysis", "phase", "status")
+ID_FIELDS = ("kind", "sender", "nonce", "study", "task", "dataset", "analysis", "phase", "status", "service")
 COUNTER_FIELDS = ("step", "round")
 ID_LIST_FIELDS = ("recipients", "audit_ids")
 
