@@ -26,7 +26,7 @@ from bed_reader import to_bed
 
 def site_run(path: Path, samples: int, batch_size: int) -> None:
     """Every local step of one site for a logistic GWAS over all its variants; prints peak RSS."""
-    from medveil.analyses.base import get_analysis
+    from medveil.analyses.base import SiteContext, get_analysis
     from medveil.analyses.variants import agree_variants, batch_broadcast
     from medveil.data.genotypes import GenotypeFile
     from medveil.privacy.disclosure import DisclosurePolicy
@@ -38,15 +38,15 @@ def site_run(path: Path, samples: int, batch_size: int) -> None:
     params = analysis.parse_params({"genotypes": "geno", "phenotype": "case", "covariates": ["age"],
                                     "test": "logistic", "batch_size": batch_size})
     genotypes, policy, scratch = GenotypeFile("geno", path), DisclosurePolicy(), {}
-    listing = analysis.local(params, 0, {}, cohort, policy, genotypes=genotypes, scratch=scratch)
+    context = SiteContext("site", cohort, policy, scratch, {"released": {}}, genotypes=genotypes)
+    listing = analysis.local(params, 0, {}, context)
     agreed, _ = agree_variants({"site": listing.public["variants"]})
     for start in range(0, len(agreed), batch_size):
         batch = batch_broadcast(agreed, start, min(start + batch_size, len(agreed)))
-        analysis.local(params, 1, {"stage": "counts", "batch": batch}, cohort, policy, genotypes=genotypes,
-                       scratch=scratch)
+        analysis.local(params, 1, {"stage": "counts", "batch": batch}, context)
         beta = np.zeros((len(batch["pos"]), 3))
         analysis.local(params, 2, {"stage": "newton", "batch": batch, "active": np.arange(len(beta)), "beta": beta},
-                       cohort, policy, genotypes=genotypes, scratch=scratch)
+                       context)
     print(peak_rss_mib())
 
 

@@ -46,6 +46,17 @@ def _wait_for(check, what: str, timeout: float = 120.0) -> None:
         time.sleep(0.1)
 
 
+def _table_row(output: str, label: str) -> dict[str, str]:
+    """The cells of the row `label` of the one table the CLI printed, by column name."""
+    lines = output.splitlines()
+    header = next(line for line in lines if line.startswith("┃"))
+    row = next(line for line in lines if line.startswith("│") and line.strip("│ ").startswith(label))
+    names = [cell.strip() for cell in header.strip("┃").split("┃")]
+    cells = [cell.strip() for cell in row.strip("│").split("│")]
+    assert len(names) == len(cells) and cells[0] == label, output
+    return dict(zip(names, cells))
+
+
 def _answers(url: str) -> bool:
     try:
         return httpx.get(url, timeout=5).status_code == 200
@@ -105,7 +116,10 @@ def test_deployment_through_the_cli(tmp_path, monkeypatch):
         assert "north, south" in _invoke("study", "list", "--hub", hub_url)
         output = _invoke("run", "describe", "age", "--hub", hub_url, "--identity", str(tmp_path / "alice.key"),
                          "--study", "cli-study")
-        assert "80" in output
+        ages = pd.concat(frames.values())["age"]
+        described = _table_row(output, "age")
+        assert described["n"] == "80"
+        assert described["mean"] == f"{ages.mean():.4g}" and described["sd"] == f"{ages.std():.4g}"
         with mv.connect(hub_url, tmp_path / "alice.key", "cli-study", timeout=60) as fed:
             table = fed.crosstab("sex")
         pooled = pd.concat(frames.values())["sex"].value_counts()

@@ -1,11 +1,16 @@
-"""The researcher's Python API: `Federation` and `connect`."""
+"""The researcher's Python API: `Federation` and `connect`.
+
+Importing it loads no server code: the loopback hub and nodes of `Federation.simulate` (uvicorn,
+FastAPI, SQLAlchemy) and the in-process nodes of `Federation.in_process` are imported when one
+is started.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
-from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import pandas as pd
 
@@ -18,8 +23,12 @@ from medveil.privacy.disclosure import DisclosurePolicy
 from medveil.runtime.client import HubClient
 from medveil.runtime.config import PASSPHRASE_ENV, read_private_key
 from medveil.runtime.session import ResearcherSession, RunOutcome
-from medveil.runtime.simulation import LocalNetwork, SiteData, start_local_network
 from medveil.runtime.study import StudySpec
+
+if TYPE_CHECKING:
+    from medveil.runtime.simulation import InProcessNetwork, LocalNetwork, SiteData
+
+DEFAULT_RUNS_DIR = Path("~/.medveil/runs")
 
 
 class Federation:
@@ -29,15 +38,16 @@ class Federation:
     rows used per site, whether secure aggregation was on and the sites' audit entry ids.
     """
 
-    def __init__(self, session: ResearcherSession, network: LocalNetwork | None = None):
+    def __init__(self, session: ResearcherSession, network: "LocalNetwork | InProcessNetwork | None" = None):
         self.session = session
         self.network = network
 
     @classmethod
-    def simulate(cls, sites: Mapping[str, SiteData], *, record_hub_traffic: bool = False,
+    def simulate(cls, sites: Mapping[str, "SiteData"], *, record_hub_traffic: bool = False,
                  policy: DisclosurePolicy | None = None, timeout: float = 60.0, processes: bool = False,
                  workdir: str | Path | None = None, hub_db: str | None = None, secure_aggregation: bool = True,
-                 secagg_threshold: int | None = None, allow_dropouts: bool = False) -> "Federation":
+                 secagg_threshold: int | None = None, allow_dropouts: bool = False,
+                 runs_dir: str | Path | None = None) -> "Federation":
         """Start a real hub and one real node per site on loopback HTTP (threads, or processes).
 
         A site is one table (DataFrame or CSV/Parquet path; dataset "default") or a dict
@@ -46,12 +56,31 @@ class Federation:
         which the study records and every result's provenance reports. A site that does not
         answer fails the run with an error naming it, unless `allow_dropouts` lets a secure
         first round go on without it (down to the threshold; the provenance lists who took part).
+        Runs are checkpointed in `runs_dir` (default: `runs/` in the work directory) and resumable
+        with `resume`.
         """
+        from medveil.runtime.simulation import start_local_network
+
         network = start_local_network(sites, workdir=workdir, record_hub_traffic=record_hub_traffic,
                                       policy=policy, processes=processes, hub_db=hub_db,
                                       secure_aggregation=secure_aggregation, secagg_threshold=secagg_threshold)
-        return cls(ResearcherSession(network.researcher, network.study, timeout=timeout,
-                                     allow_dropouts=allow_dropouts), network)
+        session = ResearcherSession(network.researcher, network.study, timeout=timeout, allow_dropouts=allow_dropouts,
+                                    runs_dir=network.workdir / "runs" if runs_dir is None else runs_dir)
+        return cls(session, network)
+
+    @classmethod
+    def in_process(cls, sites: Mapping[str, "SiteData"], *,
+                   policy: DisclosurePolicy | Mapping[str, DisclosurePolicy] | None = None, timeout: float = 60.0,
+                   workdir: str | Path | None = None, secure_aggregation: bool = True,
+                   secagg_threshold: int | None = None, runs_dir: str | Path | None = None) -> "Federation":
+        """The same study set-up as `simulate` (real nodes, keys, stewards' approvals, every guard),
+        but each step is handed to the nodes in this process: no hub, no HTTP; for fast tests.
+        `policy` may be one policy or one per site. Runs are not checkpointed unless `runs_dir`."""
+        from medveil.runtime.simulation import start_in_process
+
+        network = start_in_process(sites, workdir=workdir, policy=policy, secure_aggregation=secure_aggregation,
+                                   secagg_threshold=secagg_threshold)
+        return cls(ResearcherSession(network.grid, network.study, timeout=timeout, runs_dir=runs_dir), network)
 
     @property
     def study(self) -> StudySpec:
@@ -86,13 +115,21 @@ class Federation:
 
     def _result(self, analysis: str, data: str | None, **params: Any) -> Any:
         """Run and return the (frozen) result object carrying its provenance."""
-        outcome = self.run(analysis, data, **params)
-        return replace(outcome.result, provenance=outcome.provenance)
+        return _with_provenance(self.run(analysis, data, **params))
 
     def _frame(self, analysis: str, data: str | None, **params: Any) -> pd.DataFrame:
-        outcome = self.run(analysis, data, **params)
-        outcome.result.attrs["provenance"] = outcome.provenance
-        return outcome.result
+        return _with_provenance(self.run(analysis, data, **params))
+
+    def resume(self, task_id: str) -> Any:
+        """Continue a run whose process was killed, from its last checkpoint, to the result the
+        original call would have returned (with its provenance). Unfinished runs: `runs()`."""
+        return _with_provenance(self.session.resume(task_id))
+
+    def runs(self) -> pd.DataFrame:
+        """This study's unfinished runs (resumable with `resume(task)`), oldest first."""
+        return pd.DataFrame([{"task": run.id, "analysis": run.analysis, "dataset": run.dataset, "round": run.round,
+                              "step": run.step} for run in self.session.unfinished()],
+                            columns=["task", "analysis", "dataset", "round", "step"])
 
     def ping(self, data: str | None = None) -> list[str]:
         """One no-op round through every site's checks; returns the sites that answered."""
@@ -162,8 +199,7 @@ class Federation:
                       maf=maf, geno=geno, hwe=hwe, hardy=hardy, batch_size=batch_size)
         outcome = self.session.run("gwas", params, self._dataset(data),
                                    progress=None if progress is None else _variant_progress(progress))
-        outcome.result.attrs["provenance"] = outcome.provenance
-        return outcome.result
+        return _with_provenance(outcome)
 
     def pca(self, genotypes: str, components: int = 10, data: str | None = None, **options: Any) -> PCAResult:
         """Principal components of the pooled genotypes, as plink2 --pca meanimpute on the pooled fileset.
@@ -174,17 +210,42 @@ class Federation:
         site, which computes its own with `PCAResult.project`."""
         return self._result("pca", data, genotypes=genotypes, components=components, **options)
 
+    def query(self, site: str, service: str, **query: Any) -> dict[str, Any]:
+        """Ask one site's service one query, e.g. `fed.query("hospital_a", "count_lookup", key="C18")`;
+        the study must list the service and the site's steward must have built it."""
+        from medveil.runtime.services import query_service, query_step
+
+        def send(task: str, body: dict[str, Any]) -> dict[str, Any]:
+            step = query_step(site, service, task, body)
+            return self.session.grid.exchange(step, timeout=self.session.timeout)[site].body
+
+        return query_service(send, service, query)
+
     def hub_traffic(self) -> pd.DataFrame:
         """Every message the hub relayed, decoded: exactly what the operator can see."""
         rows = []
-        for envelope in self.session.client.traffic():
+        envelopes = getattr(self.session.grid, "traffic", None)
+        for envelope in envelopes if isinstance(envelopes, list) else self.session.client.traffic():
             header = envelope.header
             rows.append({
                 "kind": header["kind"], "sender": header["sender"], "task": header.get("task"),
-                "round": header.get("round"), "analysis": header.get("analysis"), "status": header.get("status"),
+                "step": header.get("step"), "phase": header.get("phase"), "round": header.get("round"),
+                "analysis": header.get("analysis"), "status": header.get("status"),
                 "bytes": len(envelope.body_bytes), "body": envelope.body(),
             })
         return pd.DataFrame(rows)
+
+
+def _with_provenance(outcome: RunOutcome) -> Any:
+    """The result as the Federation methods return it: a table with `attrs["provenance"]`, a
+    (frozen) result object with its `provenance` field set, or the bare result (e.g. ping's list)."""
+    result = outcome.result
+    if isinstance(result, pd.DataFrame):
+        result.attrs["provenance"] = outcome.provenance
+        return result
+    if dataclasses.is_dataclass(result) and any(f.name == "provenance" for f in dataclasses.fields(result)):
+        return dataclasses.replace(result, provenance=outcome.provenance)
+    return result
 
 
 def _variant_progress(callback: Callable[[int, int], None]) -> Callable[[int, tuple[int, int] | None], None]:
@@ -195,8 +256,12 @@ def _variant_progress(callback: Callable[[int, int], None]) -> Callable[[int, tu
 
 
 def connect(url: str, identity: str | Path | SigningKey, study: str, *, timeout: float = 60.0,
-            allow_dropouts: bool = False, passphrase: bytes | None = None) -> Federation:
+            allow_dropouts: bool = False, passphrase: bytes | None = None,
+            runs_dir: str | Path | None = None) -> Federation:
     """Reach a deployed hub as the researcher who owns `study` (identity: PEM key file or key).
+
+    Runs are checkpointed in `runs_dir` (default ~/.medveil/runs), so that one whose process was
+    killed continues with `Federation.resume(task_id)` (`Federation.runs()` lists them).
 
     A key file must be private to its owner; an encrypted one is unlocked with `passphrase` or
     MEDVEIL_KEY_PASSPHRASE. Sites are verified against the keys pinned in the study (which the
@@ -221,4 +286,5 @@ def connect(url: str, identity: str | Path | SigningKey, study: str, *, timeout:
         raise PermissionError(f"this identity is not the researcher of study {study!r} ({spec.researcher})")
     client.party = spec.researcher
     client.pin(spec.site_keys)
-    return Federation(ResearcherSession(client, spec, timeout=timeout, allow_dropouts=allow_dropouts))
+    return Federation(ResearcherSession(client, spec, timeout=timeout, allow_dropouts=allow_dropouts,
+                                        runs_dir=DEFAULT_RUNS_DIR.expanduser() if runs_dir is None else runs_dir))

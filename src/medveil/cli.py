@@ -21,11 +21,13 @@ node_app = typer.Typer(help="Create, start and inspect a site's node.", no_args_
 study_app = typer.Typer(help="Create, approve and list studies.", no_args_is_help=True)
 run_app = typer.Typer(help="Run a federated analysis of a study.", no_args_is_help=True)
 audit_app = typer.Typer(help="Check a node's audit log.", no_args_is_help=True)
+service_app = typer.Typer(help="Build and list a site's services (as its steward).", no_args_is_help=True)
 app.add_typer(hub_app, name="hub")
 app.add_typer(node_app, name="node")
 app.add_typer(study_app, name="study")
 app.add_typer(run_app, name="run")
 app.add_typer(audit_app, name="audit")
+app.add_typer(service_app, name="service")
 console = Console()
 err_console = Console(stderr=True)
 
@@ -126,10 +128,13 @@ def fingerprint(path: Path = typer.Argument(..., help="a site.yaml, a private ke
     from medveil.crypto.signing import VerifyKey
     from medveil.runtime.config import ConfigError, load_site_config
 
+    encryption = None
     try:
         if path.suffix in (".yaml", ".yml"):
             site = load_site_config(path)
             label, key = site.site, _load_key(site.identity).verify_key
+            if site.encryption_key is not None:
+                encryption = _encryption_public_key(site.encryption_key)
         elif path.read_bytes().lstrip().startswith(b"-----BEGIN"):
             label, key = str(path), _load_key(path).verify_key
         else:
@@ -137,6 +142,19 @@ def fingerprint(path: Path = typer.Argument(..., help="a site.yaml, a private ke
     except (ConfigError, OSError, ValueError) as exc:
         raise _fail(f"cannot read an identity from {path}: {exc}") from exc
     console.print(f"{label}\n  public key  {key.to_text()}\n  fingerprint {key.fingerprint()}")
+    if encryption is not None:
+        console.print(f"  encryption  {encryption}  (pin it in a study's site_encryption_keys)")
+
+
+def _encryption_public_key(path: Path) -> str:
+    """The public half of a site's X25519 encryption key file (checked and unlocked as identity keys are)."""
+    from medveil.crypto.sealed import encryption_public_key
+    from medveil.runtime.config import KeyFileError, read_encryption_key
+
+    try:
+        return encryption_public_key(read_encryption_key(path, _passphrase_for(path)))
+    except KeyFileError as exc:
+        raise _fail(str(exc)) from exc
 
 
 OperatorKeyOpt = typer.Option(Path("medveil-hub-operator.key"),
@@ -147,7 +165,9 @@ OperatorKeyOpt = typer.Option(Path("medveil-hub-operator.key"),
 def hub_start(db: str = typer.Option("sqlite:///medveil-hub.db", help="SQLAlchemy URL of the hub's store"),
               host: str = typer.Option("127.0.0.1"), port: int = typer.Option(8700),
               operator_key: Path = OperatorKeyOpt,
-              record_traffic: bool = typer.Option(False, help="expose every relayed message at /v1/traffic")) -> None:
+              record_traffic: bool = typer.Option(False, help="expose every relayed message at /v1/traffic"),
+              retention_days: float = typer.Option(30.0, help="delete the relayed traffic of tasks finished "
+                                                              "(or idle) this many days ago")) -> None:
     """Serve the hub (FastAPI on uvicorn) until interrupted; parties enrol with `medveil hub invite`."""
     import uvicorn
 
@@ -162,7 +182,8 @@ def hub_start(db: str = typer.Option("sqlite:///medveil-hub.db", help="SQLAlchem
     store = HubStore(db)
     console.print(f"medveil hub on http://{host}:{port} (store {db.split('@')[-1]}); operator key fingerprint "
                   f"{operator.fingerprint()}")
-    uvicorn.run(create_hub_app(store, operator_key=operator, record_traffic=record_traffic), host=host, port=port,
+    uvicorn.run(create_hub_app(store, operator_key=operator, record_traffic=record_traffic,
+                               retention_s=retention_days * 86400), host=host, port=port,
                 log_level="warning", timeout_graceful_shutdown=2)
 
 
@@ -201,19 +222,27 @@ def node_init(directory: Path = typer.Argument(..., help="directory for the site
               steward_key: Optional[Path] = typer.Option(None, help="where to write the steward's private key "
                                                                     "(default: DIRECTORY-steward.key, beside "
                                                                     "the node directory, to be moved off the host)")) -> None:
-    """Create the site's identity (node.key), its steward's key pair and a site.yaml to fill in.
+    """Create the site's identity (node.key), its encryption key (encryption.key, for payloads
+    sealed to the site), its steward's key pair and a site.yaml to fill in.
 
     The node directory (0700) holds only the steward's public key; the steward's private key goes
     to a separate file for the steward to move off the node host. Keys are 0600, encrypted with
     MEDVEIL_KEY_PASSPHRASE when it is set."""
+    from medveil.crypto.sealed import generate_encryption_key
     from medveil.crypto.signing import SigningKey
-    from medveil.runtime.config import SiteConfig, dump_site_config, make_private_dir, write_private_file
+    from medveil.runtime.config import (
+        SiteConfig,
+        dump_site_config,
+        make_private_dir,
+        write_encryption_key,
+        write_private_file,
+    )
     from medveil.runtime.study import NAME_PATTERN
 
     if re.fullmatch(NAME_PATTERN, site) is None:
         raise _fail(f"{site!r} is not a valid site name")
     config_path = directory / "site.yaml"
-    if config_path.exists() or (directory / "node.key").exists():
+    if config_path.exists() or (directory / "node.key").exists() or (directory / "encryption.key").exists():
         raise _fail(f"{directory} already holds a node; refusing to overwrite its keys")
     steward_path = steward_key or directory.parent / f"{directory.name}-steward.key"
     if steward_path.exists():
@@ -224,12 +253,16 @@ def node_init(directory: Path = typer.Argument(..., help="directory for the site
     identity, steward = SigningKey.generate(), SigningKey.generate()
     _write_key(directory / "node.key", identity, passphrase)
     _write_key(steward_path, steward, passphrase)
+    encryption_private, encryption_public = generate_encryption_key()
+    write_encryption_key(directory / "encryption.key", encryption_private, passphrase)
     (directory / "steward.pub").write_text(steward.verify_key.to_text() + "\n")
-    write_private_file(config_path, dump_site_config(SiteConfig(site=site, hub=hub, invitation=invitation)).encode())
-    console.print(f"created {config_path}, node.key and steward.pub (the steward's public key)")
+    write_private_file(config_path, dump_site_config(SiteConfig(
+        site=site, hub=hub, invitation=invitation, encryption_key=Path("encryption.key"))).encode())
+    console.print(f"created {config_path}, node.key, encryption.key and steward.pub (the steward's public key)")
     console.print(f"[bold]steward's private key: {steward_path}[/]: move it off the node host; the steward "
                   "needs it only to approve studies (medveil study approve --steward-key)")
     console.print(f"identity fingerprint of {site} (give it to researchers): {identity.verify_key.fingerprint()}")
+    console.print(f"encryption key of {site} (for a study's site_encryption_keys): {encryption_public}")
     console.print("add datasets to site.yaml, e.g.\n  datasets:\n    default: {kind: csv, path: cohort.csv}")
 
 
@@ -289,6 +322,7 @@ def node_status(config: Path = typer.Option(..., help="site YAML config")) -> No
     """Show the site's disclosure policy, approved studies and the DP budget each study's researcher has left."""
     from medveil.runtime.config import load_site_config
     from medveil.runtime.node_store import NodeStore, dp_account
+    from medveil.runtime.study import StudySpec
 
     site = load_site_config(config)
     console.print(f"[bold]{site.site}[/] hub {site.hub}")
@@ -303,7 +337,8 @@ def node_status(config: Path = typer.Option(..., help="site YAML config")) -> No
         spec = approval.spec
         rho = spec.get("dp_rho_per_release")
         left = site.policy.dp_budget_rho - store.budget_spent(dp_account(spec["researcher"]))
-        studies.add_row(spec["id"], spec["researcher"], ", ".join(spec["datasets"]),
+        datasets = StudySpec.model_validate(spec).datasets_for(site.site)
+        studies.add_row(spec["id"], spec["researcher"], ", ".join(datasets),
                         "on" if spec.get("secure_aggregation", True) else "OFF",
                         "-" if rho is None else f"{rho:g}", f"{left:g} of {site.policy.dp_budget_rho:g}")
     store.close()
@@ -337,7 +372,7 @@ def study_create(spec: Path = typer.Option(..., help="study YAML: id, title, pur
         study = StudySpec.model_validate(dict(raw, researcher=researcher, researcher_key=key.verify_key.to_text(),
                                               site_keys=site_keys))
         client.register("researcher")
-        client.post("/v1/studies", client.seal("study", {"spec": study.model_dump()}, study=study.id))
+        client.post_study(client.seal("study", {"spec": study.model_dump()}, study=study.id))
     except ValidationError as exc:
         raise _fail(f"invalid study {spec}:\n{exc}") from exc
     except HubError as exc:
@@ -551,3 +586,65 @@ def audit_verify(path: Path = typer.Argument(..., help="a node's audit.jsonl")) 
     except AuditError as exc:
         raise _fail(str(exc)) from exc
     console.print(f"[green]intact[/]: {count} entries, every link verified")
+
+
+@service_app.command("build")
+def service_build(name: str = typer.Argument(..., help="a registered service, e.g. count_lookup"),
+                  config: Path = typer.Option(..., help="site YAML config"),
+                  dataset: str = typer.Option(..., help="the site's dataset to build it from"),
+                  steward_key: Path = typer.Option(..., help="the steward's private key"),
+                  option: list[str] = typer.Option([], help="a build option KEY=VALUE (repeatable), e.g. "
+                                                            "key_column=icd10 or queries_per_day=200")) -> None:
+    """As the site's steward: build (or rebuild) a service from the site's own data."""
+    from medveil.crypto.signing import SignatureError
+    from medveil.runtime.config import ConfigError, load_site_config
+    from medveil.runtime.node import Node
+    from medveil.runtime.services import ServiceError
+
+    options = {}
+    for item in option:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise _fail(f"--option {item!r} is not KEY=VALUE")
+        options[key.strip()] = value
+    try:
+        node = Node.from_config_file(config, _passphrase_for(load_site_config(config).identity))
+    except ConfigError as exc:
+        raise _fail(str(exc)) from exc
+    try:
+        manifest = node.build_service(name, dataset, options, _load_key(steward_key))
+    except ServiceError as exc:
+        raise _fail(f"[{exc.rule}] {exc}") from exc
+    except SignatureError as exc:
+        raise _fail(str(exc)) from exc
+    finally:
+        node.close()
+    console.print(f"{node.site} built service [bold]{name}[/] from {dataset}: {manifest['summary']}")
+
+
+@service_app.command("list")
+def service_list(config: Path = typer.Option(..., help="site YAML config")) -> None:
+    """Show the registered services and those built at this site."""
+    from medveil.runtime.config import ConfigError, load_site_config
+    from medveil.runtime.node import Node
+    from medveil.runtime.services import service_names
+
+    try:
+        node = Node.from_config_file(config, _passphrase_for(load_site_config(config).identity))
+    except ConfigError as exc:
+        raise _fail(str(exc)) from exc
+    try:
+        built = {manifest["service"]: manifest for manifest in node.services.manifests()}
+    finally:
+        node.close()
+    table = Table("service", "dataset", "built", "options", "summary", title=f"services at {node.site}")
+    for name in service_names():
+        manifest = built.get(name)
+        if manifest is None:
+            table.add_row(name, "-", "not built", "", "")
+        elif "error" in manifest:
+            table.add_row(name, "-", "[red]corrupt[/]", "", manifest["error"])
+        else:
+            when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(manifest["built_at"]))
+            table.add_row(name, manifest["dataset"], f"{when} UTC", str(manifest["options"]), str(manifest["summary"]))
+    console.print(table)

@@ -1,9 +1,11 @@
-"""A federated run without HTTP: each site's LOCAL step, the `aggregate` seam, the GLOBAL step.
+"""A federated run without HTTP: the real researcher session over the InProcessGrid, real nodes.
 
-The `run_federated` fixture mirrors the loop of `medveil.runtime.session.ResearcherSession.run`
-and what a node does with a task: parameters and broadcasts reach the sites, and releases reach
-the researcher, through the real wire framing (`pack_body`/`unpack_body`) and
-a float64 conversion as at the node.
+The `run_federated` fixture sets up an in-process federation (`Federation.in_process`: the
+sites' keys, stewards' approvals and every node guard, as in a deployment) and runs the
+analysis through `ResearcherSession.run`; each site's LOCAL step runs in its node, behind its
+policy (one for all sites, or one per site), and the wire framing carries every body.
+Secure aggregation is off here (the researcher adds the sites' arrays, as the plain path does);
+tests/analyses/test_in_process_grid.py runs every analysis with it on, over both grids.
 """
 
 from __future__ import annotations
@@ -15,13 +17,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medveil.analyses.base import Aggregated, Finished, get_analysis
-from medveil.privacy.disclosure import DisclosurePolicy
-from medveil.runtime.aggregation import aggregate
-from medveil.runtime.wire import pack_body, unpack_body
+import medveil as mv
+from medveil.analyses.base import Aggregated, AnalysisError
+from medveil.privacy.disclosure import DisclosurePolicy, DisclosureRefused
+from medveil.runtime.session import AnalysisFailed, RefusedError
 from tests.conftest import split_uneven
-
-MAX_ROUNDS = 20
 
 
 @dataclass
@@ -31,28 +31,21 @@ class Run:
 
 
 def _run_federated(name: str, params: dict[str, Any], sites: Mapping[str, pd.DataFrame],
-                  policy: DisclosurePolicy | Mapping[str, DisclosurePolicy] | None = None) -> Run:
-    analysis = get_analysis(name)
-    typed = analysis.parse_params(params)
-    policies = policy if isinstance(policy, Mapping) else {site: policy or DisclosurePolicy() for site in sites}
-    broadcast: dict[str, Any] = {}
-    state: dict[str, Any] = {}
+                   policy: DisclosurePolicy | Mapping[str, DisclosurePolicy] | None = None) -> Run:
+    """Run `name` over the sites; a site's refusal is raised as the analysis raised it at the node
+    (DisclosureRefused with its rule, or AnalysisError), a failing global step as AnalysisError."""
     rounds: list[Aggregated] = []
-    for round_no in range(MAX_ROUNDS):
-        task = unpack_body(pack_body({"params": typed.model_dump(), "broadcast": broadcast}))
-        contributions, public = {}, {}
-        for site, frame in sites.items():
-            release = analysis.local(analysis.parse_params(task["params"]), round_no, task["broadcast"], frame,
-                                     policies[site])
-            reply = unpack_body(pack_body({"sums": {k: np.asarray(v, dtype=np.float64) for k, v in release.sums.items()}, "public": release.public}))
-            contributions[site], public[site] = reply["sums"], reply["public"]
-        aggregated = Aggregated(sums=aggregate(contributions), public=public)
-        rounds.append(aggregated)
-        outcome = analysis.global_step(typed, round_no, aggregated, state)
-        if isinstance(outcome, Finished):
-            return Run(outcome.result, rounds)
-        broadcast, state = outcome.broadcast, outcome.state
-    raise AssertionError(f"{name} did not finish within {MAX_ROUNDS} rounds")
+    with mv.Federation.in_process(dict(sites), policy=policy, secure_aggregation=False) as fed:
+        try:
+            outcome = fed.session.run(name, params, "default",
+                                      observe=lambda _, aggregated: rounds.append(aggregated))
+        except RefusedError as error:
+            if error.rule in ("analysis_error", "internal_error"):
+                raise AnalysisError(error.detail) from error
+            raise DisclosureRefused(error.rule, error.detail) from error
+        except AnalysisFailed as error:
+            raise AnalysisError(str(error)) from error
+    return Run(outcome.result, rounds)
 
 
 def split(frame: pd.DataFrame, shares=(0.45, 0.35, 0.20), seed: int = 11) -> dict[str, pd.DataFrame]:

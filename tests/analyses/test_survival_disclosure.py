@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medveil.analyses.base import Aggregated, BroadcastRefused, get_analysis
+from medveil.analyses.base import Aggregated, BroadcastRefused, SiteContext, get_analysis
 from medveil.analyses.survival import LEFT_OUT, coarsen_times
 from medveil.privacy.disclosure import DisclosurePolicy, DisclosureRefused
 
@@ -58,9 +58,9 @@ def test_too_few_rows_for_any_step_are_left_out():
 def _km_table(frame: pd.DataFrame, policy: DisclosurePolicy = POLICY) -> pd.DataFrame:
     analysis = get_analysis("kaplan_meier")
     params = analysis.parse_params({"duration": "t", "event": "e", "max_time": 100})
-    first = analysis.local(params, 0, {}, frame, policy)
+    first = analysis.local(params, 0, {}, SiteContext("s", frame, policy, {}, {}))
     agreed = analysis.global_step(params, 0, Aggregated({}, {"s": first.public}), {})
-    counts = analysis.local(params, 1, agreed.broadcast, frame, policy)
+    counts = analysis.local(params, 1, agreed.broadcast, SiteContext("s", frame, policy, {}, {}))
     return analysis.global_step(params, 1, Aggregated(counts.sums, {"s": {}}), agreed.state).result.tables["all"]
 
 
@@ -178,9 +178,9 @@ def test_cox_refuses_a_covariate_that_singles_out_a_patient():
     analysis, params = get_analysis("coxph"), _cox_params()
     frame = _cox_frame().assign(z=0.0)
     frame.loc[7, "z"] = 1.0
-    analysis.local(params, 0, {}, frame, POLICY, scratch={})
+    analysis.local(params, 0, {}, SiteContext("s", frame, POLICY, {}, {}))
     with pytest.raises(DisclosureRefused) as error:
-        analysis.local(params, 1, {"strata": ["all"]}, frame, POLICY, scratch={})
+        analysis.local(params, 1, {"strata": ["all"]}, SiteContext("s", frame, POLICY, {}, {}))
     assert error.value.rule == "indicator_isolation"
 
 
@@ -188,13 +188,13 @@ def test_cox_refuses_coefficients_under_which_one_row_dominates():
     analysis, params = get_analysis("coxph"), _cox_params()
     frame = _cox_frame()
     scratch: dict = {}
-    analysis.local(params, 1, {"strata": ["all"]}, frame, POLICY, scratch=scratch)
+    analysis.local(params, 1, {"strata": ["all"]}, SiteContext("s", frame, POLICY, scratch, {}))
     slots = sorted(set(scratch["prepared"]["slots"][scratch["prepared"]["events"]].tolist()))
-    honest = analysis.local(params, 2, _fit_broadcast(event_slots=[slots]), frame, POLICY, scratch=scratch)
+    honest = analysis.local(params, 2, _fit_broadcast(event_slots=[slots]), SiteContext("s", frame, POLICY, scratch, {}))
     assert "s0_0" in honest.sums
     with pytest.raises(DisclosureRefused) as error:
-        analysis.local(params, 2, _fit_broadcast(beta=np.array([60.0, 0.0]), event_slots=[slots]), frame, POLICY,
-                       scratch=scratch)
+        analysis.local(params, 2, _fit_broadcast(beta=np.array([60.0, 0.0]), event_slots=[slots]),
+                       SiteContext("s", frame, POLICY, scratch, {}))
     assert error.value.rule == "weight_dominance"
 
 
@@ -203,7 +203,7 @@ def test_cox_checks_saturation_on_every_fit_round():
     params = analysis.parse_params({"duration": "t", "event": "e", "covariates": ["x", "z"], "strata": "s",
                                     "max_time": 100})
     frame = _cox_frame(40).assign(s=["big"] * 35 + ["small"] * 5)
-    analysis.local(params, 0, {}, frame, POLICY, scratch={})
+    analysis.local(params, 0, {}, SiteContext("s", frame, POLICY, {}, {}))
     with pytest.raises(DisclosureRefused) as error:
-        analysis.local(params, 1, {"strata": ["small"]}, frame, POLICY, scratch={})
+        analysis.local(params, 1, {"strata": ["small"]}, SiteContext("s", frame, POLICY, {}, {}))
     assert error.value.rule == "saturation"

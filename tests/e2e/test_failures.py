@@ -18,6 +18,11 @@ def _sites() -> dict[str, pd.DataFrame]:
     return {name: pd.DataFrame({"x": rng.normal(size=40)}) for name in ("site_a", "site_b", "site_c")}
 
 
+def _relayed(traffic: pd.DataFrame) -> list[tuple]:
+    """The hub's record, in the order it relayed it, as (kind, sender, task, step, phase) per message."""
+    return list(traffic[["kind", "sender", "task", "step", "phase"]].itertuples(index=False, name=None))
+
+
 def test_killed_node_gives_an_error_naming_it_within_the_timeout_then_recovers():
     """A killed node fails the run with an error naming it once the session's timeout passes; the
     restarted node answers again. Every wait is on a marker or a reply; the timeouts only bound a
@@ -45,6 +50,7 @@ def test_hub_restart_between_queries_loses_nothing():
     sites = _sites()
     with mv.Federation.simulate(sites, timeout=20, record_hub_traffic=True) as fed:
         first = fed.describe("x")
+        before = _relayed(fed.hub_traffic())
         hub = fed.network.hub
         port = hub.port
         hub.stop()
@@ -52,7 +58,16 @@ def test_hub_restart_between_queries_loses_nothing():
         assert hub.port == port
         second = fed.describe("x")
         assert second.loc["x", "n"] == first.loc["x", "n"] == 120
-        assert len(fed.hub_traffic()) > 0
+        after = _relayed(fed.hub_traffic())
+        assert after[:len(before)] == before  # what the hub relayed before its restart is all still there
+        for result in (first, second):
+            task = result.attrs["provenance"]["task"]
+            steps = {step for kind, _, t, step, phase in after if kind == "task" and t == task and phase != "end"}
+            assert steps, f"no task message of {task} was recorded"
+            for step in steps:  # every site's one reply to every step, recorded once
+                senders = sorted(sender for kind, sender, t, s, _ in after
+                                 if kind == "reply" and t == task and s == step)
+                assert senders == sorted(sites), (task, step, senders)
         deadline = time.monotonic() + 30
         task_path = f"/v1/tasks/{first.attrs['provenance']['task']}"
         while fed.session.client.get_json(task_path)["status"] != "done" and time.monotonic() < deadline:

@@ -11,7 +11,7 @@ import pytest
 from scipy import stats
 
 import medveil as mv
-from medveil.analyses.base import get_analysis
+from medveil.analyses.base import SiteContext, get_analysis
 from medveil.crypto.secagg import encode_fixed, flatten
 from medveil.privacy.disclosure import DisclosurePolicy
 from medveil.runtime.audit import read_audit_log
@@ -51,15 +51,16 @@ def test_hub_sees_only_uniform_masked_vectors_that_change_every_round():
     assert not replies["body"].map(lambda body: bool(body.get("sums"))).any()
     describe, histogram = get_analysis("describe"), get_analysis("histogram")
     for site, frame in sites.items():
-        own = histogram.local(histogram.parse_params({"variable": "x", "edges": EDGES}), 0, {}, frame,
-                              DisclosurePolicy())
+        own = histogram.local(histogram.parse_params({"variable": "x", "edges": EDGES}), 0, {},
+                              SiteContext(site, frame, DisclosurePolicy(), {}, {}))
         plain = encode_fixed(flatten(own.sums)[0]).ravel()
         vectors = [np.asarray(b["masked"]) for b in masked[masked["sender"] == site]["body"]]
         histogram_vectors = [v for v in vectors if v.size == plain.size]
         assert len(histogram_vectors) == 2
         assert not np.array_equal(histogram_vectors[0], histogram_vectors[1])
         assert all(not np.array_equal(v, plain) for v in histogram_vectors)
-        first = describe.local(describe.parse_params({"variables": ["x", "y"]}), 0, {}, frame, DisclosurePolicy())
+        first = describe.local(describe.parse_params({"variables": ["x", "y"]}), 0, {},
+                               SiteContext(site, frame, DisclosurePolicy(), {}, {}))
         assert not any(np.array_equal(v, encode_fixed(flatten(first.sums)[0]).ravel()) for v in vectors)
     big = np.concatenate([np.asarray(b["masked"]) for b in masked["body"]]).view(np.uint8)
     counts = np.bincount(big, minlength=256)

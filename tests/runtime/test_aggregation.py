@@ -32,7 +32,7 @@ def test_aggregate_sums_every_named_array(contribs):
         for site_arrays in contribs.values():
             expected = expected + site_arrays[name]
         assert total[name].shape == array.shape
-        assert total[name].dtype == np.float64
+        assert total[name].dtype == np.int64
         np.testing.assert_array_equal(total[name], expected)  # small integers: float sums are exact
 
 

@@ -1,34 +1,13 @@
-"""The hub on a real PostgreSQL server: a federation runs on it and survives a hub restart."""
+"""The hub on a real PostgreSQL server: a federation runs on it and survives a hub restart. (The
+hub store's own tests, tests/runtime/test_hub_store.py, run on PostgreSQL too when it is up.)"""
 
 from __future__ import annotations
-
-import os
 
 import numpy as np
 import pandas as pd
 import pytest
 
 import medveil as mv
-
-DEFAULT_URL = "postgresql+psycopg://medveil:medveil@127.0.0.1:5432/medveil_test"
-
-
-@pytest.fixture()
-def postgres_url() -> str:
-    sqlalchemy = pytest.importorskip("sqlalchemy")
-    pytest.importorskip("psycopg")
-    url = os.environ.get("MEDVEIL_TEST_POSTGRES_URL", DEFAULT_URL)
-    engine = sqlalchemy.create_engine(url)
-    try:
-        with engine.connect():
-            pass
-    except Exception as exc:
-        pytest.skip(f"no PostgreSQL server at {url.split('@')[-1]} ({type(exc).__name__}); .ci/run starts one")
-    from medveil.runtime.hub_store import Base
-
-    Base.metadata.drop_all(engine)
-    engine.dispose()
-    return url
 
 
 @pytest.mark.postgres

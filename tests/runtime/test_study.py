@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 
 import pytest
 from pydantic import ValidationError
 
-from medveil.crypto.signing import SignatureError, SigningKey
-from medveil.runtime.study import StudySpec, sign_approval, verify_approval
+from medveil.crypto.sealed import generate_encryption_key
+from medveil.crypto.signing import SignatureError, SigningKey, b64encode
+from medveil.runtime.study import (
+    LATER_FIELDS,
+    StudySpec,
+    sign_approval,
+    verify_approval,
+)
+from medveil.runtime.wire import canonical_json
 
 RESEARCHER = SigningKey.generate()
 STEWARD_A = SigningKey.generate()
@@ -123,3 +131,59 @@ def test_pinned_site_key_is_a_verify_key(spec):
     assert spec.site_key("site_b") == NODE_B.verify_key
     with pytest.raises(KeyError):
         spec.site_key("site_c")
+
+
+ENC_A = generate_encryption_key()[1]
+ENC_B = generate_encryption_key()[1]
+
+
+def test_later_fields_default_empty_and_keep_the_digest_of_a_spec_without_them(spec):
+    assert (spec.site_encryption_keys, spec.roles, spec.site_datasets, spec.services) == ({}, {}, {}, [])
+    assert spec.datasets_for("site_a") == spec.datasets and spec.role_of("site_a") is None
+    before = {k: v for k, v in spec.model_dump().items() if k not in LATER_FIELDS}
+    assert spec.digest() == hashlib.sha256(canonical_json(before)).hexdigest()
+
+
+@pytest.mark.parametrize("change", [
+    {"site_encryption_keys": {"site_a": ENC_A}},
+    {"roles": {"site_a": "label_holder"}},
+    {"site_datasets": {"site_b": {"claims": ["cost"]}}},
+    {"services": ["count_lookup"]},
+], ids=["encryption-key", "role", "site-datasets", "services"])
+def test_later_fields_are_covered_by_the_approval(spec, change):
+    approval = sign_approval(spec, "site_a", STEWARD_A, approved_at=1.0)
+    widened = StudySpec.model_validate({**spec.model_dump(), **change})
+    assert widened.digest() != spec.digest()
+    with pytest.raises(ValueError, match="does not cover"):
+        verify_approval(approval, widened, "site_a", STEWARD_A.verify_key)
+
+
+def test_site_datasets_roles_and_keys_per_site(spec):
+    vertical = StudySpec.model_validate({
+        **spec.model_dump(), "site_datasets": {"site_b": {"claims": ["cost", "visits"]}},
+        "roles": {"site_a": "label_holder", "site_b": "feature_holder"},
+        "site_encryption_keys": {"site_a": ENC_A, "site_b": ENC_B}, "services": ["count_lookup"]})
+    assert vertical.datasets_for("site_a") == spec.datasets
+    assert vertical.datasets_for("site_b") == {"claims": ["cost", "visits"]}
+    assert (vertical.role_of("site_a"), vertical.role_of("site_b")) == ("label_holder", "feature_holder")
+    assert vertical.encryption_key("site_b") == ENC_B
+    restored = StudySpec.model_validate_json(vertical.model_dump_json())
+    assert restored.digest() == vertical.digest()
+
+
+@pytest.mark.parametrize("update", [
+    {"site_encryption_keys": {"site_c": ENC_A}},
+    {"site_encryption_keys": {"site_a": SITE_KEYS["site_a"][:-4]}},
+    {"site_encryption_keys": {"site_a": b64encode(bytes(32))}},
+    {"site_encryption_keys": {"site_a": "not a key"}},
+    {"roles": {"site_a": "referee"}},
+    {"roles": {"site_c": "server"}},
+    {"site_datasets": {"site_c": {"default": ["age"]}}},
+    {"site_datasets": {"site_a": ["age"]}},
+    {"services": ["count_lookup", "count_lookup"]},
+    {"services": ["../x"]},
+], ids=["key-outside-sites", "short-key", "low-order-key", "text", "unknown-role", "role-outside-sites",
+        "datasets-outside-sites", "datasets-not-a-map", "repeated-service", "bad-service-name"])
+def test_invalid_later_fields_are_refused(spec, update):
+    with pytest.raises(ValidationError):
+        StudySpec.model_validate({**spec.model_dump(), **update})

@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 import medveil as mv
-from medveil.analyses.base import BroadcastRefused, get_analysis
+from medveil.analyses.base import BroadcastRefused, SiteContext, get_analysis
 from medveil.analyses.formula import FormulaNotAllowed, parse_formula
 from medveil.privacy.disclosure import DisclosurePolicy, DisclosureRefused
 
@@ -167,11 +167,11 @@ POLICY = DisclosurePolicy()
 def _fit_rounds(formula: str, frame: pd.DataFrame, policies: list[DisclosurePolicy]) -> None:
     """Run one site's rounds 0.. with the given policy per round (as a steward may tighten it)."""
     params = GLM.parse_params({"formula": formula})
-    levels = GLM.local(params, 0, {}, frame, policies[0]).public["levels"]
+    levels = GLM.local(params, 0, {}, SiteContext("s", frame, policies[0], {}, {})).public["levels"]
     scratch: dict = {}
     broadcasts = [{"levels": levels}, {"levels": levels, "ybar": 1.0, "ybar_weighted": 1.0}]
     for round_no, (policy, broadcast) in enumerate(zip(policies[1:], broadcasts), start=1):
-        GLM.local(params, round_no, broadcast, frame, policy, scratch=scratch)
+        GLM.local(params, round_no, broadcast, SiteContext("s", frame, policy, scratch, {}))
 
 
 def test_saturation_guard_runs_in_every_fit_round_not_only_the_first():
@@ -187,7 +187,7 @@ def test_rare_reference_level_is_caught_though_it_has_no_column():
     frame = _sites()["site_c"].assign(stage=lambda f: f["stage"].replace({"IV": "0"}))
     params = GLM.parse_params({"formula": "y ~ C(stage)"})
     with pytest.raises(DisclosureRefused) as error:
-        GLM.local(params, 1, {"levels": {"stage": ["0", "I", "II", "III"]}}, frame, POLICY, scratch={})
+        GLM.local(params, 1, {"levels": {"stage": ["0", "I", "II", "III"]}}, SiteContext("s", frame, POLICY, {}, {}))
     assert error.value.rule == "indicator_isolation"
 
 
@@ -196,14 +196,14 @@ def test_interaction_column_is_checked_beside_its_factors():
     frame = _sites()["site_a"].assign(dose=lambda f: np.where(f["age"] == 97, 2.0, 0.0) + np.where(f["age"] < 97, 1.0, 0.0))
     params = GLM.parse_params({"formula": "y ~ dose + dose:I(age >= 97)"})
     with pytest.raises(DisclosureRefused, match="dose:I") as error:
-        GLM.local(params, 1, {"levels": {}}, frame, POLICY, scratch={})
+        GLM.local(params, 1, {"levels": {}}, SiteContext("s", frame, POLICY, {}, {}))
     assert error.value.rule == "indicator_isolation"
 
 
 def test_a_level_this_site_does_not_hold_is_no_disclosure():
     params = GLM.parse_params({"formula": "y ~ C(stage)"})
     frame = _sites()["site_b"][lambda f: f["stage"] != "IV"]
-    release = GLM.local(params, 1, {"levels": {"stage": ["I", "II", "III", "IV"]}}, frame, POLICY, scratch={})
+    release = GLM.local(params, 1, {"levels": {"stage": ["I", "II", "III", "IV"]}}, SiteContext("s", frame, POLICY, {}, {}))
     assert "C(stage)[T.IV]" in release.public["columns"]
 
 

@@ -101,7 +101,7 @@ def test_hostile_long_poll_parameters_get_a_4xx_and_a_logged_event(hub, params):
 def test_hostile_step_number_in_a_path_gets_a_4xx_and_a_logged_event(hub, number):
     client, store = hub
     events_before = len(store.events())
-    path = f"/v1/tasks/t-hostile/rounds/{number}/replies"
+    path = f"/v1/tasks/t-hostile/steps/{number}/replies"
     response = get(client, path, "researcher", RESEARCHER, wait="0")
     assert response.status_code == 422
     assert event_kinds(store)[events_before:] == ["malformed"]

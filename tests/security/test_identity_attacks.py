@@ -128,7 +128,7 @@ def test_hub_serving_a_wrong_key_cannot_make_the_researcher_accept_a_forged_repl
     _serve_wrong_key(hub, "site_b", MALLORY)
     try:
         task_id = "t-forged-reply"
-        hub.store.add_task_round(task_id, fed.study.id, "researcher", "ping", 0, [], "forged-task-nonce", b"")
+        hub.store.add_task_step(task_id, fed.study.id, "researcher", "ping", 0, [], "forged-task-nonce", b"")
         forged = seal(MALLORY, {"kind": "reply", "sender": "site_b", "nonce": "forged-reply-nonce",
                                 "issued_at": time.time(), "study": fed.study.id, "task": task_id, "step": 0,
                                 "round": 0, "status": "ok"}, {"sums": {}, "public": {"rows": 1}})

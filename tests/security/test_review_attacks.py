@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medveil.analyses.base import get_analysis
+from medveil.analyses.base import SiteContext, get_analysis
 from medveil.crypto import secagg
 from medveil.crypto.signing import SigningKey
 from medveil.privacy.disclosure import DisclosurePolicy, DisclosureRefused
@@ -230,18 +230,18 @@ def _few_rows(n_complete: int, n: int = 40) -> pd.DataFrame:
 def test_survival_does_not_publish_a_small_exact_row_count():
     """Round 0 of km named the site's complete rows exactly, 3 here: a small cell in disguise."""
     km = get_analysis("kaplan_meier")
-    release = km.local(km.parse_params({"duration": "time", "event": "event"}), 0, {}, _few_rows(3),
-                       DisclosurePolicy())
+    release = km.local(km.parse_params({"duration": "time", "event": "event"}), 0, {},
+                       SiteContext("s", _few_rows(3), DisclosurePolicy(), {}, {}))
     assert "rows" not in release.public
-    release = km.local(km.parse_params({"duration": "time", "event": "event"}), 0, {}, _few_rows(20),
-                       DisclosurePolicy())
+    release = km.local(km.parse_params({"duration": "time", "event": "event"}), 0, {},
+                       SiteContext("s", _few_rows(20), DisclosurePolicy(), {}, {}))
     assert release.public["rows"] == 20
 
 
 def test_cox_does_not_publish_a_small_exact_row_count():
     cox = get_analysis("coxph")
     params = cox.parse_params({"duration": "time", "event": "event", "covariates": ["x"]})
-    release = cox.local(params, 0, {}, _few_rows(4), DisclosurePolicy())
+    release = cox.local(params, 0, {}, SiteContext("s", _few_rows(4), DisclosurePolicy(), {}, {}))
     assert "rows" not in release.public
 
 
@@ -251,7 +251,7 @@ def test_a_glm_over_fewer_than_min_cell_count_rows_is_refused():
     glm = get_analysis("glm")
     params = glm.parse_params({"formula": "y ~ 1"})
     with pytest.raises(DisclosureRefused) as error:
-        glm.local(params, 1, {"levels": {}}, _few_rows(4), DisclosurePolicy(), scratch={})
+        glm.local(params, 1, {"levels": {}}, SiteContext("s", _few_rows(4), DisclosurePolicy(), {}, {}))
     assert error.value.rule == "min_cell_count"
 
 
@@ -293,9 +293,9 @@ def test_a_smooth_indicator_does_not_read_one_patients_value():
     params = glm.parse_params({"formula": "sbp ~ exp(-100 * (age - 97) ** 2)"})
     scratch: dict = {}
     with pytest.raises(DisclosureRefused) as error:
-        glm.local(params, 1, {"levels": {}}, frame, DisclosurePolicy(), scratch=scratch)
-        release = glm.local(params, 2, {"levels": {}, "ybar": 120.0, "ybar_weighted": 120.0}, frame,
-                            DisclosurePolicy(), scratch=scratch)
+        glm.local(params, 1, {"levels": {}}, SiteContext("s", frame, DisclosurePolicy(), scratch, {}))
+        release = glm.local(params, 2, {"levels": {}, "ybar": 120.0, "ybar_weighted": 120.0},
+                            SiteContext("s", frame, DisclosurePolicy(), scratch, {}))
         beta = np.linalg.solve(release.sums["xtwx"], release.sums["xtwz"])
         assert not np.isclose(beta.sum(), 181.234)
     assert error.value.rule == "leverage"
@@ -309,7 +309,8 @@ def test_other_smooth_spikes_are_refused_by_the_leverage_guard(formula):
     frame.loc[17, "age"] = 97
     glm = get_analysis("glm")
     with pytest.raises(DisclosureRefused) as error:
-        glm.local(glm.parse_params({"formula": formula}), 1, {"levels": {}}, frame, DisclosurePolicy(), scratch={})
+        glm.local(glm.parse_params({"formula": formula}), 1, {"levels": {}},
+                  SiteContext("s", frame, DisclosurePolicy(), {}, {}))
     assert error.value.rule == "leverage"
 
 
@@ -321,13 +322,13 @@ def test_coefficients_that_cut_the_data_are_refused():
     glm = get_analysis("glm")
     params = glm.parse_params({"formula": "y ~ age", "family": "binomial"})
     scratch: dict = {}
-    glm.local(params, 1, {"levels": {}}, frame, DisclosurePolicy(), scratch=scratch)
-    honest = glm.local(params, 2, {"levels": {}, "beta": np.array([-0.2, 0.003])}, frame, DisclosurePolicy(),
-                       scratch=scratch)
+    glm.local(params, 1, {"levels": {}}, SiteContext("s", frame, DisclosurePolicy(), scratch, {}))
+    honest = glm.local(params, 2, {"levels": {}, "beta": np.array([-0.2, 0.003])},
+                       SiteContext("s", frame, DisclosurePolicy(), scratch, {}))
     assert honest.sums["xtwx"].shape == (2, 2)
     steep = np.array([-1000.0 * 61.5, 1000.0])
     with pytest.raises(DisclosureRefused) as error:
-        glm.local(params, 3, {"levels": {}, "beta": steep}, frame, DisclosurePolicy(), scratch=scratch)
+        glm.local(params, 3, {"levels": {}, "beta": steep}, SiteContext("s", frame, DisclosurePolicy(), scratch, {}))
     assert error.value.rule == "weight_dominance"
 
 
@@ -337,9 +338,9 @@ def test_poisson_coefficients_that_put_the_weight_on_one_row_are_refused():
     glm = get_analysis("glm")
     params = glm.parse_params({"formula": "y ~ age", "family": "poisson"})
     scratch: dict = {}
-    glm.local(params, 1, {"levels": {}}, frame, DisclosurePolicy(), scratch=scratch)
+    glm.local(params, 1, {"levels": {}}, SiteContext("s", frame, DisclosurePolicy(), scratch, {}))
     oldest = float(frame["age"].max())
     with pytest.raises(DisclosureRefused) as error:
-        glm.local(params, 2, {"levels": {}, "beta": np.array([-5.0 * oldest, 5.0])}, frame, DisclosurePolicy(),
-                  scratch=scratch)
+        glm.local(params, 2, {"levels": {}, "beta": np.array([-5.0 * oldest, 5.0])},
+                  SiteContext("s", frame, DisclosurePolicy(), scratch, {}))
     assert error.value.rule == "weight_dominance"

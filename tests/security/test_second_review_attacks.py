@@ -21,7 +21,7 @@ from in_process_hub import enrol_and_publish, post
 from raw_tasks import refusal_rules, send_raw
 
 import medveil as mv
-from medveil.analyses.base import get_analysis
+from medveil.analyses.base import SiteContext, get_analysis
 from medveil.crypto.signing import SigningKey
 from medveil.privacy.disclosure import DisclosurePolicy
 from medveil.runtime.auth import HEADER, make_token
@@ -70,11 +70,11 @@ def test_cox_and_km_censor_times_beyond_max_time_instead_of_refusing():
     for name, extra in (("coxph", {"covariates": ["x"]}), ("kaplan_meier", {})):
         analysis = get_analysis(name)
         params = analysis.parse_params({"duration": "t", "event": "e", "max_time": 10.6, **extra})
-        release = analysis.local(params, 0, {}, data, POLICY, **({"scratch": {}} if name == "coxph" else {}))
+        release = analysis.local(params, 0, {}, SiteContext("s", data, POLICY, {}, {}))
         assert release.public.get("rows") == len(data)
     km = get_analysis("kaplan_meier")
     params = km.parse_params({"duration": "t", "event": "e", "max_time": 10.6})
-    release = km.local(params, 1, {"groups": ["all"]}, data, POLICY)
+    release = km.local(params, 1, {"groups": ["all"]}, SiteContext("s", data, POLICY, {}, {}))
     assert release.sums["removed"].sum() == len(data)
     assert release.sums["events"][0, -1] == 0  # what lies beyond max_time is censored, never an event there
 

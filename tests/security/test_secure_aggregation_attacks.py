@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 import medveil as mv
-from medveil.analyses.base import get_analysis
+from medveil.analyses.base import SiteContext, get_analysis
 from medveil.crypto import secagg
 from medveil.privacy.disclosure import DisclosurePolicy
 from medveil.runtime.secure_aggregation import CoordinatorState
@@ -46,7 +46,7 @@ def fed():
 def _own_sums(site: str) -> np.ndarray:
     """The site's round-0 release of describe(x) in the clear: what the attacks try to read."""
     describe = get_analysis("describe")
-    release = describe.local(describe.parse_params(PARAMS), 0, {}, FRAMES[site], DisclosurePolicy())
+    release = describe.local(describe.parse_params(PARAMS), 0, {}, SiteContext(site, FRAMES[site], DisclosurePolicy(), {}, {}))
     return secagg.flatten({k: np.asarray(v, dtype=np.float64) for k, v in release.sums.items()})[0]
 
 

@@ -2,14 +2,20 @@
 
 An analysis runs in rounds. In each round every site's LOCAL step turns its data (plus what
 the previous GLOBAL step broadcast) into a `Release`: arrays to be summed across sites through
-the `aggregate` seam, and a few public per-site facts (rows used, levels that passed the
-disclosure rules). The GLOBAL step sees only the cross-site sums and those public facts, and
-either broadcasts the next round or finishes with a result. Both steps are pure.
+the `aggregate` seam, a few public per-site facts (rows used, levels that passed the
+disclosure rules) and, for two-party protocols, payloads addressed to single sites, which the
+node encrypts end to end and which are never summed. The LOCAL step gets everything its node
+gives it in one `SiteContext` (table, policy, durable scratch, DP noise, genotypes, the
+payloads addressed to it). The GLOBAL step sees only the cross-site sums, those public facts
+and the sealed payloads it may forward, and either broadcasts the next round (its state
+wire-encodable, so a run can be checkpointed after every round) or finishes with a result.
+Both steps are pure.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -17,6 +23,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict
 
+from medveil.data.genotypes import GenotypeFile
 from medveil.privacy.disclosure import DisclosurePolicy
 
 
@@ -48,19 +55,42 @@ P = TypeVar("P", bound=Params)
 
 
 @dataclass
+class SiteContext:
+    """What a site's LOCAL step gets from its node, instead of keyword arguments."""
+
+    site: str  # this site's name
+    data: pd.DataFrame  # the approved dataset's table
+    policy: DisclosurePolicy
+    scratch: MutableMapping[str, Any]  # durable per-task working memory at the site: disk-backed,
+    # bounded per task, deleted when the task ends; never sent. Values must be wire-encodable, and a
+    # value may be dropped (over the bound): read back only what you check is there.
+    memory: Mapping[str, Any]  # node-held task state; memory["released"][r] = what was released in round r
+    noise: Callable[[np.ndarray], np.ndarray] | None = None  # DP noise for counts, charged as drawn
+    genotypes: GenotypeFile | None = None  # the approved PLINK dataset, when the analysis reads one
+    messages: dict[str, dict[str, Any]] = field(default_factory=dict)  # payloads addressed to this site,
+    # decrypted and verified, by sender site
+    role: str | None = None  # this site's party role in the study (StudySpec.roles)
+
+
+@dataclass
 class Release:
-    """What one site lets out in one round."""
+    """What one site lets out in one round: `sums` are added up across sites (dtype kept: ints
+    stay ints), `public` facts are shown per site, and `payloads` (recipient site -> a
+    wire-encodable map) are never summed: the node seals each end to end to its recipient."""
 
     sums: dict[str, np.ndarray] = field(default_factory=dict)
     public: dict[str, Any] = field(default_factory=dict)
+    payloads: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass
 class Aggregated:
-    """The global step's view of a round: cross-site sums and each site's public facts."""
+    """The global step's view of a round: cross-site sums, each site's public facts, and the
+    sealed payloads each site addressed to others (sender -> recipient -> opaque sealed map)."""
 
     sums: dict[str, np.ndarray]
     public: dict[str, dict[str, Any]]
+    payloads: dict[str, dict[str, dict]] = field(default_factory=dict)
 
     @property
     def sites(self) -> list[str]:
@@ -69,8 +99,13 @@ class Aggregated:
 
 @dataclass
 class NextRound:
+    """The next round's broadcast; `state` (wire-encodable: it is checkpointed every round), extra
+    broadcast keys for single sites (`per_site`), and sealed payloads to forward, by recipient."""
+
     broadcast: dict[str, Any]
     state: dict[str, Any] = field(default_factory=dict)
+    per_site: dict[str, dict[str, Any]] = field(default_factory=dict)
+    messages: dict[str, list[dict]] = field(default_factory=dict)
 
 
 @dataclass
@@ -84,8 +119,7 @@ class Analysis(ABC, Generic[P]):
     name: ClassVar[str]
     Params: ClassVar[type[Params]]
     releases_sums: ClassVar[bool] = True  # False: nothing to add up, so no secure-aggregation set-up
-    supports_dp: ClassVar[bool] = False  # True: `local` accepts `noise` for its released counts
-    uses_scratch: ClassVar[bool] = False  # True: `local` accepts `scratch`, a dict kept at the site per task
+    supports_dp: ClassVar[bool] = False  # True: `local` uses `context.noise` for its released counts
 
     def parse_params(self, raw: dict[str, Any]) -> P:
         return self.Params.model_validate(raw)  # type: ignore[return-value]
@@ -96,7 +130,7 @@ class Analysis(ABC, Generic[P]):
 
     def genotype_dataset(self, params: P) -> str | None:
         """Name of a genotype dataset (PLINK) the analysis reads beside its table, if any; the node
-        checks it is approved and passes it to `local` as `genotypes`."""
+        checks it is approved and passes it to `local` as `context.genotypes`."""
         return None
 
     def row_sets(self, params: P, data: pd.DataFrame, round_no: int = 0, broadcast: dict[str, Any] | None = None,
@@ -128,10 +162,8 @@ class Analysis(ABC, Generic[P]):
         return None
 
     @abstractmethod
-    def local(
-        self, params: P, round_no: int, broadcast: dict[str, Any], data: pd.DataFrame, policy: DisclosurePolicy
-    ) -> Release:
-        """Site step: data -> release, applying the site's disclosure policy."""
+    def local(self, params: P, round_no: int, broadcast: dict[str, Any], context: SiteContext) -> Release:
+        """Site step: the context's data -> release, applying the context's disclosure policy."""
 
     @abstractmethod
     def global_step(
@@ -220,3 +252,72 @@ def finite_array(value: Any, shape: tuple[int, ...]) -> np.ndarray:
     if value.shape != shape or not np.all(np.isfinite(value)):
         raise BroadcastRefused("broadcast_malformed", f"a broadcast array must be finite with shape {shape}")
     return value.astype(np.float64)
+
+
+def frame_to_wire(frame: pd.DataFrame) -> dict[str, Any]:
+    """A table as a wire-encodable map (for state that is checkpointed): its column names, each
+    numeric or bool column as an array of its dtype, any other column as a list of values, and
+    the index when it is not the default 0..n-1. `frame_from_wire` rebuilds an equal table."""
+    columns = {}
+    for name in frame.columns:
+        series = frame[name]
+        dtype = series.dtype
+        if isinstance(dtype, np.dtype) and dtype.kind in "biuf":
+            columns[str(name)] = series.to_numpy()
+        else:
+            columns[str(name)] = {"dtype": str(dtype), "values": [_plain(v) for v in series.tolist()]}
+    wire: dict[str, Any] = {"columns": [str(name) for name in frame.columns], "data": columns}
+    index = frame.index
+    if not isinstance(index, pd.RangeIndex) or index.start != 0 or index.step != 1:
+        levels = {f"level_{i}": index.get_level_values(i) for i in range(index.nlevels)}
+        wire["index"] = frame_to_wire(pd.DataFrame(levels).reset_index(drop=True))
+        wire["index_names"] = [None if name is None else str(name) for name in index.names]
+    return wire
+
+
+def frame_from_wire(wire: dict[str, Any]) -> pd.DataFrame:
+    """The table `frame_to_wire` encoded (columns, dtypes and index as they were)."""
+    data = {}
+    for name in wire["columns"]:
+        column = wire["data"][name]
+        if isinstance(column, dict):
+            values = pd.Series(column["values"], dtype=object)
+            data[name] = values if column["dtype"] == "object" else values.astype(column["dtype"])
+        else:
+            data[name] = pd.Series(np.array(column))
+    frame = pd.DataFrame(data, columns=list(wire["columns"]))
+    if "index" in wire:
+        levels, names = frame_from_wire(wire["index"]), wire["index_names"]
+        frame.index = (pd.Index(levels.iloc[:, 0], name=names[0]) if len(names) == 1
+                       else pd.MultiIndex.from_frame(levels, names=names))
+    return frame
+
+
+def frame_rows(wire: dict[str, Any], rows: slice | np.ndarray) -> pd.DataFrame:
+    """Rows of a table `frame_to_wire` encoded (a slice or an array of positions), as a table
+    indexed 0..k-1, without decoding the rest (a GWAS's agreed variants run to millions)."""
+    part: dict[str, Any] = {"columns": wire["columns"], "data": {}}
+    for name in wire["columns"]:
+        column = wire["data"][name]
+        if isinstance(column, dict):
+            values = column["values"]
+            picked = values[rows] if isinstance(rows, slice) else [values[int(i)] for i in rows]
+            part["data"][name] = {"dtype": column["dtype"], "values": picked}
+        else:
+            part["data"][name] = np.asarray(column)[rows]
+    return frame_from_wire(part)
+
+
+def frame_length(wire: dict[str, Any]) -> int:
+    """How many rows a table `frame_to_wire` encoded holds."""
+    if not wire["columns"]:
+        return 0
+    column = wire["data"][wire["columns"][0]]
+    return len(column["values"]) if isinstance(column, dict) else len(column)
+
+
+def _plain(value: Any) -> Any:
+    """A cell as msgpack carries it: numpy scalars as Python ones, pandas' NA as None."""
+    if value is pd.NA or value is pd.NaT:
+        return None
+    return value.item() if isinstance(value, np.generic) else value

@@ -27,7 +27,8 @@ pooled bin counts; the hub, masked vectors only; a site, nothing of its peers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from collections.abc import MutableMapping
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -44,6 +45,7 @@ from medveil.analyses.base import (
     NextRound,
     Params,
     Release,
+    SiteContext,
     categorical_column,
     check_collinearity,
     register,
@@ -230,31 +232,34 @@ def _slot_list(value: Any, size: int) -> list[int]:
 class CoxPH(Analysis[CoxParams]):
     name = "coxph"
     Params = CoxParams
-    uses_scratch = True
 
     def variables(self, params: CoxParams) -> list[str]:
         return [params.duration, params.event, *params.covariates] + ([params.strata] if params.strata else [])
 
-    def _prepared(self, params: CoxParams, data: pd.DataFrame, scratch: dict[str, Any],
+    def _prepared(self, params: CoxParams, data: pd.DataFrame, scratch: MutableMapping[str, Any],
                   min_count: int) -> dict[str, Any]:
         """This site's rows as the fit sees them: covariates, times coarsened per stratum (rows the
-        coarsening leaves out dropped), event flags, strata; kept in the task's scratch."""
-        if "prepared" not in scratch:
+        coarsening leaves out dropped), event flags, strata. The wire-encodable part (arrays, the
+        strata as codes into their labels) is kept in the task's scratch, written once."""
+        prepared = scratch.get("prepared")
+        if prepared is None:
             mask = data[self.variables(params)].notna().all(axis=1).to_numpy()
             complete = data[mask]
             slots, events = time_slots(complete, params.duration, params.event, params.time_unit, params.max_time)
             strata = (np.array([ALL] * len(complete), dtype=object) if params.strata is None
                       else categorical_column(complete, params.strata).to_numpy(object))
-            codes = pd.factorize(strata)[0].astype(np.int64)
+            codes, labels = pd.factorize(strata)
+            codes = codes.astype(np.int64)
             released, released_events = coarsen_by_group(slots, events, codes, min_count)
             kept = released != LEFT_OUT
-            rows = np.flatnonzero(mask)[kept]
-            scratch["prepared"] = {"x": complete[params.covariates].to_numpy(np.float64)[kept],
-                                   "frame": complete[params.covariates][kept], "slots": released[kept],
-                                   "events": released_events[kept].astype(bool), "strata": strata[kept],
-                                   "rows": rows, "n_data": len(data), "complete": len(complete),
-                                   "dropped": len(data) - len(complete)}
-        return scratch["prepared"]
+            prepared = {"x": complete[params.covariates].to_numpy(np.float64)[kept], "slots": released[kept],
+                        "events": released_events[kept].astype(bool), "strata_codes": codes[kept],
+                        "strata_labels": [str(label) for label in labels], "rows": np.flatnonzero(mask)[kept],
+                        "n_data": len(data), "complete": len(complete), "dropped": len(data) - len(complete)}
+            scratch["prepared"] = prepared
+        labels = np.array(prepared["strata_labels"] + [""], dtype=object)  # "" only ever indexes nothing
+        return dict(prepared, strata=labels[prepared["strata_codes"]],
+                    frame=pd.DataFrame(prepared["x"], columns=list(params.covariates)))
 
     def check_broadcast(self, params: CoxParams, round_no: int, broadcast: dict[str, Any],
                         memory: dict[str, Any]) -> None:
@@ -318,10 +323,10 @@ class CoxPH(Analysis[CoxParams]):
         complete[site["rows"]] = True
         return step_row_sets(complete, site["slots"], labels)
 
-    def local(self, params: CoxParams, round_no: int, broadcast: dict[str, Any], data: pd.DataFrame,
-              policy: DisclosurePolicy, scratch: dict[str, Any] | None = None) -> Release:
+    def local(self, params: CoxParams, round_no: int, broadcast: dict[str, Any], context: SiteContext) -> Release:
+        policy = context.policy
         require_time_unit(params.time_unit, policy)
-        site = self._prepared(params, data, {} if scratch is None else scratch, policy.min_cell_count)
+        site = self._prepared(params, context.data, context.scratch, policy.min_cell_count)
         size = grid_size(params.time_unit, params.max_time)
         if round_no == 0:
             require_not_saturated(site["complete"], len(params.covariates), policy)
@@ -389,7 +394,7 @@ class CoxPH(Analysis[CoxParams]):
             return NextRound(self._broadcast(state), state)
         if "fit" in state:
             concordance, bound = _concordance(aggregated.sums)
-            return Finished(replace(state["fit"], concordance=concordance, concordance_error_bound=bound))
+            return Finished(self._results(params, state, concordance, bound))
         loglik, gradient, hessian = self._derivatives(params, aggregated.sums, state)
         history = state["loglik_history"] + [loglik]
         if state["iteration"] == 0:
@@ -401,14 +406,7 @@ class CoxPH(Analysis[CoxParams]):
             raise AnalysisError(f"singular information matrix: covariates {params.covariates} are collinear") from exc
         converged = state["iteration"] > 0 and np.max(np.abs(step)) < params.tol
         if converged or state["iteration"] >= params.max_iter:
-            names = list(params.covariates)
-            fit = CoxResults(
-                params=pd.Series(state["beta"], index=names),
-                variance_matrix=pd.DataFrame(np.linalg.inv(-hessian), index=names, columns=names),
-                log_likelihood=loglik, log_likelihood_null=state["loglik_null"], ties=params.ties,
-                iterations=state["iteration"], converged=bool(converged), n_events=state["n_events"],
-                nobs=state["nobs"], alpha=params.alpha,
-            )
+            fit = {"variance": np.linalg.inv(-hessian), "loglik": loglik, "converged": bool(converged)}
             # One more round: counts on risk-score bins of equal expected mass for the concordance index.
             beta = state["beta"]
             centre = float(state["mean_x"] @ beta)
@@ -424,6 +422,19 @@ class CoxPH(Analysis[CoxParams]):
             step = step * (MAX_STEP_SD / spread)
         state = dict(state, beta=state["beta"] + step, iteration=state["iteration"] + 1, loglik_history=history)
         return NextRound(self._broadcast(state), state)
+
+    @staticmethod
+    def _results(params: CoxParams, state: dict[str, Any], concordance: float, bound: float) -> CoxResults:
+        """The fitted model from the state's record of its last fit round (wire-encodable, unlike
+        the results object) and the concordance round's index."""
+        names, fit = list(params.covariates), state["fit"]
+        return CoxResults(
+            params=pd.Series(np.array(state["beta"]), index=names),
+            variance_matrix=pd.DataFrame(np.array(fit["variance"]), index=names, columns=names),
+            log_likelihood=fit["loglik"], log_likelihood_null=state["loglik_null"], ties=params.ties,
+            iterations=state["iteration"], converged=fit["converged"], n_events=state["n_events"],
+            nobs=state["nobs"], alpha=params.alpha, concordance=concordance, concordance_error_bound=bound,
+        )
 
     @staticmethod
     def _concordance_counts(site: dict[str, Any], broadcast: dict[str, Any], min_count: int) -> dict[str, np.ndarray]:

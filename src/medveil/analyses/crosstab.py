@@ -32,6 +32,7 @@ from medveil.analyses.base import (
     NextRound,
     Params,
     Release,
+    SiteContext,
     categorical_column,
     register,
     released_in,
@@ -44,7 +45,6 @@ from medveil.privacy.disclosure import (
     require_min_count,
     suppress_table,
 )
-from medveil.privacy.dp import CountNoise
 
 OTHER = "(other)"
 MAX_LEVELS = 1000  # most levels of one variable a request or broadcast may name
@@ -135,10 +135,8 @@ class Crosstab(Analysis[CrosstabParams]):
         flat = np.ravel_multi_index(np.nonzero(shown), counts.shape) if shown.any() else np.array([], np.int64)
         return [cell == index for index in flat]
 
-    def local(
-        self, params: CrosstabParams, round_no: int, broadcast: dict[str, Any], data: pd.DataFrame,
-        policy: DisclosurePolicy, noise: CountNoise | None = None,
-    ) -> Release:
+    def local(self, params: CrosstabParams, round_no: int, broadcast: dict[str, Any], context: SiteContext) -> Release:
+        data, policy, noise = context.data, context.policy, context.noise
         names = _variables(params)
         if round_no == 0:
             if params.levels is not None and any(len(labels) > policy.max_levels for labels in params.levels.values()):

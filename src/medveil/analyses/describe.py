@@ -35,6 +35,7 @@ from medveil.analyses.base import (
     NextRound,
     Params,
     Release,
+    SiteContext,
     finite_array,
     numeric_column,
     register,
@@ -112,10 +113,8 @@ class Describe(Analysis[DescribeParams]):
             return []
         return [np.ones(len(data), dtype=bool), *(data[name].notna().to_numpy() for name in params.variables)]
 
-    def local(
-        self, params: DescribeParams, round_no: int, broadcast: dict[str, Any], data: pd.DataFrame,
-        policy: DisclosurePolicy,
-    ) -> Release:
+    def local(self, params: DescribeParams, round_no: int, broadcast: dict[str, Any], context: SiteContext) -> Release:
+        data, policy = context.data, context.policy
         columns = {name: numeric_column(data, name).to_numpy() for name in params.variables}
         included = {name: len(values) >= policy.min_cell_count for name, values in columns.items()}
         k = len(params.variables)

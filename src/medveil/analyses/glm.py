@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import MutableMapping
 from typing import Any, Literal
 
 import numpy as np
@@ -44,6 +45,7 @@ from medveil.analyses.base import (
     NextRound,
     Params,
     Release,
+    SiteContext,
     categorical_column,
     check_collinearity,
     finite_array,
@@ -229,7 +231,6 @@ def _factor_variables(parsed: ParsedFormula, text: str) -> tuple[str, ...]:
 class GLM(Analysis[GLMParams]):
     name = "glm"
     Params = GLMParams
-    uses_scratch = True
 
     def variables(self, params: GLMParams) -> list[str]:
         parsed = parse_formula(params.formula)
@@ -291,9 +292,9 @@ class GLM(Analysis[GLMParams]):
         return frame
 
     def _design(self, params: GLMParams, data: pd.DataFrame, levels: dict[str, list[str]], policy: DisclosurePolicy,
-                scratch: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str], int]:
-        """(y, X, offset, prior weights, column names, rows dropped), built from the canonical
-        formula once per task and kept in `scratch` only once indicator isolation passed."""
+                scratch: MutableMapping[str, Any]) -> list[Any]:
+        """[y, X, offset, prior weights, column names, rows dropped], built from the canonical
+        formula once per task and kept in `scratch` (written once) only once indicator isolation passed."""
         if "design" in scratch:
             return scratch["design"]
         parsed = parse_formula(params.formula)
@@ -320,12 +321,12 @@ class GLM(Analysis[GLMParams]):
         if np.any(prior <= 0):
             raise AnalysisError(f"weights {params.weights!r} must be positive")
         require_no_dominant_row(x, prior, policy)
-        scratch["design"] = (y, x, offset, prior, list(matrices.rhs.columns), len(data) - len(complete))
-        return scratch["design"]
+        design = [y, x, offset, prior, [str(c) for c in matrices.rhs.columns], len(data) - len(complete)]
+        scratch["design"] = design
+        return design
 
-    def local(self, params: GLMParams, round_no: int, broadcast: dict[str, Any], data: pd.DataFrame,
-              policy: DisclosurePolicy, scratch: dict[str, Any] | None = None) -> Release:
-        scratch = {} if scratch is None else scratch
+    def local(self, params: GLMParams, round_no: int, broadcast: dict[str, Any], context: SiteContext) -> Release:
+        data, policy, scratch = context.data, context.policy, context.scratch
         if round_no == 0:
             parsed = parse_formula(params.formula)
             levels = {name: releasable_levels(categorical_column(data, name), name, policy)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import MutableMapping
 from typing import Any, Literal
 
 import numpy as np
@@ -47,12 +48,16 @@ from medveil.analyses.base import (
     Aggregated,
     Analysis,
     AnalysisError,
+    BroadcastRefused,
     Finished,
     NextRound,
-    BroadcastRefused,
     Params,
     Release,
+    SiteContext,
     finite_array,
+    frame_from_wire,
+    frame_rows,
+    frame_to_wire,
     register,
     released_in,
 )
@@ -105,7 +110,7 @@ class GWASParams(Params):
     block_size: int = Field(1000, ge=1, le=100_000, description="variants decoded at once at a site")
 
     @model_validator(mode="after")
-    def _defaults(self) -> "GWASParams":
+    def _defaults(self) -> GWASParams:
         update: dict[str, Any] = {}
         if self.hwe is not None and not self.hardy:
             update["hardy"] = True
@@ -118,7 +123,6 @@ class GWASParams(Params):
 class GWAS(Analysis[GWASParams]):
     name = "gwas"
     Params = GWASParams
-    uses_scratch = True
 
     def variables(self, params: GWASParams) -> list[str]:
         return [params.iid, params.phenotype, *params.covariates]
@@ -170,27 +174,27 @@ class GWAS(Analysis[GWASParams]):
     def progress(self, params: GWASParams, state: dict[str, Any]) -> tuple[int, int] | None:
         if "agreed" not in state:
             return None
-        return min(state["batch_start"], len(state["agreed"])), len(state["agreed"])
+        return min(state["batch_start"], state["n_agreed"]), state["n_agreed"]
 
     # -- site side ---------------------------------------------------------------------------
 
-    def local(self, params: GWASParams, round_no: int, broadcast: dict[str, Any], data: pd.DataFrame,
-              policy: DisclosurePolicy, genotypes: GenotypeFile | None = None,
-              scratch: dict[str, Any] | None = None) -> Release:
+    def local(self, params: GWASParams, round_no: int, broadcast: dict[str, Any], context: SiteContext) -> Release:
+        genotypes, policy, scratch = context.genotypes, context.policy, context.scratch
         if genotypes is None:
             raise AnalysisError("gwas needs a genotype dataset")
         if round_no == 0:
             return Release(public={"variants": site_variants(genotypes)})
-        scratch = {} if scratch is None else scratch
-        if "samples" not in scratch:
-            scratch["samples"] = _samples(params, data, genotypes)
-        samples, y, covariates = scratch["samples"]
+        kept = scratch.get("samples")
+        if kept is None:
+            kept = list(_samples(params, context.data, genotypes))
+            scratch["samples"] = kept
+        samples, y, covariates = kept
         _require_enough_samples(params, y, samples, policy)
         design = np.column_stack([np.ones(len(samples)), covariates])
         stage = broadcast["stage"]
         if stage == "null":
             return Release(sums=_null_sums(design, y, np.asarray(broadcast["beta"], dtype=np.float64)),
-                           public={"rows": int(len(samples))})
+                           public={"rows": len(samples)})
         batch = broadcast["batch"]
         if stage == "counts":
             if params.test == "tdt":
@@ -200,7 +204,7 @@ class GWAS(Analysis[GWASParams]):
             else:
                 controls, cases = samples[y == 0], samples[y == 1]
             counts = count_genotypes(genotypes, batch, [controls, cases], params.block_size)
-            return Release(sums={"genotype_counts": counts}, public={"rows": int(len(samples))})
+            return Release(sums={"genotype_counts": counts}, public={"rows": len(samples)})
         if stage == "score":
             return Release(sums=self._score_sums(params, broadcast, genotypes, samples, y, design))
         if stage == "tdt":
@@ -250,8 +254,8 @@ class GWAS(Analysis[GWASParams]):
                     state: dict[str, Any]) -> NextRound | Finished:
         if round_no == 0:
             agreed, report = agree_variants({site: p["variants"] for site, p in aggregated.public.items()})
-            state = {"agreed": agreed, "report": report, "batch_start": 0, "tables": [], "removed": {},
-                     "k": len(params.covariates) + 2}
+            state = {"agreed": frame_to_wire(agreed), "n_agreed": len(agreed), "report": report, "batch_start": 0,
+                     "tables": [], "removed": {}, "k": len(params.covariates) + 2}
             if params.test in ("logistic", "logistic-score"):
                 return self._null_round(state, np.zeros(state["k"] - 1), 0)
             return self._counts_round(params, state)
@@ -268,13 +272,14 @@ class GWAS(Analysis[GWASParams]):
             solvable = np.abs(np.linalg.det(information)) > 0
             beta[solvable] = np.linalg.solve(information[solvable], sums["score"][solvable][..., None])[..., 0]
             residual_ss = sums["y_y"] - np.einsum("bk,bk->b", beta, sums["score"])
-            table = regression_table(state["batch_table"], "linear", beta, information, sums["observed"],
-                                     solvable, residual_ss)
+            table = regression_table(frame_from_wire(state["batch_table"]), "linear", beta, information,
+                                     sums["observed"], solvable, residual_ss)
             return self._batch_done(params, state, table)
         if stage == "score":
             return self._score_step(params, state, sums)
         if stage == "tdt":
-            table = state["batch_table"][["CHROM", "POS", "ID", "A1", "A2", "A1_FREQ"]].reset_index(drop=True)
+            table = frame_from_wire(state["batch_table"])[["CHROM", "POS", "ID", "A1", "A2", "A1_FREQ"]]
+            table = table.reset_index(drop=True)
             counts = tdt_table(sums["transmitted"], sums["untransmitted"])
             return self._batch_done(params, state, pd.concat([table, counts], axis=1))
         return self._newton_step(params, state, sums)
@@ -303,13 +308,14 @@ class GWAS(Analysis[GWASParams]):
 
     def _counts_round(self, params: GWASParams, state: dict[str, Any]) -> NextRound:
         start = state["batch_start"]
-        stop = min(start + params.batch_size, len(state["agreed"]))
+        stop = min(start + params.batch_size, state["n_agreed"])
         state = dict(state, stage="counts", batch_stop=stop)
-        return NextRound({"stage": "counts", "batch": batch_broadcast(state["agreed"], start, stop)}, state)
+        batch = batch_broadcast(frame_rows(state["agreed"], slice(start, stop)), 0, stop - start)
+        return NextRound({"stage": "counts", "batch": batch}, state)
 
     def _after_counts(self, params: GWASParams, state: dict[str, Any], counts: np.ndarray) -> NextRound | Finished:
         """Frequencies, missingness and (for test="allelic") the association tests of one batch; QC filters."""
-        batch = state["agreed"].iloc[state["batch_start"]:state["batch_stop"]].reset_index(drop=True)
+        batch = frame_rows(state["agreed"], slice(state["batch_start"], state["batch_stop"]))
         table = allelic_table(batch, counts, params.hardy)
         removed = qc_keep(table, params.maf, params.geno, params.hwe)
         keep = ~np.logical_or.reduce(list(removed.values()))
@@ -320,11 +326,12 @@ class GWAS(Analysis[GWASParams]):
         if params.test == "allelic":
             return self._batch_done(params, state, table[keep].drop(columns="A1_IS_A2"))
         tested = table[keep]
-        state = dict(state, batch_table=tested)
+        state = dict(state, batch_table=frame_to_wire(tested))
         if tested.empty:
             return self._batch_done(params, state, None)
         rows = np.flatnonzero(keep) + state["batch_start"]
-        broadcast = {"batch": batch_broadcast(state["agreed"].iloc[rows], 0, len(rows), tested["A1_IS_A2"].to_numpy())}
+        broadcast = {"batch": batch_broadcast(frame_rows(state["agreed"], rows), 0, len(rows),
+                                              tested["A1_IS_A2"].to_numpy())}
         if params.test in ("linear", "tdt"):
             return NextRound(dict(broadcast, stage=params.test), dict(state, stage=params.test))
         if params.test == "logistic-score":
@@ -363,7 +370,8 @@ class GWAS(Analysis[GWASParams]):
         state = dict(state, beta=beta, converged=converged, failed=failed, information=stored, observed=observed,
                      iteration=iteration)
         if (converged | failed).all() or iteration >= params.max_iter:
-            table = regression_table(state["batch_table"], "logistic", beta, stored, observed, converged)
+            table = regression_table(frame_from_wire(state["batch_table"]), "logistic", beta, stored, observed,
+                                     converged)
             return self._batch_done(params, state, table)
         return self._newton_round(state)
 
@@ -372,15 +380,15 @@ class GWAS(Analysis[GWASParams]):
         """V = g'Wg - (Z'Wg)' (Z'WZ)^-1 (Z'Wg): the score's variance once the covariates are profiled out."""
         z_w_g = sums["z_w_g"]
         projected = np.einsum("bi,ij,bj->b", z_w_g, np.linalg.inv(state["null_information"]), z_w_g)
-        table = state["batch_table"]
+        table = frame_from_wire(state["batch_table"])
         result = score_table(table, sums["score"], sums["g_w_g"] - projected, table["OBS_CT"].to_numpy())
         return self._batch_done(params, state, result)
 
     def _batch_done(self, params: GWASParams, state: dict[str, Any], table: pd.DataFrame | None
                     ) -> NextRound | Finished:
-        tables = state["tables"] if table is None else [*state["tables"], table]
+        tables = state["tables"] if table is None else [*state["tables"], frame_to_wire(table)]
         state = dict(state, tables=tables, batch_start=state["batch_stop"])
-        if state["batch_start"] < len(state["agreed"]):
+        if state["batch_start"] < state["n_agreed"]:
             return self._counts_round(params, state)
         return Finished(self._final_table(params, state))
 
@@ -388,7 +396,7 @@ class GWAS(Analysis[GWASParams]):
     def _final_table(params: GWASParams, state: dict[str, Any]) -> pd.DataFrame:
         if not state["tables"]:
             raise AnalysisError(f"quality control removed every variant: {state['removed']}")
-        frame = pd.concat(state["tables"], ignore_index=True)
+        frame = pd.concat([frame_from_wire(table) for table in state["tables"]], ignore_index=True)
         statistic = {"linear": "T_STAT", "logistic": "Z_STAT"}.get(params.test, "CHISQ")
         values = frame[statistic].to_numpy(np.float64)
         frame.attrs["lambda_gc"] = lambda_gc(values if statistic == "CHISQ" else values**2)
@@ -470,19 +478,22 @@ def _null_sums(design: np.ndarray, y: np.ndarray, beta: np.ndarray) -> dict[str,
     return {"information": pack_symmetric(information), "score": design.T @ (y - mu)}
 
 
-def _cached_batch(scratch: dict[str, Any], broadcast: dict[str, Any], genotypes: GenotypeFile,
+def _cached_batch(scratch: MutableMapping[str, Any], broadcast: dict[str, Any], genotypes: GenotypeFile,
                   samples: np.ndarray, block_size: int) -> np.ndarray:
     """The batch's dosages (samples x variants, int8, -127 missing), decoded once per batch and kept
-    in the task's scratch across Newton rounds."""
+    in the task's scratch across Newton rounds (with the batch they belong to, in one entry)."""
     batch = broadcast["batch"]
-    key = (batch["chrom"][0], int(batch["pos"][0]), batch["chrom"][-1], int(batch["pos"][-1]), len(batch["pos"]))
-    if scratch.get("batch_key") != key:
-        scratch.pop("batch_dosages", None)
-        dosages = np.empty((len(samples), len(batch["pos"])), dtype=np.int8)
-        for chunk, block in aligned_blocks(genotypes, batch, samples, block_size, dtype="int8"):
-            dosages[:, chunk] = block
-        scratch["batch_key"], scratch["batch_dosages"] = key, dosages
-    return scratch["batch_dosages"]
+    key = [str(batch["chrom"][0]), int(batch["pos"][0]), str(batch["chrom"][-1]), int(batch["pos"][-1]),
+           len(batch["pos"])]
+    cached = scratch.get("batch")
+    if cached is not None and cached["key"] == key:
+        return cached["dosages"]
+    scratch.pop("batch", None)
+    dosages = np.empty((len(samples), len(batch["pos"])), dtype=np.int8)
+    for chunk, block in aligned_blocks(genotypes, batch, samples, block_size, dtype="int8"):
+        dosages[:, chunk] = block
+    scratch["batch"] = {"key": key, "dosages": dosages}
+    return dosages
 
 
 def _moments(design: np.ndarray, y: np.ndarray, dosages: np.ndarray, beta: np.ndarray | None,

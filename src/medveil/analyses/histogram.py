@@ -28,11 +28,11 @@ from medveil.analyses.base import (
     NextRound,
     Params,
     Release,
+    SiteContext,
     numeric_column,
     register,
 )
 from medveil.privacy.disclosure import DisclosurePolicy, require_min_count, suppress_table
-from medveil.privacy.dp import CountNoise
 
 
 class HistogramParams(Params):
@@ -68,10 +68,8 @@ class Histogram(Analysis[HistogramParams]):
         shown = (counts > 0) & ~suppress_table(counts, policy or DisclosurePolicy())[1]
         return [codes >= 0, *(codes == b for b in np.flatnonzero(shown))]
 
-    def local(
-        self, params: HistogramParams, round_no: int, broadcast: dict[str, Any], data: pd.DataFrame,
-        policy: DisclosurePolicy, noise: CountNoise | None = None,
-    ) -> Release:
+    def local(self, params: HistogramParams, round_no: int, broadcast: dict[str, Any], context: SiteContext) -> Release:
+        data, policy, noise = context.data, context.policy, context.noise
         codes = _bin_codes(data, params)
         n = int(np.count_nonzero(codes >= 0))
         counts = np.bincount(codes[codes >= 0], minlength=len(params.edges) + 1)

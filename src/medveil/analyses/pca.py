@@ -42,12 +42,15 @@ from medveil.analyses.base import (
     Aggregated,
     Analysis,
     AnalysisError,
-    Finished,
     BroadcastRefused,
+    Finished,
     NextRound,
     Params,
     Release,
+    SiteContext,
     finite_array,
+    frame_from_wire,
+    frame_to_wire,
     register,
     released_in,
 )
@@ -161,7 +164,6 @@ def is_autosome(chrom: str) -> bool:
 class PCA(Analysis[PCAParams]):
     name = "pca"
     Params = PCAParams
-    uses_scratch = True
 
     def variables(self, params: PCAParams) -> list[str]:
         return [params.iid]
@@ -214,21 +216,20 @@ class PCA(Analysis[PCAParams]):
 
     # -- site side ---------------------------------------------------------------------------
 
-    def local(self, params: PCAParams, round_no: int, broadcast: dict[str, Any], data: pd.DataFrame,
-              policy: DisclosurePolicy, genotypes: GenotypeFile | None = None,
-              scratch: dict[str, Any] | None = None) -> Release:
+    def local(self, params: PCAParams, round_no: int, broadcast: dict[str, Any], context: SiteContext) -> Release:
+        genotypes, policy, scratch = context.genotypes, context.policy, context.scratch
         if genotypes is None:
             raise AnalysisError("pca needs a genotype dataset")
         if round_no == 0:
             return Release(public={"variants": site_variants(genotypes)})
-        scratch = {} if scratch is None else scratch
-        if "samples" not in scratch:
-            scratch["samples"] = _samples(params.iid, data, genotypes)
-        samples = scratch["samples"]
+        samples = scratch.get("samples")
+        if samples is None:
+            samples = _samples(params.iid, context.data, genotypes)
+            scratch["samples"] = samples
         require_min_count(len(samples), policy, "the samples of this site's PCA")
         if broadcast["stage"] == "counts":
             counts = count_genotypes(genotypes, broadcast["batch"], [samples], params.block_size)
-            return Release(sums={"genotype_counts": counts}, public={"rows": int(len(samples))})
+            return Release(sums={"genotype_counts": counts}, public={"rows": len(samples)})
         return Release(sums={"product": _gram_product(genotypes, broadcast, samples, params.block_size)})
 
     # -- researcher side ---------------------------------------------------------------------
@@ -243,7 +244,7 @@ class PCA(Analysis[PCAParams]):
             if agreed.empty:
                 raise AnalysisError("no agreed variant lies on an autosome (1-22)")
             return NextRound({"stage": "counts", "batch": batch_broadcast(agreed, 0, len(agreed))},
-                             {"agreed": agreed, "report": report})
+                             {"agreed": frame_to_wire(agreed), "report": report})
         if round_no == 1:
             n_samples = sum(int(facts["rows"]) for facts in aggregated.public.values())
             return self._start(params, state, aggregated.sums["genotype_counts"][:, 0, :], n_samples)
@@ -255,7 +256,7 @@ class PCA(Analysis[PCAParams]):
         frequency = np.divide(counts[:, 1] + 2 * counts[:, 2], 2 * observed, out=np.full(len(counts), np.nan),
                               where=observed > 0)
         keep = (observed > 0) & (np.minimum(frequency, 1 - frequency) >= params.maf)
-        agreed = state["agreed"]
+        agreed = frame_from_wire(state["agreed"])
         report = dict(state["report"], low_maf=agreed.loc[~keep, "ID"].tolist())
         n_variants = int(keep.sum())
         if n_variants < params.components or n_samples <= params.components:
@@ -269,7 +270,7 @@ class PCA(Analysis[PCAParams]):
         squares = np.sum(counts[:, :3] * deviations**2, axis=1)  # per variant: sum over samples of (g - 2p)^2
         width = min(params.components + params.oversampling, n_variants)
         start = np.random.default_rng(params.seed).standard_normal((n_variants, width))
-        state = {"variants": variants, "report": report, "n_samples": n_samples, "iteration": 0,
+        state = {"variants": frame_to_wire(variants), "report": report, "n_samples": n_samples, "iteration": 0,
                  "trace": float(np.sum(squares * scale**2) / n_variants), "ritz_values": None,
                  "broadcast": {"stage": "iterate", "batch": batch_broadcast(variants, 0, n_variants),
                                "mean": 2 * frequency, "scale": scale}}
@@ -299,7 +300,7 @@ class PCA(Analysis[PCAParams]):
 def _result(params: PCAParams, state: dict[str, Any], ritz_values: np.ndarray, singular_vectors: np.ndarray,
             iterations: int, converged: bool) -> PCAResult:
     """GRM eigenvalues (Ritz values / M) and loadings sqrt(M) V, each PC signed so its largest loading is positive."""
-    variants = state["variants"]
+    variants = frame_from_wire(state["variants"])
     n_variants = len(variants)
     largest = singular_vectors[np.argmax(np.abs(singular_vectors), axis=0), np.arange(singular_vectors.shape[1])]
     loadings = singular_vectors * np.sign(largest) * np.sqrt(n_variants)

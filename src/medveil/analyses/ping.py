@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import pandas as pd
-
 from medveil.analyses.base import (
     Aggregated,
     Analysis,
@@ -17,9 +15,9 @@ from medveil.analyses.base import (
     NextRound,
     Params,
     Release,
+    SiteContext,
     register,
 )
-from medveil.privacy.disclosure import DisclosurePolicy
 
 
 class PingParams(Params):
@@ -35,8 +33,7 @@ class Ping(Analysis[PingParams]):
     def variables(self, params: PingParams) -> list[str]:
         return []
 
-    def local(self, params: PingParams, round_no: int, broadcast: dict[str, Any], data: pd.DataFrame,
-              policy: DisclosurePolicy) -> Release:
+    def local(self, params: PingParams, round_no: int, broadcast: dict[str, Any], context: SiteContext) -> Release:
         return Release(public={"ok": True})
 
     def global_step(self, params: PingParams, round_no: int, aggregated: Aggregated,

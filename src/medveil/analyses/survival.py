@@ -44,6 +44,7 @@ from medveil.analyses.base import (
     NextRound,
     Params,
     Release,
+    SiteContext,
     categorical_column,
     numeric_column,
     register,
@@ -272,8 +273,8 @@ class _SurvivalCountsAnalysis(Analysis[SurvivalParams]):
         released, released_events = coarsen_by_group(slots, events, labels, min_count)
         return mask, released, released_events, np.where(released == LEFT_OUT, LEFT_OUT, labels)
 
-    def local(self, params: SurvivalParams, round_no: int, broadcast: dict[str, Any], data: pd.DataFrame,
-              policy: DisclosurePolicy) -> Release:
+    def local(self, params: SurvivalParams, round_no: int, broadcast: dict[str, Any], context: SiteContext) -> Release:
+        data, policy = context.data, context.policy
         require_time_unit(params.time_unit, policy)
         complete = data[self.variables(params)].dropna()
         if round_no == 0:

@@ -41,6 +41,9 @@ class DisclosurePolicy(BaseModel):
                                                     "the round)")
     max_broadcast_bytes: int = Field(64 * 1024 * 1024, gt=0, description="largest broadcast a task step may "
                                                                           "carry to this site")
+    max_scratch_bytes: int = Field(1024**3, gt=0, description="most bytes of working memory one task may keep "
+                                                              "on disk at this site (a value beyond it is "
+                                                              "recomputed each round instead)")
 
 
 class DisclosureRefused(Exception):

@@ -9,14 +9,21 @@ from __future__ import annotations
 import secrets
 import socket
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import httpx
 import msgpack
 
 from medveil.crypto.signing import SignatureError, SigningKey, VerifyKey
 from medveil.runtime.auth import HEADER, make_token
-from medveil.runtime.wire import BINARY, DEFAULT_MAX_BYTES, Envelope, open_envelope, seal
+from medveil.runtime.wire import (
+    BINARY,
+    DEFAULT_MAX_BYTES,
+    Envelope,
+    open_envelope,
+    seal,
+)
 
 
 class HubError(RuntimeError):
@@ -77,20 +84,55 @@ class HubClient:
     def post(self, path: str, envelope: Envelope) -> dict[str, Any]:
         return self._request("POST", path, content=envelope.encode()).json()
 
-    def post_until_accepted(self, path: str, envelope: Envelope, patience_s: float = 60.0) -> None:
+    def post_until_accepted(self, path: str, envelope: Envelope, patience_s: float = 60.0, *,
+                            already_ok: bool = False) -> None:
         """POST, retrying with backoff while the hub is unreachable or failing (e.g. restarting);
         a refusal (4xx) or running out of patience raises HubError. Safe to repeat: the hub
-        refuses a second copy of the same envelope by its nonce."""
+        refuses a second copy of the same envelope by its nonce (409), which `already_ok` takes
+        for delivered (a resumed run re-sending what it journalled)."""
         deadline, pause = time.monotonic() + patience_s, 0.05
         while True:
             try:
                 self.post(path, envelope)
                 return
             except HubError as exc:
+                if already_ok and exc.status == 409:
+                    return
                 if (exc.status and exc.status < 500) or time.monotonic() > deadline:
                     raise
                 time.sleep(pause)
                 pause = min(pause * 2, 2.0)
+
+    # --- every hub URL a party uses, one named method each -----------------------------------
+
+    def post_message(self, envelope: Envelope) -> dict[str, Any]:
+        """Post a task (researcher) or a reply (site) once."""
+        return self.post("/v1/messages", envelope)
+
+    def post_until_accepted_message(self, envelope: Envelope, patience_s: float = 60.0, *,
+                                    already_ok: bool = False) -> None:
+        """Post a task or reply, retrying while the hub is away (see post_until_accepted)."""
+        self.post_until_accepted("/v1/messages", envelope, patience_s, already_ok=already_ok)
+
+    def post_study(self, envelope: Envelope) -> dict[str, Any]:
+        """Publish a study spec the researcher signed."""
+        return self.post("/v1/studies", envelope)
+
+    def post_approval(self, study_id: str, envelope: Envelope) -> dict[str, Any]:
+        """Publish a steward's signed approval of a study."""
+        return self.post(f"/v1/studies/{study_id}/approvals", envelope)
+
+    def post_result(self, task: str, envelope: Envelope, patience_s: float = 60.0) -> None:
+        """Record a finished task's provenance at the hub, retrying while the hub is away."""
+        self.post_until_accepted(f"/v1/tasks/{task}/result", envelope, patience_s)
+
+    def task_record(self, task: str) -> dict[str, Any]:
+        """The hub's record of a task (status and, once finished, its provenance)."""
+        return self.get_json(f"/v1/tasks/{task}")
+
+    def senders(self, task: str, step: int) -> set[str]:
+        """Which sites' replies the hub says it holds for a step (a second check, never relied on)."""
+        return set(self.get_json(f"/v1/tasks/{task}/steps/{step}/senders"))
 
     def get_json(self, path: str) -> Any:
         return self._request("GET", path).json()
@@ -128,14 +170,17 @@ class HubClient:
         return open_envelope(self._request("GET", f"/v1/studies/{study_id}").content, self.max_bytes)
 
     def inbox(self, after: int, wait: float) -> list[tuple[int, bytes]]:
+        """A site's waiting messages after cursor `after`, long-polling up to `wait` s."""
         response = self._request("GET", "/v1/inbox", params={"after": after, "wait": wait}, timeout=wait + 30)
         return [(int(seq), bytes(env)) for seq, env in msgpack.unpackb(response.content, raw=False)]
 
-    def replies(self, task: str, round_no: int, wait: float) -> list[Envelope]:
-        response = self._request("GET", f"/v1/tasks/{task}/rounds/{round_no}/replies", params={"wait": wait},
+    def replies(self, task: str, step: int, wait: float) -> list[Envelope]:
+        """The replies the hub holds for one step of a task, long-polling up to `wait` s for all."""
+        response = self._request("GET", f"/v1/tasks/{task}/steps/{step}/replies", params={"wait": wait},
                                  timeout=wait + 30)
         return [open_envelope(item, self.max_bytes) for item in msgpack.unpackb(response.content, raw=False)]
 
     def traffic(self) -> list[Envelope]:
+        """Every message the hub relayed (a hub that records its traffic, for audits and tests)."""
         response = self._request("GET", "/v1/traffic")
         return [open_envelope(item, self.max_bytes) for item in msgpack.unpackb(response.content, raw=False)]

@@ -1,9 +1,10 @@
 """A site's YAML configuration (who it is, where its hub is, its datasets and its policy) and
 private key files at rest.
 
-Private keys are PKCS#8 PEM files created 0600 (inside 0700 directories) from the start,
-encrypted with the passphrase in MEDVEIL_KEY_PASSPHRASE when it is set; a key file that other
-users may read or write is refused, and an encrypted one needs its passphrase.
+Private keys (the Ed25519 identity key and the X25519 key a site receives sealed payloads
+under) are PKCS#8 PEM files created 0600 (inside 0700 directories) from the start, encrypted
+with the passphrase in MEDVEIL_KEY_PASSPHRASE when it is set; a key file that other users may
+read or write is refused, and an encrypted one needs its passphrase.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import stat
 from pathlib import Path
 
 import yaml
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from medveil.crypto.signing import KeyLocked, SigningKey, is_encrypted_pem
@@ -92,6 +95,40 @@ def read_private_key(path: Path, passphrase: bytes | None = None) -> SigningKey:
         raise KeyFileError(f"{path} is not an Ed25519 private key in PEM") from exc
 
 
+def write_encryption_key(path: Path, raw: bytes, passphrase: bytes | None = None) -> None:
+    """Save a raw X25519 private key as PKCS#8 PEM, 0600, encrypted when a passphrase is given
+    (default MEDVEIL_KEY_PASSPHRASE); an existing file is refused."""
+    passphrase = passphrase or passphrase_from_env()
+    encryption = (serialization.BestAvailableEncryption(passphrase) if passphrase
+                  else serialization.NoEncryption())
+    pem = X25519PrivateKey.from_private_bytes(raw).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
+    write_private_file(Path(path), pem)
+
+
+def read_encryption_key(path: Path, passphrase: bytes | None = None) -> bytes:
+    """The raw X25519 private key in a PEM file, after checking only its owner may use it; the
+    passphrase defaults to MEDVEIL_KEY_PASSPHRASE."""
+    path = Path(path)
+    try:
+        check_private_file(path)
+        pem = path.read_bytes()
+    except OSError as exc:
+        raise KeyFileError(f"cannot read encryption key {path}: {exc.strerror}") from exc
+    encrypted = is_encrypted_pem(pem)
+    passphrase = passphrase or passphrase_from_env()
+    if encrypted and not passphrase:
+        raise KeyFileError(f"encryption key {path} is encrypted: set {PASSPHRASE_ENV}")
+    try:
+        key = serialization.load_pem_private_key(pem, password=passphrase if encrypted else None)
+    except (ValueError, TypeError) as exc:
+        problem = "the passphrase does not unlock it" if encrypted else "it is not a PEM private key"
+        raise KeyFileError(f"encryption key {path}: {problem}") from exc
+    if not isinstance(key, X25519PrivateKey):
+        raise KeyFileError(f"{path} is not an X25519 private key")
+    return key.private_bytes_raw()
+
+
 class SiteConfig(BaseModel):
     """Everything a node needs to start; relative paths are relative to the YAML file."""
 
@@ -101,6 +138,9 @@ class SiteConfig(BaseModel):
     hub: str
     identity: Path = Path("node.key")
     steward_key: Path = Path("steward.pub")
+    encryption_key: Path | None = Field(None, description="the site's X25519 private key file (0600), for "
+                                                          "payloads sealed to the site; its public half is "
+                                                          "pinned in studies as site_encryption_keys")
     state_dir: Path = Path("state")
     invitation: str | None = Field(None, description="the hub operator's invitation, needed to register once")
     poll_wait_s: float = Field(20.0, gt=0, le=30)
@@ -115,6 +155,7 @@ class SiteConfig(BaseModel):
         return self.model_copy(update={
             "identity": fix(self.identity),
             "steward_key": fix(self.steward_key),
+            "encryption_key": None if self.encryption_key is None else fix(self.encryption_key),
             "state_dir": fix(self.state_dir),
             "datasets": {name: ds.resolved(base) for name, ds in self.datasets.items()},
         })

@@ -9,6 +9,9 @@ researchers or peers verify sites against (they use the keys pinned in the study
 sees only what sites chose to release (masked, once secure aggregation is on). It never runs
 analysis code. Every malformed request gets a 4xx and a `hub_events` entry, never a 5xx.
 Long-polls wake at once when a message arrives: waiters park on an asyncio.Event per inbox.
+A task is a sequence of steps; one step may go out as several task messages (a different body
+per site) with disjoint recipients. The relayed traffic of finished or long-idle tasks is
+pruned after `retention_s` (at start, then at most once per `prune_every_s`, on posts).
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ from fastapi import FastAPI, HTTPException, Path, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from sqlalchemy.exc import SQLAlchemyError
 
 from medveil.crypto.signing import SignatureError, VerifyKey
 from medveil.runtime.auth import HEADER, AuthError, check_invitation, check_token, token_party
-from medveil.runtime.hub_store import Conflict, HubStore
+from medveil.runtime.hub_store import Conflict, HubStore, StepClosed
 from medveil.runtime.study import StudySpec
 from medveil.runtime.wire import (
     BINARY,
@@ -43,6 +47,8 @@ from medveil.runtime.wire import (
 MAX_WAIT_S = 30.0
 MAX_MESSAGE_AGE_S = 300.0
 MAX_SUMMARY_BYTES = 1024 * 1024
+RETENTION_S = 30 * 24 * 3600.0
+PRUNE_EVERY_S = 3600.0
 ROLES = ("site", "researcher")
 ENVELOPE_BODY = {"requestBody": {"required": True, "content": {BINARY: {"schema": {"type": "string",
                                                                                    "format": "binary"}}}}}
@@ -53,7 +59,7 @@ WaitSeconds = Annotated[float, Query(ge=0, le=3600, allow_inf_nan=False)]
 
 
 class Notifier:
-    """Wakes long-polls waiting on a key (an inbox or a task round)."""
+    """Wakes long-polls waiting on a key (an inbox or a task step)."""
 
     def __init__(self) -> None:
         self._events: dict[str, asyncio.Event] = defaultdict(asyncio.Event)
@@ -81,13 +87,46 @@ class Notifier:
             pass
 
 
+class Pruner:
+    """Prunes the store's finished tasks now and then: at most once per `every_s`, when asked."""
+
+    def __init__(self, store: HubStore, retention_s: float, every_s: float):
+        self.store, self.retention_s, self.every_s = store, retention_s, every_s
+        self._last: float | None = None
+
+    def maybe(self) -> None:
+        """Prune unless the last prune is less than `every_s` old; a failure is logged, never raised."""
+        now = time.monotonic()
+        if self._last is not None and now - self._last < self.every_s:
+            return
+        self._last = now
+        try:
+            pruned = self.store.prune_finished(self.retention_s)
+        except (SQLAlchemyError, OSError) as exc:  # the request that triggered it still goes through
+            self.store.log_event("prune_failed", f"{type(exc).__name__}: {exc}")
+            return
+        if pruned:
+            self.store.log_event("pruned", f"relayed traffic of {len(pruned)} finished task(s) deleted")
+
+
 def create_hub_app(store: HubStore, *, operator_key: VerifyKey, max_bytes: int = DEFAULT_MAX_BYTES,
-                   record_traffic: bool = False, max_wait_s: float = MAX_WAIT_S) -> FastAPI:
-    """Build the hub's HTTP API over a store; `operator_key` signs the invitations that enrol parties."""
+                   record_traffic: bool = False, max_wait_s: float = MAX_WAIT_S, retention_s: float = RETENTION_S,
+                   prune_every_s: float = PRUNE_EVERY_S) -> FastAPI:
+    """Build the hub's HTTP API over a store; `operator_key` signs the invitations that enrol parties.
+
+    The relayed traffic of tasks finished (or idle) for more than `retention_s` is deleted, once
+    here and then at most every `prune_every_s` seconds. Pruning forgets those messages' nonces,
+    so the retention must outlast the freshness window (MAX_MESSAGE_AGE_S) that stops replays.
+    """
+    if not retention_s > MAX_MESSAGE_AGE_S:
+        raise ValueError(f"retention_s must exceed the {MAX_MESSAGE_AGE_S:g} s in which a message counts as fresh")
     app = FastAPI(title="medveil hub", version="1")
     notifier = Notifier()
+    pruner = Pruner(store, retention_s, prune_every_s)
+    pruner.maybe()
     app.state.notifier = notifier
     app.state.store = store
+    app.state.pruner = pruner
 
     def refuse(status: int, kind: str, detail: str) -> HTTPException:
         store.log_event(kind, detail)
@@ -265,9 +304,12 @@ def create_hub_app(store: HubStore, *, operator_key: VerifyKey, max_bytes: int =
         recipients = header["recipients"]
         if not recipients or len(set(recipients)) != len(recipients) or not set(recipients) <= set(study.spec["sites"]):
             raise refuse(400, "malformed", "task recipients must be distinct sites of the study")
+        pruner.maybe()
         try:
-            seq = store.add_task_round(header["task"], study.id, envelope.sender, header["analysis"], header["step"],
-                                       recipients, header["nonce"], envelope.encode())
+            seq = store.add_task_step(header["task"], study.id, envelope.sender, header["analysis"], header["step"],
+                                      recipients, header["nonce"], envelope.encode())
+        except StepClosed as exc:
+            raise refuse(409, "closed", str(exc)) from exc
         except Conflict as exc:
             raise refuse(409, "replay", str(exc)) from exc
         for site in recipients:
@@ -278,8 +320,8 @@ def create_hub_app(store: HubStore, *, operator_key: VerifyKey, max_bytes: int =
         header = envelope.header
         required(header, "task", "step")
         task_id, number = header["task"], header["step"]
-        round_row = store.round(task_id, number)
-        if round_row is None or envelope.sender not in round_row.recipients:
+        step = store.step(task_id, number)
+        if step is None or envelope.sender not in step.recipients:
             raise refuse(403, "not_recipient", f"{envelope.sender!r} was not asked step {number} of {task_id!r}")
         if store.last_step(task_id) > number:
             raise refuse(409, "closed", f"step {number} of task {task_id!r} is closed; a later step has begun")
@@ -308,23 +350,30 @@ def create_hub_app(store: HubStore, *, operator_key: VerifyKey, max_bytes: int =
         payload = [[m.seq, m.envelope] for m in items]
         return Response(msgpack.packb(payload, use_bin_type=True), media_type=BINARY)
 
-    @app.get("/v1/tasks/{task_id}/rounds/{number}/replies")
+    def all_replied(task_id: str, number: int, found: list) -> bool:
+        """Whether every recipient of the step has replied, read afresh: a step's recipients grow
+        when a further message of it is posted while the researcher waits."""
+        step = store.step(task_id, number)
+        return step is None or len(found) >= len(step.recipients)
+
+    @app.get("/v1/tasks/{task_id}/steps/{number}/replies")
     async def replies(task_id: Id, number: StepNumber, request: Request, wait: WaitSeconds = 0.0) -> Response:
         researcher = reader(request, "researcher")
-        task, round_row = store.task(task_id), store.round(task_id, number)
-        if task is None or round_row is None or task.researcher != researcher:
-            raise refuse(404, "not_found", f"no round {number} of task {task_id!r} for {researcher!r}")
-        items = await long_poll(f"replies:{task_id}:{number}", wait, lambda: store.replies(task_id, number),
-                                lambda found: len(found) >= len(round_row.recipients))
+        task, step = store.task(task_id), store.step(task_id, number)
+        if task is None or step is None or task.researcher != researcher:
+            raise refuse(404, "not_found", f"no step {number} of task {task_id!r} for {researcher!r}")
+        items = await long_poll(
+            f"replies:{task_id}:{number}", wait, lambda: store.replies(task_id, number),
+            lambda found: len(found) >= len(step.recipients) and all_replied(task_id, number, found))
         return Response(msgpack.packb([m.envelope for m in items], use_bin_type=True), media_type=BINARY)
 
-    @app.get("/v1/tasks/{task_id}/rounds/{number}/senders")
+    @app.get("/v1/tasks/{task_id}/steps/{number}/senders")
     def senders(task_id: Id, number: StepNumber, request: Request) -> list[str]:
         """Which sites' replies the hub holds for a step: what secure aggregation's unmasking relies on."""
         party = reader(request)
-        round_row = store.round(task_id, number)
+        step = store.step(task_id, number)
         task = store.task(task_id)
-        if round_row is None or task is None or (party not in round_row.recipients and party != task.researcher):
+        if step is None or task is None or (party not in step.recipients and party != task.researcher):
             raise refuse(404, "not_found", f"no step {number} of task {task_id!r} for {party!r}")
         return sorted({open_envelope(m.envelope, max_bytes).sender for m in store.replies(task_id, number)})
 
@@ -347,6 +396,7 @@ def create_hub_app(store: HubStore, *, operator_key: VerifyKey, max_bytes: int =
         if size > MAX_SUMMARY_BYTES:
             raise refuse(413, "oversized", f"a result summary exceeds {MAX_SUMMARY_BYTES} bytes")
         store.set_result(task_id, status, summary)
+        pruner.maybe()
         return {"task": task_id}
 
     @app.get("/v1/tasks/{task_id}")

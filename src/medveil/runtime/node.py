@@ -8,7 +8,12 @@ approved, the task's pinned parameters, rounds in order, a broadcast this site c
 from what it released itself earlier in the task (`Analysis.check_broadcast`), and the
 differencing guard on the rows behind each released statistic. Only aggregates that pass the
 site's disclosure policy leave; differential-privacy noise is charged to the researcher's
-account at this site as it is drawn. Every request, decision and release is written to the
+account at this site as it is drawn. A local step gets one `SiteContext` (its table, policy,
+durable per-task scratch on disk, DP noise, genotypes, role, and the payloads other sites
+sealed to it, each opened and verified here and consumed once); payloads it addresses to other
+sites are sealed end to end to their pinned encryption keys before they leave. A task's last
+step ("end") deletes its scratch and secure-aggregation record and closes it; a "query" step
+goes to the site's services (runtime/services.py). Every request, decision and release is written to the
 hash-chained audit log (with digests of the parameters and broadcast), and every reply quotes
 the log's head. A message that cannot be handled is refused or quarantined; the polling loop
 never dies. What the node learns: the researcher's requests; what it releases: aggregates that
@@ -25,13 +30,23 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 import pandas as pd
 from pydantic import ValidationError
 
-from medveil.analyses.base import Analysis, AnalysisError, BroadcastRefused, Params, UnknownAnalysis, get_analysis
+from medveil.analyses.base import (
+    Analysis,
+    AnalysisError,
+    BroadcastRefused,
+    Params,
+    SiteContext,
+    UnknownAnalysis,
+    get_analysis,
+)
+from medveil.crypto.sealed import SealedPayloadError, open_payload, seal_payload
 from medveil.crypto.secagg import FixedPointOverflow
 from medveil.crypto.signing import SignatureError, SigningKey, VerifyKey
 from medveil.data.genotypes import GenotypeFile
@@ -40,16 +55,21 @@ from medveil.privacy.disclosure import DisclosureRefused, check_differencing_man
 from medveil.privacy.dp import BudgetExhausted, CountNoise, gaussian_count_noise
 from medveil.runtime.audit import AuditLog, summarised
 from medveil.runtime.client import HubClient, HubError
-from medveil.runtime.config import SiteConfig, load_site_config
+from medveil.runtime.config import KeyFileError, SiteConfig, load_site_config, read_encryption_key
 from medveil.runtime.node_store import NodeStore, TaskState, dp_account
+from medveil.runtime.scratch import NodeScratch
 from medveil.runtime.secure_aggregation import SecureAggregationRefused, SiteSecureAggregation
 from medveil.runtime.study import StudySpec, sign_approval, verify_approval
 from medveil.runtime.wire import Envelope, WireError, canonical_json, open_envelope, pack_body
 
+if TYPE_CHECKING:
+    from medveil.runtime.services import ServiceHost
+
 log = logging.getLogger("medveil.node")
 MAX_TASK_AGE_S = 3600.0
 TASK_RETENTION_S = 7 * 24 * 3600.0
-PHASES = ("keys", "compute", "consistency", "unmask")
+PHASES = ("keys", "compute", "consistency", "unmask", "end", "query")
+SCRATCH_TASKS_IN_MEMORY = 4  # tasks whose scratch values a node also holds in memory
 TASK_FIELDS = ("study", "task", "step", "phase", "round", "analysis", "dataset")
 REQUEST_FIELDS = ("study", "task", "step", "phase", "round", "analysis", "sender", "nonce", "body_sha256")
 
@@ -77,6 +97,8 @@ class TaskStep:
     variables: list[str] = field(default_factory=list)
     state: TaskState | None = None
     data: pd.DataFrame | None = None
+    messages: dict[str, dict[str, Any]] = field(default_factory=dict)  # opened payloads, by sender
+    message_digests: list[dict[str, str]] = field(default_factory=list)  # [{"sender", "sha256"}] consumed
 
     @property
     def header(self) -> dict[str, Any]:
@@ -120,19 +142,28 @@ class Node:
     """Runs approved analyses on local data and replies with what policy lets out."""
 
     def __init__(self, config: SiteConfig, identity: SigningKey, steward: VerifyKey, *,
-                 frames: dict[str, pd.DataFrame] | None = None, client: HubClient | None = None):
+                 frames: dict[str, pd.DataFrame] | None = None, client: HubClient | None = None,
+                 senders: Callable[[str, int], set[str]] | None = None):
+        """`senders(task, step)` says which sites' replies the relay holds for a step (secure
+        aggregation's second check); by default the hub is asked through `client`."""
         self.config = config
         self.site = config.site
         self.steward = steward
         self.frames = dict(frames or {})
         self.client = client or HubClient(config.hub, config.site, identity, max_bytes=config.max_message_bytes)
+        self._senders = senders
         self.store = NodeStore(config.state_dir / "node.db")
         self.audit = AuditLog(config.state_dir / "audit.jsonl", config.site)
+        self.scratch = NodeScratch(config.state_dir / "scratch", config.policy.max_scratch_bytes,
+                                   keep=SCRATCH_TASKS_IN_MEMORY, label=config.site)
         self._cache: dict[str, tuple[tuple, Any]] = {}
         self._verified: dict[str, tuple[str, StudySpec]] = {}
-        self._scratch: OrderedDict[str, dict[str, Any]] = OrderedDict()
         self._tasks: OrderedDict[str, TaskState] = OrderedDict()
-        self.store.prune_tasks(TASK_RETENTION_S)
+        self._services: ServiceHost | None = None
+        self._encryption_private: bytes | None = None
+        for task in self.store.prune_tasks(TASK_RETENTION_S):
+            self.scratch.delete(task)
+        self.scratch.prune(TASK_RETENTION_S)
 
     @classmethod
     def from_config_file(cls, path: Path, passphrase: bytes | None = None) -> "Node":
@@ -179,8 +210,7 @@ class Node:
         self.store.save_approval(spec.id, spec.model_dump(), approval)
         self.audit.append("approval", study=spec.id, spec_sha256=spec.digest(), datasets=spec.datasets,
                           analyses=spec.analyses, researcher=spec.researcher)
-        self.client.post(f"/v1/studies/{spec.id}/approvals",
-                         self.client.seal("approval", {"approval": approval}, study=spec.id))
+        self.client.post_approval(spec.id, self.client.seal("approval", {"approval": approval}, study=spec.id))
         return spec
 
     def approved_study(self, study_id: str) -> StudySpec:
@@ -212,6 +242,8 @@ class Node:
             self.audit.append("refusal", rule="malformed", detail=str(exc))
             return None
         header = envelope.header
+        if envelope.kind == "task" and header.get("phase") == "query":
+            return self._query(envelope)
         context = {k: header.get(k) for k in REQUEST_FIELDS}  # types checked by wire.check_header
         request_id = self.audit.append("request", **context)
         bound = {k: context[k] for k in ("study", "task", "step", "round")}
@@ -229,22 +261,53 @@ class Node:
         return self.client.seal("reply", release, status="ok", audit_ids=[request_id, *decision_ids],
                                 audit_head=self.audit.head(), **bound)
 
+    def _query(self, envelope: Envelope) -> Envelope:
+        """A site-service query goes to the services, which check, answer and audit it; a failure
+        there is refused as internal_error, its details kept in the audit log only."""
+        try:
+            return self.services.handle(envelope)
+        except Exception as exc:  # noqa: BLE001 - nothing a message holds may raise out of handle
+            header = envelope.header
+            refusal_id = self.audit.append("refusal", rule="internal_error", detail=f"{type(exc).__name__}: {exc}",
+                                           **{k: header.get(k) for k in REQUEST_FIELDS})
+            log.warning("%s: service query %s failed: %s", self.site, header.get("task"), exc)
+            return self.client.seal("reply", {"rule": "internal_error",
+                                              "message": f"{type(exc).__name__} at {self.site}; the site's audit "
+                                                         "log has the details"},
+                                    status="refused", audit_ids=[refusal_id], audit_head=self.audit.head(),
+                                    **{k: header.get(k) for k in ("study", "task", "step", "round")})
+
+    @property
+    def services(self) -> "ServiceHost":
+        """The site's long-lived services (runtime/services.py), made on first use."""
+        if self._services is None:
+            from medveil.runtime.services import ServiceHost
+
+            self._services = ServiceHost(self)
+        return self._services
+
+    def build_service(self, name: str, dataset: str, options: dict[str, Any], steward_key: SigningKey) -> dict:
+        """Steward action: build (or rebuild) a registered service from this site's own data."""
+        return self.services.build(name, dataset, options, steward_key)
+
     def task_guards(self) -> list[Callable[["TaskStep"], None]]:
         """The checks every step of a task passes, in order; each raises a Refusal naming its rule.
         Later capabilities (expiry, revocation, consent, metering) add a guard here."""
         return [self._guard_is_task, self._guard_study_approved, self._guard_sender_is_researcher,
                 self._guard_signed_by_researcher, self._guard_fresh, self._guard_not_replayed,
                 self._guard_analysis_allowed, self._guard_parameters_valid, self._guard_dataset_approved,
-                self._guard_variables_approved, self._guard_same_task, self._guard_in_order]
+                self._guard_variables_approved, self._guard_same_task, self._guard_not_ended, self._guard_in_order]
 
     def compute_guards(self) -> list[Callable[["TaskStep"], None]]:
         """The further checks of a compute step, once the data are at hand."""
         return [self._guard_secure_participants, self._guard_columns_present, self._guard_broadcast_vouched,
-                self._guard_differencing]
+                self._guard_messages, self._guard_differencing]
 
     def _run(self, step: "TaskStep") -> tuple[dict[str, Any], list[str]]:
         for guard in self.task_guards():
             guard(step)
+        if step.phase == "end":
+            return self._end(step)
         if step.phase != "compute":
             result = self._secure_step(step.spec, step.phase, step.task, step.step, step.body)
             self._advance(step, released=None)
@@ -297,10 +360,14 @@ class Node:
             raise Refusal("analysis_not_approved", f"analysis {name!r} is not approved for study {step.spec.id!r}")
 
     def _guard_parameters_valid(self, step: "TaskStep") -> None:
+        """The body decodes; its parameters are valid for the analysis and its broadcast is a map.
+        An "end" step carries neither: the task's first step pinned them."""
         try:
             step.body = step.envelope.body(self.config.max_message_bytes)
         except WireError as exc:
             raise Refusal("malformed", str(exc)) from exc
+        if step.phase == "end":
+            return
         raw = step.body.get("params", {})
         if not isinstance(raw, dict):
             raise Refusal("invalid_parameters", "parameters must be a map")
@@ -316,41 +383,52 @@ class Node:
         step.broadcast = broadcast
 
     def _guard_dataset_approved(self, step: "TaskStep") -> None:
+        """The dataset (and any genotype dataset) is in the study's dataset map for this site."""
         spec, params = step.spec, step.params
-        if step.dataset not in spec.datasets:
+        approved = spec.datasets_for(self.site)
+        if step.dataset not in approved:
             raise Refusal("dataset_not_approved", f"dataset {step.dataset!r} is not approved for study {spec.id!r}")
-        genotypes = step.analysis.genotype_dataset(params)
-        if genotypes is not None and genotypes not in spec.datasets:
+        genotypes = None if params is None else step.analysis.genotype_dataset(params)
+        if genotypes is not None and genotypes not in approved:
             raise Refusal("dataset_not_approved", f"dataset {genotypes!r} is not approved for study {spec.id!r}")
 
     def _guard_variables_approved(self, step: "TaskStep") -> None:
+        if step.params is None:
+            return
         step.variables = step.analysis.variables(step.params)
-        outside = [v for v in step.variables if v not in step.spec.datasets[step.dataset]]
+        outside = [v for v in step.variables if v not in step.spec.datasets_for(self.site)[step.dataset]]
         if outside:
             raise Refusal("variable_not_approved", f"variables {outside} are not approved for dataset "
                                                    f"{step.dataset!r} in study {step.spec.id!r}")
 
     def _guard_same_task(self, step: "TaskStep") -> None:
-        """Every step of a task carries the study, analysis, dataset and parameters of its first step."""
-        params_sha256 = hashlib.sha256(canonical_json(step.params.model_dump(mode="json"))).hexdigest()
+        """Every step of a task carries the study, analysis, dataset and parameters of its first step
+        (an "end" step, which carries no parameters, the first three)."""
+        params_sha256 = "" if step.params is None else \
+            hashlib.sha256(canonical_json(step.params.model_dump(mode="json"))).hexdigest()
         state = self._task_state(step.task)
         if state is None:
             state = TaskState(step.task, step.spec.id, step.analysis.name, step.dataset, params_sha256)
-        elif (state.study, state.analysis, state.dataset, state.params_sha256) != (
-                step.spec.id, step.analysis.name, step.dataset, params_sha256):
+        elif (state.study, state.analysis, state.dataset) != (step.spec.id, step.analysis.name, step.dataset) or (
+                step.params is not None and state.params_sha256 != params_sha256):
             raise Refusal("task_mismatch", f"step {step.step} of task {step.task!r} changes its study, analysis, "
                                            "dataset or parameters")
-        step.state, step.params_sha256 = state, params_sha256
+        step.state, step.params_sha256 = state, params_sha256 or state.params_sha256
+
+    def _guard_not_ended(self, step: "TaskStep") -> None:
+        """Nothing runs in a task after its "end" step."""
+        if step.state.memory.get("ended"):
+            raise Refusal("task_ended", f"task {step.task!r} has ended at {self.site}")
 
     def _guard_in_order(self, step: "TaskStep") -> None:
         """Steps come in increasing order; compute rounds one after another from round 0; set-up
         steps of secure aggregation sit in round 0, and consistency and unmask steps in the last
-        compute round."""
+        compute round, and the "end" step in the task's last round."""
         state, round_no = step.state, step.round_no
         if step.step <= state.last_step:
             raise Refusal("round_order", f"step {step.step} of task {step.task!r} comes after step {state.last_step}")
         expected = {"compute": state.last_round + 1, "consistency": state.last_round,
-                    "unmask": state.last_round}.get(step.phase, 0)
+                    "unmask": state.last_round, "end": max(state.last_round, 0)}.get(step.phase, 0)
         if round_no != expected:
             raise Refusal("round_order", f"a {step.phase} step of task {step.task!r} must be in round {expected}, "
                                          f"not {round_no}")
@@ -385,45 +463,134 @@ class Node:
         if row_sets:
             self._check_differencing(step.spec.id, step.dataset, row_sets)
 
+    def _guard_messages(self, step: "TaskStep") -> None:
+        """Payloads other sites sealed to this site (body "messages", a list), each opened with this
+        site's encryption key and checked: structure (`payload_malformed`), addressed to this site
+        in this study and task (`payload_misaddressed`), signed by the sender's pinned identity key
+        and decrypting (`payload_forged`), made in an earlier round of this task
+        (`payload_misaddressed`), one per sender, and never consumed before in this task
+        (`payload_replayed`)."""
+        sealed_list = step.body.get("messages")
+        if sealed_list is None or sealed_list == []:
+            return
+        if not isinstance(sealed_list, list) or len(sealed_list) > len(step.spec.sites):
+            raise Refusal("payload_malformed", f"messages must be a list of at most {len(step.spec.sites)} "
+                                               "sealed payloads")
+        private_key = self._encryption_key()
+        sender_keys = {site: step.spec.site_key(site) for site in step.spec.sites if site != self.site}
+        consumed = set(step.state.memory.get("consumed_payloads", []))
+        for sealed in sealed_list:
+            try:
+                sender, context, payload = open_payload(sealed, recipient=self.site, private_key=private_key,
+                                                        sender_keys=sender_keys, study=step.spec.id, task=step.task)
+            except SealedPayloadError as exc:
+                raise Refusal(exc.rule, str(exc)) from exc
+            if context["task"] != step.task or context["round"] >= step.round_no:
+                raise Refusal("payload_misaddressed", f"a payload from {sender!r} was made for round "
+                                                      f"{context['round']}, not before round {step.round_no} of "
+                                                      "this task")
+            digest = hashlib.sha256(sealed["ct"]).hexdigest()
+            if digest in consumed:
+                raise Refusal("payload_replayed", f"a payload from {sender!r} was already consumed in this task")
+            if sender in step.messages:
+                raise Refusal("payload_malformed", f"two payloads from {sender!r} in one step")
+            consumed.add(digest)
+            step.messages[sender] = payload
+            step.message_digests.append({"sender": sender, "sha256": digest})
+
+    def _encryption_key(self) -> bytes:
+        """This site's X25519 private key (config.encryption_key), read once."""
+        if self._encryption_private is None:
+            if self.config.encryption_key is None:
+                raise Refusal("payload_misaddressed", f"{self.site} holds no encryption key: it receives no payloads")
+            try:
+                self._encryption_private = read_encryption_key(self.config.encryption_key)
+            except KeyFileError as exc:
+                log.warning("%s: encryption key unusable: %s", self.site, exc)
+                raise Refusal("payload_misaddressed", f"{self.site} cannot use its encryption key") from exc
+        return self._encryption_private
+
+    def _seal_payloads(self, step: "TaskStep", payloads: Any) -> dict[str, dict[str, Any]]:
+        """Seal each payload of a release to its recipient's pinned encryption key (rule
+        `payload_recipient`: the recipient must be another site of the study with a pinned key)."""
+        if not payloads:
+            return {}
+        if not isinstance(payloads, dict):
+            raise Refusal("analysis_error", "a release's payloads must map recipient sites to maps")
+        spec = step.spec
+        context = {"study": spec.id, "task": step.task, "step": step.step, "round": step.round_no}
+        sealed: dict[str, dict[str, Any]] = {}
+        for recipient, payload in payloads.items():
+            if recipient not in spec.sites or recipient == self.site or not spec.site_encryption_keys.get(recipient):
+                raise Refusal("payload_recipient", f"a payload may go only to another site of study {spec.id!r} "
+                                                   f"with a pinned encryption key, not to {str(recipient)[:64]!r}")
+            try:
+                sealed[recipient] = seal_payload(payload, sender=self.site, recipient=recipient, context=context,
+                                                 recipient_key=spec.site_encryption_keys[recipient],
+                                                 signer=self.client.key)
+            except (TypeError, ValueError) as exc:
+                raise Refusal("analysis_error", f"a payload for {recipient!r} cannot be sealed: {exc}") from exc
+        return sealed
+
     def _compute(self, step: "TaskStep") -> tuple[dict[str, Any], list[str]]:
-        """Run the LOCAL step, charge any DP noise it drew, mask the sums, record the release."""
+        """Run the LOCAL step on its SiteContext, charge any DP noise it drew, seal its payloads,
+        mask the sums, record the release."""
         spec, analysis, round_no = step.spec, step.analysis, step.round_no
-        extra: dict[str, Any] = {}
         noise = self._dp_noise(spec, analysis)
-        if noise is not None:
-            extra["noise"] = noise
-        if analysis.uses_scratch:
-            extra["scratch"] = self._task_scratch(step.task)
         genotype_name = analysis.genotype_dataset(step.params)
-        if genotype_name is not None:
-            extra["genotypes"] = self._genotypes(genotype_name)
+        context = SiteContext(
+            site=self.site, data=step.data, policy=self.config.policy, scratch=self.scratch.task(step.task),
+            memory=MappingProxyType(step.state.memory), noise=noise,
+            genotypes=None if genotype_name is None else self._genotypes(genotype_name),
+            messages=step.messages, role=spec.role_of(self.site))
         decision_id = self.audit.append(
             "decision", decision="run", study=spec.id, task=step.task, step=step.step, round=round_no,
             analysis=analysis.name, dataset=step.dataset, variables=step.variables,
             secure_aggregation=spec.secure_aggregation, params_sha256=step.params_sha256,
-            broadcast_sha256=step.broadcast_sha256)
+            broadcast_sha256=step.broadcast_sha256, **({"messages": step.message_digests} if step.messages else {}))
         try:
-            release = analysis.local(step.params, round_no, step.broadcast, step.data, self.config.policy, **extra)
+            release = analysis.local(step.params, round_no, step.broadcast, context)
         except (DisclosureRefused, BroadcastRefused) as exc:
             raise Refusal(exc.rule, exc.detail) from exc
         except FixedPointOverflow as exc:
             raise Refusal("analysis_error", "a value is too large to be released") from exc
         except (AnalysisError, ValueError, TypeError) as exc:
             raise Refusal("analysis_error", str(exc)) from exc
-        sums = {k: np.asarray(v, dtype=np.float64) for k, v in release.sums.items()}
+        sums = {k: np.asarray(v) for k, v in release.sums.items()}  # dtypes kept: ints stay ints
+        if any(v.dtype.kind not in "biuf" for v in sums.values()):
+            raise Refusal("analysis_error", "a released sum is not an array of numbers")
+        sealed = self._seal_payloads(step, release.payloads)
         if noise is not None and noise.charged:
             release.public["dp_rho"] = noise.charged
         payload = self._mask_release(spec, step.task, step.step, step.body, sums) if spec.secure_aggregation and sums \
             else {"sums": sums}
         payload["public"] = release.public
+        if sealed:
+            payload["payloads"] = sealed
+        if step.message_digests:
+            step.state.memory.setdefault("consumed_payloads", []).extend(d["sha256"] for d in step.message_digests)
         self._advance(step, released=release.public)
         release_id = self.audit.append(
             "release", study=spec.id, task=step.task, step=step.step, round=round_no, analysis=analysis.name,
             arrays={k: list(v.shape) for k, v in sums.items()}, public=summarised(release.public),
             masked=bool(spec.secure_aggregation and sums),
             digest=hashlib.sha256(b"".join(k.encode() + v.tobytes() for k, v in sorted(sums.items()))).hexdigest(),
+            **({"payloads": [{"recipient": r, "sha256": hashlib.sha256(p["ct"]).hexdigest()}
+                             for r, p in sorted(sealed.items())]} if sealed else {}),
         )
         return payload, [decision_id, release_id]
+
+    def _end(self, step: "TaskStep") -> tuple[dict[str, Any], list[str]]:
+        """A task's last step: delete its scratch and secure-aggregation record, mark it ended (later
+        steps are refused `task_ended`)."""
+        self.scratch.delete(step.task)
+        if step.spec.secure_aggregation:
+            self._secure_aggregation().forget_task(step.task)
+        step.state.memory["ended"] = True
+        self._advance(step, released=None)
+        end_id = self.audit.append("task_end", study=step.spec.id, task=step.task, step=step.step,
+                                   round=step.round_no, analysis=step.analysis.name)
+        return {"public": {}}, [end_id]
 
     def _task_state(self, task: str) -> TaskState | None:
         cached = self._tasks.get(task)
@@ -464,15 +631,6 @@ class Node:
                 raise Refusal("data_error", f"{self.site}: {exc}") from exc
             self._cache[key] = cached
         return cached[1]
-
-    def _task_scratch(self, task: str, keep: int = 4) -> dict[str, Any]:
-        """Per-task working memory at the site (e.g. a design matrix reused across rounds); never sent."""
-        if task not in self._scratch:
-            self._scratch[task] = {}
-            while len(self._scratch) > keep:
-                self._scratch.popitem(last=False)
-        self._scratch.move_to_end(task)
-        return self._scratch[task]
 
     def _data_version(self, dataset: str) -> str:
         config = self.config.datasets.get(dataset)
@@ -530,8 +688,11 @@ class Node:
         return agent
 
     def _hub_senders(self, task: str, step: int) -> set[str]:
-        """Which sites' replies the hub says it holds for a step (a second check, never relied on)."""
-        return set(self.client.get_json(f"/v1/tasks/{task}/rounds/{step}/senders"))
+        """Which sites' replies the relay says it holds for a step (a second check, never relied on):
+        the `senders` the node was given, else the hub's answer."""
+        if self._senders is not None:
+            return set(self._senders(task, step))
+        return self.client.senders(task, step)
 
     def _guard_secure_participants(self, step: "TaskStep") -> None:
         """Rule secagg_participants (and the key set's study): a compute step of a secure study covers
@@ -546,9 +707,11 @@ class Node:
 
     def _mask_release(self, spec: StudySpec, task: str, step: int, body: dict[str, Any],
                       sums: dict[str, np.ndarray]) -> dict[str, Any]:
-        """The double-masked payload of a compute step's sums, with the encrypted shares of its self mask."""
+        """The double-masked payload of a compute step's sums, with the encrypted shares of its self mask
+        (the fixed-point encoding takes float64, so integer sums are cast here, and only here)."""
+        floats = {k: np.asarray(v, dtype=np.float64) for k, v in sums.items()}
         try:
-            return self._secure_aggregation().mask(spec, task, step, body.get("secagg"), sums)
+            return self._secure_aggregation().mask(spec, task, step, body.get("secagg"), floats)
         except SecureAggregationRefused as exc:
             raise Refusal(exc.rule, str(exc)) from exc
 
@@ -627,7 +790,7 @@ class Node:
 
     def _deliver(self, reply: Envelope) -> None:
         try:
-            self.client.post_until_accepted("/v1/messages", reply)
+            self.client.post_until_accepted_message(reply)
         except HubError as exc:
             log.warning("%s: reply to task %s not delivered: %s", self.site, reply.header.get("task"), exc)
 

@@ -86,7 +86,9 @@ def dp_account(researcher: str) -> str:
 @dataclass
 class TaskState:
     """A task as this node knows it: pinned study, analysis, dataset and parameters, the last
-    step and compute round it handled, and `memory` (with `memory["released"][round]`)."""
+    step and compute round it handled, and `memory` (with `memory["released"][round]`, the digests
+    of sealed payloads consumed in `memory["consumed_payloads"]`, and `memory["ended"]` once its
+    "end" step came)."""
 
     task: str
     study: str
@@ -237,8 +239,9 @@ class NodeStore:
                                                                        public=public)
                                    .on_conflict_do_update(index_elements=["task", "round"], set_={"public": public}))
 
-    def prune_tasks(self, older_than_s: float) -> int:
-        """Forget the state of tasks untouched for `older_than_s` seconds; return how many."""
+    def prune_tasks(self, older_than_s: float) -> list[str]:
+        """Forget the state of tasks untouched for `older_than_s` seconds; return their ids (the
+        node deletes their scratch too)."""
         cutoff = time.time() - older_than_s
         with self._lock, self._sessions() as s:
             stale = list(s.scalars(select(StoredTask.task).where(StoredTask.updated_at < cutoff)))
@@ -246,4 +249,4 @@ class NodeStore:
                 s.query(StoredRelease).filter(StoredRelease.task == task).delete()
                 s.query(StoredTask).filter(StoredTask.task == task).delete()
             s.commit()
-            return len(stale)
+            return stale

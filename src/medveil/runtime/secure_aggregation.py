@@ -63,8 +63,9 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from cryptography.exceptions import InvalidTag
@@ -72,7 +73,7 @@ from cryptography.exceptions import InvalidTag
 from medveil.crypto import secagg
 from medveil.crypto.signing import SignatureError, VerifyKey
 from medveil.runtime.study import StudySpec
-from medveil.runtime.wire import Envelope, WireError, canonical_json, open_envelope
+from medveil.runtime.wire import WireError, canonical_json, open_envelope
 
 KEYSET_LIFETIME_S = 24 * 3600.0  # a node deletes a key set's private key this long after making it
 KEYSET_RENEW_S = 12 * 3600.0  # a session makes a fresh key set once its own is this old
@@ -509,24 +510,43 @@ class SiteSecureAggregation:
 
 @dataclass
 class CoordinatorState:
-    """The session's view of one key set: the sites' signed key replies, forwarded to the nodes."""
+    """The session's view of one key set: the sites' signed key replies, forwarded to the nodes.
+    Wire-encodable (`to_wire`/`from_wire`), so a run's checkpoint carries it across a restart;
+    `created_at` is wall-clock time for the same reason."""
 
     keyset: str
     study: str
     sites: list[str]
     threshold: int
-    created_at: float = field(default_factory=time.monotonic)
+    created_at: float = field(default_factory=time.time)
     key_envelopes: dict[str, bytes] = field(default_factory=dict)
 
-    def record_keys(self, replies: dict[str, tuple[Envelope, dict]]) -> None:
-        for site, (envelope, body) in replies.items():
+    def record_keys(self, replies: dict[str, Any]) -> None:
+        """Keep each site's signed key reply (the keys step's `Reply`s, or (envelope, body) pairs)
+        after checking its binding."""
+        for site, reply in replies.items():
+            envelope, body = (reply.envelope, reply.body) if hasattr(reply, "envelope") else reply
             public = body.get("public", {})
             if public.get("keyset") != self.keyset or public.get("study") != self.study:
                 raise ValueError(f"key reply of {site!r} is bound to another key set or study")
             self.key_envelopes[site] = envelope.encode()
 
+    @property
+    def keyed(self) -> bool:
+        """Whether the keys step has been answered by every site of the key set."""
+        return sorted(self.key_envelopes) == sorted(self.sites)
+
     def expired(self) -> bool:
-        return time.monotonic() - self.created_at > KEYSET_RENEW_S
+        return time.time() - self.created_at > KEYSET_RENEW_S
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"keyset": self.keyset, "study": self.study, "sites": list(self.sites), "threshold": self.threshold,
+                "created_at": self.created_at, "key_envelopes": dict(self.key_envelopes)}
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> CoordinatorState:
+        return cls(str(data["keyset"]), str(data["study"]), [str(s) for s in data["sites"]], int(data["threshold"]),
+                   float(data["created_at"]), {str(k): bytes(v) for k, v in data["key_envelopes"].items()})
 
     def compute_request(self, participants: list[str]) -> dict[str, Any]:
         return {"keyset": self.keyset, "participants": sorted(participants), "key_envelopes": self.key_envelopes}

@@ -17,7 +17,7 @@ import uvicorn
 from medveil.crypto.signing import SigningKey, VerifyKey
 from medveil.runtime.auth import make_invitation
 from medveil.runtime.config import load_site_config
-from medveil.runtime.hub import create_hub_app
+from medveil.runtime.hub import RETENTION_S, create_hub_app
 from medveil.runtime.hub_store import HubStore
 from medveil.runtime.node import Node
 from medveil.runtime.wire import DEFAULT_MAX_BYTES
@@ -29,10 +29,12 @@ class HubServer:
     """A real hub on a loopback port, stoppable and restartable on the same port and store.
 
     Parties enrol with invitations signed by `operator_key`; without one, the server makes an
-    operator key of its own and `invite` signs with it (simulations, benchmarks)."""
+    operator key of its own and `invite` signs with it (simulations, benchmarks). The relayed
+    traffic of tasks finished more than `retention_s` ago is pruned (see `create_hub_app`)."""
 
     def __init__(self, db_url: str, *, operator_key: VerifyKey | None = None, host: str = "127.0.0.1",
-                 port: int = 0, record_traffic: bool = False, max_bytes: int = DEFAULT_MAX_BYTES):
+                 port: int = 0, record_traffic: bool = False, max_bytes: int = DEFAULT_MAX_BYTES,
+                 retention_s: float = RETENTION_S):
         self.operator: SigningKey | None = None
         if operator_key is None:
             self.operator = SigningKey.generate()
@@ -43,6 +45,7 @@ class HubServer:
         self.port = port
         self.record_traffic = record_traffic
         self.max_bytes = max_bytes
+        self.retention_s = retention_s
         self._thread: threading.Thread | None = None
         self._server: uvicorn.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -61,7 +64,7 @@ class HubServer:
     def start(self) -> "HubServer":
         self.store = HubStore(self.db_url)
         app = create_hub_app(self.store, operator_key=self.operator_key, max_bytes=self.max_bytes,
-                             record_traffic=self.record_traffic)
+                             record_traffic=self.record_traffic, retention_s=self.retention_s)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # proto set: asyncio then enables TCP_NODELAY
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, self.port))

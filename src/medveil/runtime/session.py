@@ -1,75 +1,69 @@
-"""The researcher's side of a run: send each step, gather signed replies, aggregate, step on.
+"""The researcher's side of a run: send each round over a Grid, aggregate, step on, checkpoint.
 
-The global step runs here, in the researcher's process, on cross-site sums only. With secure
-aggregation (the default) the sums arrive double-masked and only their total can be decoded:
-each compute step is followed by one unmask step in which the sites reveal what removes the
-self masks (and a dropout's pairwise masks); when a site dropped out, a consistency step comes
-first, in which every submitter signs the dropouts that the unmask step then names; see
-runtime/secure_aggregation.py. Replies are verified against the identity keys pinned in the
-study, never against what the hub serves. A refusal from any site stops the run with an error
-naming the site and the rule; a site that does not answer within the timeout stops it with an
-error naming the site, never a hang.
+The global step runs here, in the researcher's process, on cross-site sums only. A round is
+computed by `PlainRounds` or, with secure aggregation (the default), by `SecureRounds`, a layer
+over the Grid (runtime/secure_rounds.py); the loop here never sees which. Replies are verified
+by the Grid against the identity keys pinned in the study, never against what the hub serves. A
+refusal from any site stops the run with an error naming the site and the rule; a site that does
+not answer within the timeout stops it with an error naming the site, never a hang.
+
+Durable: with a runs directory, the task's whole state is checkpointed before its first step and
+after every round, and every envelope is journalled before it is sent (runtime/runs.py), so a
+killed process resumes the task with `resume(task_id)`. The loop always continues from the
+decoded state (pack/unpack of the broadcast and the global state), so a resumed run equals an
+uninterrupted one to the last digit. A run that a site refuses, or whose global step fails, is
+final and its checkpoint deleted; one stopped by a silent site or an unreachable hub keeps it.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 import uuid
-import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any
 
 from medveil.analyses.base import (
     Aggregated,
+    Analysis,
     AnalysisError,
     Finished,
-    NextRound,
     Params,
     get_analysis,
 )
-from medveil.crypto.signing import SignatureError, VerifyKey
-from medveil.runtime.aggregation import aggregate
 from medveil.runtime.client import HubClient, HubError
-from medveil.runtime.secure_aggregation import (
-    CoordinatorState,
-    SecureAggregationAborted,
+from medveil.runtime.grid import (
+    FederationError,
+    Grid,
+    HubGrid,
+    RefusedError,
+    Reply,
+    SiteTimeoutError,
+    Step,
+)
+from medveil.runtime.runs import RunFile, RunStore, TaskRun
+from medveil.runtime.secure_aggregation import CoordinatorState
+from medveil.runtime.secure_rounds import (
+    PlainRounds,
+    SecureAggregationError,
+    SecureRounds,
+    TaskChannel,
+    make_keyset,
+    new_coordinator,
 )
 from medveil.runtime.study import StudySpec
-from medveil.runtime.wire import Envelope
+from medveil.runtime.wire import Envelope, pack_body, unpack_body
 
 log = logging.getLogger("medveil.session")
 
-
-class FederationError(RuntimeError):
-    """Base of the errors a researcher sees from a federated run."""
-
-
-class RefusedError(FederationError):
-    """A site refused the task; `site` and `rule` say which and why."""
-
-    def __init__(self, refusals: list[tuple[str, str, str]]):
-        self.refusals = refusals
-        self.site, self.rule, self.detail = refusals[0]
-        text = "; ".join(f"site {site!r} refused [{rule}]: {message}" for site, rule, message in refusals)
-        super().__init__(text)
-
-
-class SiteTimeoutError(FederationError):
-    """Sites did not answer in time."""
-
-    def __init__(self, sites: list[str], timeout: float, step: int, note: str = ""):
-        self.sites = sites
-        super().__init__(f"no answer from site(s) {', '.join(sites)} within {timeout:g} s (step {step}){note}")
+__all__ = ["AnalysisFailed", "FederationError", "RefusedError", "ResearcherSession", "RunOutcome",
+           "SecureAggregationError", "SiteTimeoutError"]
 
 
 class AnalysisFailed(FederationError):
     """The pooled sums do not allow the analysis (e.g. a collinear design); the message says why."""
-
-
-class SecureAggregationError(FederationError, SecureAggregationAborted):
-    """Too few sites remained for the secure sum; the round was aborted and nothing revealed."""
 
 
 @dataclass
@@ -78,202 +72,188 @@ class RunOutcome:
     provenance: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
-class _Task:
-    """One analysis run in flight: its id, step counter and what it has gathered so far."""
-
-    id: str
-    analysis: str
-    params: Params
-    dataset: str
-    sites: list[str]
-    step: int = 0
-    audit_ids: dict[str, list[str]] = field(default_factory=dict)
+def wire_round_trip(value: dict[str, Any]) -> dict[str, Any]:
+    """`value` as it comes back from the wire framing: what a checkpoint holds and a resume reads."""
+    return unpack_body(pack_body(value))
 
 
 class ResearcherSession:
-    """Runs registered analyses for one study through a hub."""
+    """Runs registered analyses for one study over a Grid (a hub, or the nodes in-process)."""
 
-    def __init__(self, client: HubClient, study: StudySpec, *, timeout: float = 60.0, allow_dropouts: bool = False):
-        """`allow_dropouts`: with secure aggregation, a site silent in an analysis' first round is
-        left out (its masks removed with the survivors' shares) instead of failing the run."""
-        self.client = client
+    def __init__(self, grid: Grid | HubClient, study: StudySpec, *, timeout: float = 60.0,
+                 allow_dropouts: bool = False, runs_dir: str | Path | None = None):
+        """`grid`: a Grid, or a HubClient to run over the hub. `allow_dropouts`: with secure
+        aggregation, a site silent in an analysis' first round is left out (its masks removed with
+        the survivors' shares) instead of failing the run. `runs_dir`: where runs are checkpointed
+        (None: not durable)."""
+        self.grid: Grid = HubGrid(grid, study) if isinstance(grid, HubClient) else grid
         self.study = study
         self.timeout = timeout
         self.allow_dropouts = allow_dropouts
+        self.runs = None if runs_dir is None else RunStore(runs_dir)
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medveil-results")
         self._keyset: CoordinatorState | None = None
+        self._channels: dict[str, TaskChannel] = {}
+
+    @property
+    def client(self) -> HubClient:
+        """The hub client of a session over a hub."""
+        client = getattr(self.grid, "client", None)
+        if client is None:
+            raise AttributeError("this session's grid reaches no hub")
+        return client
 
     def close(self) -> None:
-        """Wait for result records still being sent to the hub, then close the connection."""
+        """Wait for end steps and result records still being sent, then close the grid."""
         self._background.shutdown(wait=True)
-        self.client.close()
+        self.grid.close()
 
-    def _record_result(self, task_id: str, provenance: dict[str, Any], patience_s: float = 60.0) -> None:
-        """Record the run's provenance at the hub, retrying while the hub is away (e.g. restarting)."""
-        envelope = self.client.seal("result", {"status": "done", "summary": provenance}, task=task_id)
-        try:
-            self.client.post_until_accepted(f"/v1/tasks/{task_id}/result", envelope, patience_s)
-        except HubError as exc:
-            log.warning("result of task %s not recorded at the hub: %s", task_id, exc)
+    # --- runs -----------------------------------------------------------------------------
 
     def run(self, analysis_name: str, params: dict[str, Any], dataset: str,
-            progress: Callable[[int, tuple[int, int] | None], None] | None = None) -> RunOutcome:
-        """Run an analysis to its result; `progress(round, (done, total) or None)` is called after each round."""
+            progress: Callable[[int, tuple[int, int] | None], None] | None = None,
+            observe: Callable[[int, Aggregated], None] | None = None) -> RunOutcome:
+        """Run an analysis to its result; `progress(round, (done, total) or None)` is called after
+        each round (after its checkpoint), `observe(round, aggregated)` with what the global step
+        is given in each round (for tests and diagnostics)."""
         analysis = get_analysis(analysis_name)
-        task = _Task(uuid.uuid4().hex, analysis_name, analysis.parse_params(params), dataset, list(self.study.sites))
-        task.audit_ids = {site: [] for site in task.sites}
-        secure_needed = self.study.secure_aggregation and analysis.releases_sums
-        broadcast: dict[str, Any] = {}
-        state: dict[str, Any] = {}
-        rows: dict[str, int] = {}
-        dp_spent: dict[str, float] = {}
-        round_no = 0
-        secure = self._secure_keys(task) if secure_needed else None
-        while True:
-            public, sums = self._compute(task, round_no, broadcast, secure)
-            for site, facts in public.items():
-                if "rows" in facts:
-                    rows[site] = int(facts["rows"])
-                if "dp_rho" in facts:
-                    dp_spent[site] = dp_spent.get(site, 0.0) + float(facts["dp_rho"])
-            try:
-                outcome = analysis.global_step(task.params, round_no, Aggregated(sums=sums, public=public), state)
-            except AnalysisError as exc:
-                raise AnalysisFailed(f"{analysis_name}: {exc}") from exc
-            if progress is not None:
-                state_now = outcome.state if isinstance(outcome, NextRound) else state
-                done = analysis.progress(task.params, state_now)
-                progress(round_no, (done[1], done[1]) if isinstance(outcome, Finished) and done else done)
-            if isinstance(outcome, Finished):
-                provenance = {
-                    "study": self.study.id, "task": task.id, "analysis": analysis_name, "dataset": dataset,
-                    "sites": sorted(public), "rows": rows, "rounds": round_no + 1,
-                    "secure_aggregation": self.study.secure_aggregation,
-                    "dp_rho_spent": dp_spent,
-                    "audit_ids": {site: ids for site, ids in task.audit_ids.items() if site in public},
-                }
-                self._background.submit(self._record_result, task.id, provenance)
-                return RunOutcome(outcome.result, provenance)
-            broadcast, state = outcome.broadcast, outcome.state
-            round_no += 1
+        typed = analysis.parse_params(params)
+        sites = list(self.study.sites)
+        task = TaskRun(uuid.uuid4().hex, self.study.id, analysis_name, wire_round_trip(typed.model_dump()),
+                       dataset, sites, audit_ids={site: [] for site in sites},
+                       secure=bool(self.study.secure_aggregation and analysis.releases_sums))
+        return self._drive(task, analysis, progress, fresh=True, observe=observe)
 
-    def _compute(self, task: _Task, round_no: int, broadcast: dict[str, Any],
-                 secure: CoordinatorState | None) -> tuple[dict[str, dict], dict[str, Any]]:
-        """One analysis round: the sites' public facts and the cross-site sums."""
-        if secure is None:
-            replies = self._exchange(task, "compute", round_no, {"broadcast": broadcast})
-            public = {site: body["public"] for site, (_, body) in replies.items()}
-            return public, aggregate({site: body["sums"] for site, (_, body) in replies.items()})
-        step, participants = task.step, list(task.sites)
-        replies = self._exchange(task, "compute", round_no,
-                                 {"broadcast": broadcast, "secagg": secure.compute_request(participants)},
-                                 recipients=participants, tolerate_missing=self.allow_dropouts)
-        public = {site: body["public"] for site, (_, body) in replies.items()}
-        masked = {site: body for site, (_, body) in replies.items()}
-        dropped = [site for site in participants if site not in replies]
-        floor = max(secure.threshold, 2)
-        if len(replies) < floor:
-            raise SecureAggregationError(
-                f"only {len(replies)} of {len(participants)} sites submitted (threshold {secure.threshold}); "
-                f"round aborted, nothing revealed; missing: {', '.join(dropped)}")
-        if not any("masked" in body for body in masked.values()):
-            if dropped:  # no unmask step in which the sites could record the dropout
-                raise SiteTimeoutError(dropped, self.timeout, step)
-            return public, {}
-        signatures = self._agree_on_dropouts(task, round_no, step, participants, masked, secure) if dropped else None
-        answers = self._exchange(task, "unmask", round_no,
-                                 {"secagg": secure.unmask_request(step, participants, masked, signatures)},
-                                 recipients=sorted(replies), tolerate_missing=True)
-        revealed = {site: body["public"] for site, (_, body) in answers.items()}
+    def resume(self, task_id: str,
+               progress: Callable[[int, tuple[int, int] | None], None] | None = None) -> RunOutcome:
+        """Continue an unfinished run from its checkpoint: re-send what its journal holds (the hub
+        takes a copy it has for delivered), gather the replies and go on to the result."""
+        if self.runs is None:
+            raise FederationError("this session keeps no run state (no runs directory)")
+        task = self.runs.open(task_id).load()
+        if task.study != self.study.id:
+            raise FederationError(f"run {task_id!r} belongs to study {task.study!r}, not {self.study.id!r}")
+        return self._drive(task, get_analysis(task.analysis), progress, fresh=False)
+
+    def unfinished(self) -> list[TaskRun]:
+        """This study's runs that have a checkpoint and no result yet."""
+        return [] if self.runs is None else self.runs.unfinished(self.study.id)
+
+    def _drive(self, task: TaskRun, analysis: Analysis, progress: Callable | None, *, fresh: bool,
+               observe: Callable[[int, Aggregated], None] | None = None) -> RunOutcome:
+        """The round loop, from whatever round `task` holds. A fresh run is checkpointed before its
+        first step (with the key-set id it will use, so that a keys step can be resumed too)."""
+        params: Params = analysis.parse_params(task.params_wire)
+        run_file = None if self.runs is None else self.runs.open(task.id)
+        self._channels[task.id] = TaskChannel(self.grid, task, self.timeout, run_file)
         try:
-            sums = secure.combine(participants, masked, revealed)
-        except SecureAggregationAborted as exc:
-            raise SecureAggregationError(f"{len(answers)} of {len(replies)} sites answered the unmask step "
-                                         f"(threshold {secure.threshold}): {exc}; round aborted") from exc
-        if dropped:
-            task.sites = sorted(replies)
-            warnings.warn(f"site(s) {', '.join(dropped)} dropped out; the sum covers {', '.join(task.sites)}",
-                          RuntimeWarning, stacklevel=3)
-            if round_no > 0:
-                raise SiteTimeoutError(dropped, self.timeout, step,
-                                       "; the round's sum was recovered but earlier rounds included them")
-        return public, sums
+            if fresh:
+                if task.secure:
+                    usable = self._keyset is not None and self._keyset.keyed and not self._keyset.expired()
+                    task.coordinator = self._keyset if usable else new_coordinator(self.study)
+                self._checkpoint(task, run_file)
+            return self._loop(task, analysis, params, progress, run_file, observe)
+        except (RefusedError, AnalysisFailed):
+            if run_file is not None:  # final: a resume would meet the same refusal
+                run_file.delete()
+            raise
+        finally:
+            del self._channels[task.id]
 
-    def _agree_on_dropouts(self, task: _Task, round_no: int, of_step: int, participants: list[str],
-                           masked: dict[str, dict], secure: CoordinatorState) -> dict[str, str]:
-        """The consistency step: every submitter signs the dropouts of the compute step `of_step`,
-        and the unmask step carries all the signatures (no site reveals without them)."""
-        agreed = self._exchange(task, "consistency", round_no,
-                                {"secagg": secure.consistency_request(of_step, participants, masked)},
-                                recipients=sorted(masked), tolerate_missing=True)
-        silent = sorted(set(masked) - set(agreed))
-        if silent:
-            raise SecureAggregationError(f"site(s) {', '.join(silent)} did not sign the dropouts; a dropout is "
-                                         "recovered only when every submitter does; round aborted, nothing revealed")
-        return {site: body["public"]["signature"] for site, (_, body) in agreed.items()}
+    def _loop(self, task: TaskRun, analysis: Analysis, params: Params, progress: Callable | None,
+              run_file: RunFile | None, observe: Callable[[int, Aggregated], None] | None) -> RunOutcome:
+        channel = self._channels[task.id]
+        rounds: PlainRounds | SecureRounds = PlainRounds(channel)
+        if task.secure:
+            rounds = SecureRounds(channel, self._secure_keys(task), allow_dropouts=self.allow_dropouts)
+        while True:
+            bodies = self._compute_bodies(task)
+            result = rounds.compute(task.round, bodies)
+            for site, facts in result.public.items():
+                if "rows" in facts:
+                    task.rows[site] = int(facts["rows"])
+                if "dp_rho" in facts:
+                    task.dp_spent[site] = task.dp_spent.get(site, 0.0) + float(facts["dp_rho"])
+            aggregated = Aggregated(sums=result.sums, public=result.public, payloads=result.payloads)
+            if observe is not None:
+                observe(task.round, aggregated)
+            try:
+                outcome = analysis.global_step(params, task.round, aggregated, task.state)
+            except AnalysisError as exc:
+                raise AnalysisFailed(f"{task.analysis}: {exc}") from exc
+            if isinstance(outcome, Finished):
+                if progress is not None:
+                    done = analysis.progress(params, task.state)
+                    progress(task.round, (done[1], done[1]) if done else done)
+                return self._finish(task, outcome, sorted(result.public), run_file)
+            next_round = wire_round_trip({"broadcast": outcome.broadcast, "state": outcome.state,
+                                          "per_site": outcome.per_site, "messages": outcome.messages})
+            task.broadcast, task.state = next_round["broadcast"], next_round["state"]
+            task.per_site, task.messages = next_round["per_site"], next_round["messages"]
+            task.round += 1
+            self._checkpoint(task, run_file)
+            if progress is not None:
+                progress(task.round - 1, analysis.progress(params, task.state))
 
-    def _secure_keys(self, task: _Task) -> CoordinatorState:
-        """The session's key set, bound to its study: made (one keys step to every study site) with the
-        first secure task and reused, with masks fresh per task and step, until it is KEYSET_RENEW_S old."""
-        if self._keyset is not None and not self._keyset.expired():
-            return self._keyset
-        state = CoordinatorState(uuid.uuid4().hex, self.study.id, sorted(self.study.sites), self.study.threshold())
-        state.record_keys(self._exchange(task, "keys", 0, {"secagg": {"keyset": state.keyset}},
-                                         recipients=state.sites))
-        self._keyset = state
-        return state
+    def _compute_bodies(self, task: TaskRun) -> dict[str, dict[str, Any]]:
+        """Each site's compute body: the broadcast with its own extra keys, and the sealed payloads
+        forwarded to it (the key absent when none)."""
+        bodies = {}
+        for site in task.sites:
+            body: dict[str, Any] = {"broadcast": {**task.broadcast, **task.per_site.get(site, {})}}
+            if task.messages.get(site):
+                body["messages"] = list(task.messages[site])
+            bodies[site] = body
+        return bodies
 
-    def _exchange(self, task: _Task, phase: str, round_no: int, body: dict[str, Any], *,
-                  recipients: list[str] | None = None, tolerate_missing: bool = False) -> dict[str, tuple[Envelope, dict]]:
-        """Send one step to the sites and gather their verified replies."""
-        recipients = recipients or task.sites
-        step = task.step
+    def _secure_keys(self, task: TaskRun) -> CoordinatorState:
+        """The task's key set, bound to its study: made (one keys step to every study site) with the
+        session's first secure task and reused, with masks fresh per task and step, until it is
+        KEYSET_RENEW_S old."""
+        if task.coordinator is None:
+            task.coordinator = new_coordinator(self.study)
+        if not task.coordinator.keyed:
+            make_keyset(self._channels[task.id], task.coordinator)
+        self._keyset = task.coordinator
+        return task.coordinator
+
+    def _checkpoint(self, task: TaskRun, run_file: RunFile | None) -> None:
+        if run_file is not None:
+            run_file.save(task)
+
+    def _finish(self, task: TaskRun, outcome: Finished, sites: list[str], run_file: RunFile | None) -> RunOutcome:
+        provenance = {
+            "study": self.study.id, "task": task.id, "analysis": task.analysis, "dataset": task.dataset,
+            "sites": sites, "rows": task.rows, "rounds": task.round + 1,
+            "secure_aggregation": self.study.secure_aggregation, "dp_rho_spent": task.dp_spent,
+            "audit_ids": {site: ids for site, ids in task.audit_ids.items() if site in sites},
+        }
+        end = Step(task.id, task.step, "end", task.round, task.analysis, {site: {} for site in task.sites},
+                   {site: task.dataset for site in task.sites})
         task.step += 1
-        message = self.client.seal("task", {"params": task.params.model_dump(), **body}, study=self.study.id,
-                                   task=task.id, step=step, phase=phase, round=round_no, analysis=task.analysis,
-                                   dataset=task.dataset, recipients=recipients)
-        self.client.post("/v1/messages", message)
-        replies = self._gather(task.id, step, recipients, tolerate_missing)
-        for site, (envelope, _) in replies.items():
-            task.audit_ids.setdefault(site, []).extend(envelope.header.get("audit_ids", []))
-        return replies
+        self._background.submit(self._close_task, end, provenance)
+        if run_file is not None:
+            run_file.delete()
+        return RunOutcome(outcome.result, provenance)
 
-    def _site_key(self, site: str) -> VerifyKey:
-        """The identity key pinned for `site` in the study (the hub's copy only for a spec without pins)."""
-        pinned = getattr(self.study, "site_keys", None)
-        return VerifyKey.from_text(pinned[site]) if pinned else self.client.public_key(site)
+    def _close_task(self, end: Step, provenance: dict[str, Any]) -> None:
+        """Tell the sites the task ended (they drop its scratch) and record the provenance; a hub
+        that stays away only costs the record, never the result."""
+        try:
+            self.grid.notify(end)
+        except (HubError, FederationError) as exc:
+            log.warning("end of task %s not sent: %s", end.task, exc)
+        try:
+            self.grid.record_result(end.task, provenance)
+        except (HubError, FederationError) as exc:
+            log.warning("result of task %s not recorded: %s", end.task, exc)
+
+    # --- direct access for tests and tools ---------------------------------------------------
 
     def _gather(self, task_id: str, step: int, sites: list[str],
                 tolerate_missing: bool = False) -> dict[str, tuple[Envelope, dict]]:
-        deadline = time.monotonic() + self.timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            envelopes = self.client.replies(task_id, step, wait=max(0.0, min(remaining, 25.0)))
-            answered = {e.sender for e in envelopes}
-            if answered >= set(sites) or remaining <= 0:
-                break
-            if any(e.header.get("status") != "ok" for e in envelopes):
-                break
-        replies, refusals = {}, []
-        for envelope in envelopes:
-            if envelope.sender not in sites:
-                continue
-            try:
-                envelope.verify(self._site_key(envelope.sender))
-            except SignatureError as exc:
-                raise FederationError(f"reply claiming to be from {envelope.sender!r} is forged: {exc}") from exc
-            header = envelope.header
-            if header.get("task") != task_id or header.get("step") != step:
-                raise FederationError(f"reply from {envelope.sender!r} is bound to another task or step")
-            body = envelope.body(self.client.max_bytes)
-            if header.get("status") != "ok":
-                refusals.append((envelope.sender, str(body.get("rule")), str(body.get("message"))))
-            else:
-                replies[envelope.sender] = (envelope, body)
-        if refusals:
-            raise RefusedError(sorted(refusals))
-        missing = sorted(set(sites) - set(replies))
-        if missing and not tolerate_missing:
-            raise SiteTimeoutError(missing, self.timeout, step)
-        return replies
+        """The verified replies to a raw step a tool or test sent outside a run, under any study of
+        this researcher (by site: envelope and body)."""
+        replies: dict[str, Reply] = self.grid.gather(task_id, step, sites, timeout=self.timeout,
+                                                     tolerate_missing=tolerate_missing, study_id=None)
+        return {site: (reply.envelope, reply.body) for site, reply in replies.items()}

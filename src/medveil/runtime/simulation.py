@@ -1,34 +1,52 @@
-"""A whole federation on this machine: a real hub and real nodes over loopback HTTP.
+"""A whole federation on this machine: a real hub and real nodes over loopback HTTP, or the same
+nodes reached in-process (no HTTP, no hub) for fast unit tests.
 
-Each site gets its own identity, steward key, state directory and audit log, registers with
-the hub on an invitation from the hub's operator, and its steward approves the simulation study
-(which pins every site's identity key), exactly as in a deployment; only the keys are generated
-on the fly (unencrypted, 0600 in 0700 directories; stewards' keys apart from the nodes', under
-`stewards/`) and the data may be in-memory DataFrames.
+Each site gets its own identity, X25519 encryption key (for payloads sealed to it), steward key,
+state directory and audit log, registers with the hub on an invitation from the hub's operator,
+and its steward approves the simulation study (which pins every site's identity and encryption
+key), exactly as in a deployment; only the keys are generated on the fly (unencrypted, 0600 in
+0700 directories; stewards' keys apart from the nodes', under `stewards/`) and the data may be
+in-memory DataFrames. The in-process federation sets the sites up the same way and hands each
+step straight to `Node.handle` (runtime/grid.py, InProcessGrid). The hub and server code is
+imported only when a loopback network starts.
 """
 
 from __future__ import annotations
 
 import tempfile
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import pandas as pd
 from threadpoolctl import threadpool_limits
 
 from medveil.analyses.base import registered_names
+from medveil.crypto.sealed import generate_encryption_key
 from medveil.crypto.signing import SigningKey
 from medveil.data.sources import DatasetConfig, load_dataset
 from medveil.privacy.disclosure import DisclosurePolicy
 from medveil.runtime.client import HubClient
-from medveil.runtime.config import SiteConfig, dump_site_config, make_private_dir, write_private_key
+from medveil.runtime.config import (
+    SiteConfig,
+    dump_site_config,
+    make_private_dir,
+    write_encryption_key,
+    write_private_key,
+)
+from medveil.runtime.grid import InProcessClient, InProcessGrid
 from medveil.runtime.node import Node
-from medveil.runtime.servers import HubServer, NodeProcess, NodeThread
 from medveil.runtime.study import StudySpec
+from medveil.runtime.wire import seal
+
+if TYPE_CHECKING:
+    from medveil.runtime.servers import HubServer, NodeProcess, NodeThread
 
 TableLike = Union[pd.DataFrame, str, Path]
 SiteData = Union[TableLike, Mapping[str, TableLike]]
+Policies = Union[DisclosurePolicy, Mapping[str, DisclosurePolicy], None]
 DEFAULT_DATASET = "default"
 
 
@@ -68,7 +86,7 @@ class LocalNetwork:
         spec = StudySpec(id=study_id, researcher=self.study.researcher, researcher_key=self.study.researcher_key,
                          sites=self.study.sites, site_keys=self.study.site_keys, datasets=datasets,
                          analyses=analyses or registered_names(), **options)
-        self.researcher.post("/v1/studies", self.researcher.seal("study", {"spec": spec.model_dump()}, study=spec.id))
+        self.researcher.post_study(self.researcher.seal("study", {"spec": spec.model_dump()}, study=spec.id))
         for site in self.study.sites if approved_by is None else approved_by:
             node = Node.from_config_file(self.workdir / site / "site.yaml")
             try:
@@ -78,6 +96,8 @@ class LocalNetwork:
         return spec
 
     def close(self) -> None:
+        from medveil.runtime.servers import NodeThread
+
         for runner in self.nodes.values():
             if isinstance(runner, NodeThread):
                 runner.signal_stop()
@@ -91,50 +111,114 @@ class LocalNetwork:
             self._blas_limit = None
 
 
-def start_local_network(
-    sites: Mapping[str, SiteData], *, workdir: str | Path | None = None, record_hub_traffic: bool = False,
-    policy: DisclosurePolicy | None = None, processes: bool = False, study_id: str = "simulation",
-    analyses: list[str] | None = None, hub_db: str | None = None, secure_aggregation: bool = True,
-    secagg_threshold: int | None = None,
-) -> LocalNetwork:
-    """Start hub and nodes, register everyone, create and approve one study over all variables."""
-    if not sites:
-        raise ValueError("simulate needs at least one site")
+@dataclass
+class _Sites:
+    """What both kinds of simulated federation set up alike: keys, site directories and configs, the study."""
+
+    root: Path
+    tables: dict[str, dict[str, TableLike]]
+    identities: dict[str, SigningKey]
+    stewards: dict[str, SigningKey]
+    configs: dict[str, SiteConfig]
+    frames: dict[str, dict[str, pd.DataFrame]]
+    researcher_key: SigningKey
+    study: StudySpec
+
+
+def _prepare_sites(sites: Mapping[str, SiteData], root: Path, hub_url: str, policy: Policies, processes: bool,
+                   study_id: str, analyses: list[str] | None, secure_aggregation: bool,
+                   secagg_threshold: int | None) -> _Sites:
+    """Generate every party's keys, write each site's directory (keys 0600, site.yaml) and the study."""
+    tables = {site: dict(d) if isinstance(d, Mapping) else {DEFAULT_DATASET: d} for site, d in sites.items()}
+    variables: dict[str, set[str]] = {}
+    for site_tables in tables.values():
+        for name, source in site_tables.items():
+            variables.setdefault(name, set()).update(_columns(name, source))
+    policies = policy if isinstance(policy, Mapping) else {site: policy or DisclosurePolicy() for site in tables}
+    make_private_dir(root / "stewards")
+    identities, stewards, configs, frames, encryption = {}, {}, {}, {}, {}
+    for site, site_tables in tables.items():
+        directory = make_private_dir(root / site)
+        make_private_dir(directory / "state")
+        identities[site], stewards[site] = SigningKey.generate(), SigningKey.generate()
+        private, encryption[site] = generate_encryption_key()
+        frames[site] = {name: src for name, src in site_tables.items() if isinstance(src, pd.DataFrame)}
+        datasets = {name: _dataset_config(src) for name, src in site_tables.items()
+                    if not isinstance(src, pd.DataFrame)}
+        if processes:
+            for name, frame in frames[site].items():
+                path = directory / f"{name}.csv"
+                frame.to_csv(path, index=False)
+                datasets[name] = DatasetConfig(kind="csv", path=path)
+            frames[site] = {}
+        config = SiteConfig(site=site, hub=hub_url, identity=directory / "node.key",
+                            steward_key=directory / "steward.pub", encryption_key=directory / "encryption.key",
+                            state_dir=directory / "state", policy=policies.get(site) or DisclosurePolicy(),
+                            datasets=datasets, poll_wait_s=20.0)
+        write_private_key(config.identity, identities[site])
+        write_encryption_key(config.encryption_key, private)
+        config.steward_key.write_text(stewards[site].verify_key.to_text() + "\n")
+        write_private_key(root / "stewards" / f"{site}.key", stewards[site])
+        (directory / "site.yaml").write_text(dump_site_config(config))
+        configs[site] = config
+    researcher_key = SigningKey.generate()
+    study = StudySpec(
+        id=study_id, title="simulated federation", researcher="researcher",
+        researcher_key=researcher_key.verify_key.to_text(), sites=sorted(tables),
+        site_keys={site: key.verify_key.to_text() for site, key in identities.items()},
+        site_encryption_keys=encryption,
+        datasets={name: sorted(cols) for name, cols in variables.items()},
+        analyses=analyses or registered_names(), secure_aggregation=secure_aggregation,
+        secagg_threshold=secagg_threshold,
+    )
+    return _Sites(root, tables, identities, stewards, configs, frames, researcher_key, study)
+
+
+def _workdir(workdir: str | Path | None) -> tuple[Path, Any]:
     tempdir = None
     if workdir is None:
         tempdir = tempfile.TemporaryDirectory(prefix="medveil-")
         workdir = tempdir.name
-    root = make_private_dir(Path(workdir))
+    return make_private_dir(Path(workdir)), tempdir
+
+
+def start_local_network(
+    sites: Mapping[str, SiteData], *, workdir: str | Path | None = None, record_hub_traffic: bool = False,
+    policy: Policies = None, processes: bool = False, study_id: str = "simulation",
+    analyses: list[str] | None = None, hub_db: str | None = None, secure_aggregation: bool = True,
+    secagg_threshold: int | None = None,
+) -> LocalNetwork:
+    """Start hub and nodes, register everyone, create and approve one study over all variables."""
+    from medveil.runtime.servers import HubServer
+
+    if not sites:
+        raise ValueError("simulate needs at least one site")
+    root, tempdir = _workdir(workdir)
     hub = HubServer(hub_db or f"sqlite:///{root / 'hub.db'}", record_traffic=record_hub_traffic).start()
-    researcher_key = SigningKey.generate()
-    researcher = HubClient(hub.url, "researcher", researcher_key,
-                           invitation=hub.invite("researcher", "researcher", researcher_key.verify_key.to_text()))
-    network = LocalNetwork(hub, researcher, None, root, _tempdir=tempdir)  # type: ignore[arg-type]
+    researcher: HubClient | None = None
+    network: LocalNetwork | None = None
     try:
+        prepared = _prepare_sites(sites, root, hub.url, policy, processes, study_id, analyses,
+                                  secure_aggregation, secagg_threshold)
+        key = prepared.researcher_key
+        researcher = HubClient(hub.url, "researcher", key,
+                               invitation=hub.invite("researcher", "researcher", key.verify_key.to_text()))
+        network = LocalNetwork(hub, researcher, prepared.study, root, _tempdir=tempdir)
         researcher.register("researcher")
-        tables = {site: dict(d) if isinstance(d, Mapping) else {DEFAULT_DATASET: d} for site, d in sites.items()}
-        variables: dict[str, set[str]] = {}
-        for site_tables in tables.values():
-            for name, source in site_tables.items():
-                variables.setdefault(name, set()).update(_columns(name, source))
-        identities = {site: SigningKey.generate() for site in tables}
-        study = StudySpec(
-            id=study_id, title="simulated federation", researcher="researcher",
-            researcher_key=researcher_key.verify_key.to_text(), sites=sorted(tables),
-            site_keys={site: key.verify_key.to_text() for site, key in identities.items()},
-            datasets={name: sorted(cols) for name, cols in variables.items()},
-            analyses=analyses or registered_names(), secure_aggregation=secure_aggregation,
-            secagg_threshold=secagg_threshold,
-        )
-        network.study = study
+        study = prepared.study
         researcher.pin(study.site_keys)
-        researcher.post("/v1/studies", researcher.seal("study", {"spec": study.model_dump()}, study=study.id))
-        make_private_dir(root / "stewards")
-        for site, site_tables in tables.items():
-            network.nodes[site] = _start_site(site, site_tables, network, identities[site], policy, processes)
+        researcher.post_study(researcher.seal("study", {"spec": study.model_dump()}, study=study.id))
+        for site in prepared.tables:
+            network.nodes[site] = _start_site(site, prepared, network, processes)
     except BaseException:
-        network.close()
-        researcher.close()
+        if network is not None:
+            network.close()
+        else:
+            hub.stop()
+            if tempdir is not None:
+                tempdir.cleanup()
+        if researcher is not None:
+            researcher.close()
         raise
     if processes:
         _wait_until_polling(network)
@@ -145,34 +229,19 @@ def start_local_network(
     return network
 
 
-def _start_site(site: str, site_tables: dict[str, TableLike], network: LocalNetwork, identity: SigningKey,
-                policy: DisclosurePolicy | None, processes: bool) -> NodeThread | NodeProcess:
-    directory = make_private_dir(network.workdir / site)
-    make_private_dir(directory / "state")
-    steward = SigningKey.generate()
-    frames = {name: src for name, src in site_tables.items() if isinstance(src, pd.DataFrame)}
-    datasets = {name: _dataset_config(src) for name, src in site_tables.items() if not isinstance(src, pd.DataFrame)}
-    if processes:
-        for name, frame in frames.items():
-            path = directory / f"{name}.csv"
-            frame.to_csv(path, index=False)
-            datasets[name] = DatasetConfig(kind="csv", path=path)
-        frames = {}
-    config = SiteConfig(site=site, hub=network.hub.url, identity=directory / "node.key",
-                        steward_key=directory / "steward.pub", state_dir=directory / "state",
-                        policy=policy or DisclosurePolicy(), datasets=datasets, poll_wait_s=20.0)
-    write_private_key(config.identity, identity)
-    config.steward_key.write_text(steward.verify_key.to_text() + "\n")
-    write_private_key(network.steward_key_path(site), steward)
-    (directory / "site.yaml").write_text(dump_site_config(config))
+def _start_site(site: str, prepared: _Sites, network: LocalNetwork, processes: bool) -> NodeThread | NodeProcess:
+    from medveil.runtime.servers import NodeProcess, NodeThread
+
+    config, identity, steward = prepared.configs[site], prepared.identities[site], prepared.stewards[site]
     invitation = network.hub.invite(site, "site", identity.verify_key.to_text())
     client = HubClient(network.hub.url, site, identity, max_bytes=config.max_message_bytes, invitation=invitation)
-    node = Node(config, identity, steward.verify_key, frames=frames, client=client)
+    node = Node(config, identity, steward.verify_key, frames=prepared.frames[site], client=client)
     node.register()
     node.approve(network.study.id, steward)
     if not processes:
         return NodeThread(node).start()
     node.close()
+    directory = network.workdir / site
     return NodeProcess(directory / "site.yaml", directory / "node.log").start()
 
 
@@ -180,3 +249,57 @@ def _wait_until_polling(network: LocalNetwork, timeout: float = 120.0) -> None:
     """Node processes take a moment to import; wait until each polls (`timeout` only bounds a hang)."""
     for runner in network.nodes.values():
         runner.wait_until_polling(timeout)
+
+
+@dataclass
+class InProcessNetwork:
+    """Real nodes reached in-process: the researcher's InProcessGrid hands them each step directly."""
+
+    grid: InProcessGrid
+    study: StudySpec
+    workdir: Path
+    nodes: dict[str, Node] = field(default_factory=dict)
+    _tempdir: Any = None
+
+    def steward_key_path(self, site: str) -> Path:
+        return self.workdir / "stewards" / f"{site}.key"
+
+    def close(self) -> None:
+        self.grid.close()
+        if self._tempdir is not None:
+            self._tempdir.cleanup()
+            self._tempdir = None
+
+
+def start_in_process(
+    sites: Mapping[str, SiteData], *, workdir: str | Path | None = None, policy: Policies = None,
+    study_id: str = "simulation", analyses: list[str] | None = None, secure_aggregation: bool = True,
+    secagg_threshold: int | None = None,
+) -> InProcessNetwork:
+    """The same sites, keys, study and stewards' approvals as `start_local_network`, without a hub:
+    `policy` may be one policy or one per site."""
+    if not sites:
+        raise ValueError("in_process needs at least one site")
+    root, tempdir = _workdir(workdir)
+    try:
+        prepared = _prepare_sites(sites, root, "http://in-process.invalid", policy, False, study_id, analyses,
+                                  secure_aggregation, secagg_threshold)
+        study = prepared.study
+        published = seal(prepared.researcher_key, {"kind": "study", "sender": study.researcher,
+                                                   "nonce": f"study-{study.id}", "issued_at": time.time(),
+                                                   "study": study.id}, {"spec": study.model_dump()})
+        grid = InProcessGrid({}, study, prepared.researcher_key, party=study.researcher)
+        network = InProcessNetwork(grid, study, root, _tempdir=tempdir)
+        for site, config in prepared.configs.items():
+            identity = prepared.identities[site]
+            client = InProcessClient(site, identity, {study.id: published}, max_bytes=config.max_message_bytes)
+            node = Node(config, identity, prepared.stewards[site].verify_key, frames=prepared.frames[site],
+                        client=client, senders=grid.senders)
+            grid.nodes[site] = node
+            network.nodes[site] = node
+            node.approve(study.id, prepared.stewards[site])
+    except BaseException:
+        if tempdir is not None:
+            tempdir.cleanup()
+        raise
+    return network

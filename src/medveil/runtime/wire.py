@@ -23,15 +23,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgpack
-import numpy as np
 
+from medveil.crypto.encoding import (
+    ARRAY_EXT,  # noqa: F401 - re-exported: the array extension code
+    EncodingError,
+    canonical_json,
+    pack_map,
+    unpack_map,
+)
 from medveil.crypto.signing import SignatureError, SigningKey, VerifyKey
 
 PROTOCOL_VERSION = 1
-ARRAY_EXT = 1
 BINARY = "application/x-medveil"  # the media type of envelopes over HTTP
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
-_ALLOWED_KINDS = set("biuf")
 MAX_HEADER_BYTES = 128 * 1024
 MAX_ID_LENGTH = 128
 MAX_LIST_LENGTH = 1024
@@ -45,60 +49,24 @@ COUNTER_FIELDS = ("step", "round")
 ID_LIST_FIELDS = ("recipients", "audit_ids")
 
 
-class WireError(ValueError):
+class WireError(EncodingError):
     """A message is malformed, oversized or fails its integrity check."""
 
 
-def _pack_default(obj: Any) -> Any:
-    if isinstance(obj, np.ndarray):
-        if obj.dtype.kind not in _ALLOWED_KINDS:
-            raise WireError(f"arrays of dtype {obj.dtype} cannot be sent")
-        array = np.ascontiguousarray(obj, dtype=obj.dtype.newbyteorder("<"))
-        meta = msgpack.packb([array.dtype.str, list(obj.shape)])
-        return msgpack.ExtType(ARRAY_EXT, meta + array.tobytes())
-    if isinstance(obj, np.generic):
-        return obj.item()
-    raise WireError(f"cannot encode {type(obj).__name__}")
-
-
-def _unpack_ext(code: int, data: bytes) -> Any:
-    if code != ARRAY_EXT:
-        raise WireError(f"unknown extension type {code}")
-    unpacker = msgpack.Unpacker(max_buffer_size=len(data))
-    unpacker.feed(data[:1024])  # dtype + up to 64 dimensions fit well within this
-    dtype_str, shape = unpacker.unpack()
-    offset = unpacker.tell()
-    dtype = np.dtype(dtype_str)
-    if dtype.kind not in _ALLOWED_KINDS:
-        raise WireError(f"arrays of dtype {dtype} are not accepted")
-    count = int(np.prod(shape)) if shape else 1
-    raw = memoryview(data)[offset:]
-    if len(raw) != count * dtype.itemsize:
-        raise WireError("array length does not match its shape")
-    return np.frombuffer(raw, dtype=dtype).reshape(shape)
-
-
 def pack_body(body: dict[str, Any]) -> bytes:
-    """Encode a map of JSON-like values and numpy arrays into binary framing."""
-    return msgpack.packb(body, default=_pack_default, use_bin_type=True)
+    """Encode a map of JSON-like values and numpy arrays into binary framing (crypto.encoding)."""
+    try:
+        return pack_map(body)
+    except EncodingError as exc:
+        raise WireError(str(exc)) from exc
 
 
 def unpack_body(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> dict[str, Any]:
-    if len(data) > max_bytes:
-        raise WireError(f"body of {len(data)} bytes exceeds the limit of {max_bytes}")
+    """Decode a body, refusing one above `max_bytes`, malformed bytes, unknown types and non-maps."""
     try:
-        body = msgpack.unpackb(data, ext_hook=_unpack_ext, raw=False, strict_map_key=True)
-    except WireError:
-        raise
-    except Exception as exc:
-        raise WireError(f"body is not valid msgpack: {exc}") from exc
-    if not isinstance(body, dict):
-        raise WireError("body must be a map")
-    return body
-
-
-def canonical_json(value: Any) -> bytes:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
+        return unpack_map(data, max_bytes)
+    except EncodingError as exc:
+        raise WireError(str(exc)) from exc
 
 
 def _refuse_constant(name: str) -> Any:
@@ -172,7 +140,7 @@ class Envelope:
     def body(self, max_bytes: int = DEFAULT_MAX_BYTES) -> dict[str, Any]:
         return unpack_body(self.body_bytes, max_bytes)
 
-    def verify(self, key: VerifyKey) -> "Envelope":
+    def verify(self, key: VerifyKey) -> Envelope:
         """Check the signature and the body digest; return self for chaining."""
         try:
             key.verify(self.signature, self.header_bytes)

@@ -1,0 +1,181 @@
+"""Durable run state on the researcher's side: a checkpoint per task and a write-ahead journal.
+
+After every round the session saves the task's whole state (`TaskRun`: analysis, parameters,
+dataset, sites, step counter, round, broadcast, global state, rows, privacy spent, audit ids and
+the secure-aggregation key set) as one wire-encoded file, written to a temporary file, fsynced
+and renamed over the old one. Every envelope sealed for a step after that checkpoint is first
+appended to the task's journal and fsynced, and only then posted. A process killed anywhere
+therefore leaves a checkpoint and the exact envelopes it may have sent since; `resume` re-sends
+those (the hub answers a copy it holds with 409, which counts as delivered), gathers their
+replies and continues. No pickle: the files are the wire framing (msgpack, raw arrays).
+The files are the researcher's own (0600 in a 0700 directory): the state holds pooled aggregates.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from medveil.runtime.config import make_private_dir
+from medveil.runtime.secure_aggregation import CoordinatorState
+from medveil.runtime.wire import WireError, is_id, pack_body, unpack_body
+
+RUN_FORMAT = 1
+_LENGTH = struct.Struct("<Q")
+
+
+class RunStateError(ValueError):
+    """A run's checkpoint is missing, of another study, or unreadable."""
+
+
+@dataclass
+class TaskRun:
+    """One analysis run in flight, everything needed to continue it in another process."""
+
+    id: str
+    study: str
+    analysis: str
+    params_wire: dict[str, Any]
+    dataset: str
+    sites: list[str]
+    step: int = 0
+    round: int = 0
+    broadcast: dict[str, Any] = field(default_factory=dict)
+    per_site: dict[str, dict[str, Any]] = field(default_factory=dict)
+    messages: dict[str, list[Any]] = field(default_factory=dict)
+    state: dict[str, Any] = field(default_factory=dict)
+    rows: dict[str, int] = field(default_factory=dict)
+    dp_spent: dict[str, float] = field(default_factory=dict)
+    audit_ids: dict[str, list[str]] = field(default_factory=dict)
+    secure: bool = False
+    coordinator: CoordinatorState | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"format": RUN_FORMAT, "id": self.id, "study": self.study, "analysis": self.analysis,
+                "params": self.params_wire, "dataset": self.dataset, "sites": list(self.sites), "step": self.step,
+                "round": self.round, "broadcast": self.broadcast, "per_site": self.per_site,
+                "messages": self.messages, "state": self.state, "rows": self.rows, "dp_spent": self.dp_spent,
+                "audit_ids": self.audit_ids, "secure": self.secure,
+                "coordinator": None if self.coordinator is None else self.coordinator.to_wire()}
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> TaskRun:
+        if data.get("format") != RUN_FORMAT:
+            raise RunStateError(f"run state of format {data.get('format')!r}, expected {RUN_FORMAT}")
+        coordinator = data.get("coordinator")
+        return cls(data["id"], data["study"], data["analysis"], data["params"], data["dataset"], list(data["sites"]),
+                   int(data["step"]), int(data["round"]), data["broadcast"], data["per_site"], data["messages"],
+                   data["state"], {k: int(v) for k, v in data["rows"].items()},
+                   {k: float(v) for k, v in data["dp_spent"].items()},
+                   {k: list(v) for k, v in data["audit_ids"].items()}, bool(data["secure"]),
+                   None if coordinator is None else CoordinatorState.from_wire(coordinator))
+
+
+def _fsync_dir(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+class RunFile:
+    """One task's checkpoint (`<task>.run`) and journal (`<task>.journal`) in a runs directory."""
+
+    def __init__(self, directory: Path, task: str):
+        if not is_id(task):
+            raise RunStateError(f"not a task id: {task!r}")
+        self.directory = directory
+        self.task = task
+        self.checkpoint = directory / f"{task}.run"
+        self.journal_path = directory / f"{task}.journal"
+        self._journal: dict[int, list[bytes]] | None = None
+
+    def save(self, run: TaskRun) -> None:
+        """Write the checkpoint atomically and start an empty journal (its steps are all covered)."""
+        temporary = self.checkpoint.with_suffix(".tmp")
+        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.write(pack_body(run.to_wire()))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, self.checkpoint)
+        descriptor = os.open(self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fsync(descriptor)
+        os.close(descriptor)
+        _fsync_dir(self.directory)
+        self._journal = {}
+
+    def load(self) -> TaskRun:
+        try:
+            data = unpack_body(self.checkpoint.read_bytes())
+            return TaskRun.from_wire(data)
+        except FileNotFoundError as exc:
+            raise RunStateError(f"no unfinished run {self.task!r} in {self.directory}") from exc
+        except (WireError, KeyError, TypeError, ValueError) as exc:
+            raise RunStateError(f"run state of {self.task!r} is unreadable: {exc}") from exc
+
+    def _read_journal(self) -> dict[int, list[bytes]]:
+        """The journalled steps; a torn last record (a crash while writing it) was never sent and is dropped."""
+        entries: dict[int, list[bytes]] = {}
+        try:
+            data = self.journal_path.read_bytes()
+        except FileNotFoundError:
+            return entries
+        offset = 0
+        while offset + _LENGTH.size <= len(data):
+            (size,) = _LENGTH.unpack_from(data, offset)
+            if offset + _LENGTH.size + size > len(data):
+                break
+            record = unpack_body(data[offset + _LENGTH.size:offset + _LENGTH.size + size])
+            entries[int(record["step"])] = [bytes(e) for e in record["envelopes"]]
+            offset += _LENGTH.size + size
+        return entries
+
+    def sealed(self, step: int) -> list[bytes] | None:
+        if self._journal is None:
+            self._journal = self._read_journal()
+        return self._journal.get(step)
+
+    def record(self, step: int, envelopes: list[bytes]) -> None:
+        record = pack_body({"step": step, "envelopes": envelopes})
+        descriptor = os.open(self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(descriptor, "ab") as handle:
+            handle.write(_LENGTH.pack(len(record)) + record)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if self._journal is None:
+            self._journal = self._read_journal()
+        self._journal[step] = list(envelopes)
+
+    def delete(self) -> None:
+        for path in (self.checkpoint, self.journal_path):
+            path.unlink(missing_ok=True)
+
+
+class RunStore:
+    """A directory of unfinished runs (0700)."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory).expanduser()
+
+    def open(self, task: str) -> RunFile:
+        make_private_dir(self.directory)
+        return RunFile(self.directory, task)
+
+    def unfinished(self, study: str | None = None) -> list[TaskRun]:
+        """The runs whose checkpoint is still here (of `study` only, when given), oldest first."""
+        if not self.directory.is_dir():
+            return []
+        runs = []
+        for path in sorted(self.directory.glob("*.run"), key=lambda p: p.stat().st_mtime):
+            try:
+                run = RunFile(self.directory, path.stem).load()
+            except RunStateError:
+                continue
+            if study is None or run.study == study:
+                runs.append(run)
+        return runs
