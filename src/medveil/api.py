@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -19,14 +20,19 @@ from medveil.analyses.glm_results import GLMResults
 from medveil.analyses.pca import PCAResult
 from medveil.analyses.survival import KaplanMeierResult, LogrankResult
 from medveil.crypto.signing import SigningKey, VerifyKey, is_encrypted_pem
-from medveil.privacy.disclosure import DisclosurePolicy
 from medveil.runtime.client import HubClient
 from medveil.runtime.config import PASSPHRASE_ENV, read_private_key
 from medveil.runtime.session import ResearcherSession, RunOutcome
 from medveil.runtime.study import StudySpec
 
 if TYPE_CHECKING:
-    from medveil.runtime.simulation import InProcessNetwork, LocalNetwork, SiteData
+    from medveil.runtime.grid import Grid
+    from medveil.runtime.simulation import (
+        InProcessNetwork,
+        LocalNetwork,
+        Policies,
+        SiteData,
+    )
 
 DEFAULT_RUNS_DIR = Path("~/.medveil/runs")
 
@@ -38,71 +44,100 @@ class Federation:
     rows used per site, whether secure aggregation was on and the sites' audit entry ids.
     """
 
-    def __init__(self, session: ResearcherSession, network: "LocalNetwork | InProcessNetwork | None" = None):
+    def __init__(self, session: ResearcherSession, network: LocalNetwork | InProcessNetwork | None = None):
+        """A federation over `session`; `network`, the simulated one it runs on (closed with it)."""
         self.session = session
         self.network = network
 
     @classmethod
-    def simulate(cls, sites: Mapping[str, "SiteData"], *, record_hub_traffic: bool = False,
-                 policy: DisclosurePolicy | None = None, timeout: float = 60.0, processes: bool = False,
+    def simulate(cls, sites: Mapping[str, SiteData], *, record_hub_traffic: bool = False,
+                 policy: Policies = None, timeout: float = 60.0, processes: bool = False,
                  workdir: str | Path | None = None, hub_db: str | None = None, secure_aggregation: bool = True,
                  secagg_threshold: int | None = None, allow_dropouts: bool = False,
-                 runs_dir: str | Path | None = None) -> "Federation":
+                 runs_dir: str | Path | None = None) -> Federation:
         """Start a real hub and one real node per site on loopback HTTP (threads, or processes).
 
-        A site is one table (DataFrame or CSV/Parquet path; dataset "default") or a dict
-        {dataset name: table}. The hub keeps its state in `hub_db` (SQLAlchemy URL; a SQLite
-        file in the work directory by default). Secure aggregation is on unless turned off here,
+        The study set-up is the one `in_process` uses (runtime/simulation.py): a site is one
+        table (DataFrame or CSV/Parquet/PLINK path; dataset "default") or a dict {dataset name:
+        table}; every site gets its own identity, encryption and steward keys, registers on an
+        invitation, and its steward approves one study over every variable. `policy`: one
+        disclosure policy, or one per site. Secure aggregation is on unless turned off here,
         which the study records and every result's provenance reports. A site that does not
-        answer fails the run with an error naming it, unless `allow_dropouts` lets a secure
-        first round go on without it (down to the threshold; the provenance lists who took part).
-        Runs are checkpointed in `runs_dir` (default: `runs/` in the work directory) and resumable
-        with `resume`.
+        answer within `timeout` fails the run with an error naming it, unless `allow_dropouts`
+        lets a secure first round go on without it (down to the threshold; the provenance lists
+        who took part). The hub keeps its state in `hub_db` (SQLAlchemy URL; a SQLite file in
+        the work directory by default) and, with `record_hub_traffic`, every message it relayed
+        (`hub_traffic`). Runs are checkpointed in `runs_dir` (default: `runs/` in the work
+        directory) and resumable with `resume`.
+
+            >>> with Federation.simulate({"a": frame_a, "b": frame_b}) as fed:  # doctest: +SKIP
+            ...     fed.describe("age")
         """
         from medveil.runtime.simulation import start_local_network
 
         network = start_local_network(sites, workdir=workdir, record_hub_traffic=record_hub_traffic,
                                       policy=policy, processes=processes, hub_db=hub_db,
                                       secure_aggregation=secure_aggregation, secagg_threshold=secagg_threshold)
-        session = ResearcherSession(network.researcher, network.study, timeout=timeout, allow_dropouts=allow_dropouts,
-                                    runs_dir=network.workdir / "runs" if runs_dir is None else runs_dir)
-        return cls(session, network)
+        return cls._over(network, network.researcher, timeout=timeout, allow_dropouts=allow_dropouts,
+                         runs_dir=network.workdir / "runs" if runs_dir is None else runs_dir)
 
     @classmethod
-    def in_process(cls, sites: Mapping[str, "SiteData"], *,
-                   policy: DisclosurePolicy | Mapping[str, DisclosurePolicy] | None = None, timeout: float = 60.0,
+    def in_process(cls, sites: Mapping[str, SiteData], *, policy: Policies = None, timeout: float = 60.0,
                    workdir: str | Path | None = None, secure_aggregation: bool = True,
-                   secagg_threshold: int | None = None, runs_dir: str | Path | None = None) -> "Federation":
-        """The same study set-up as `simulate` (real nodes, keys, stewards' approvals, every guard),
-        but each step is handed to the nodes in this process: no hub, no HTTP; for fast tests.
-        `policy` may be one policy or one per site. Runs are not checkpointed unless `runs_dir`."""
+                   secagg_threshold: int | None = None, allow_dropouts: bool = False,
+                   runs_dir: str | Path | None = None) -> Federation:
+        """The study set-up of `simulate` (the same sites, keys, study, stewards' approvals and
+        every node guard; the same keywords bar the hub's), with each step handed to the nodes in this process by
+        an InProcessGrid: no hub, no HTTP; for fast tests. Results equal `simulate`'s to the last
+        digit. `hub_traffic` lists every envelope the grid handed over or got back. Runs are not
+        checkpointed unless `runs_dir` is given.
+
+            >>> with Federation.in_process({"a": frame_a, "b": frame_b}) as fed:  # doctest: +SKIP
+            ...     fed.glm("death ~ age", family="binomial")
+        """
         from medveil.runtime.simulation import start_in_process
 
         network = start_in_process(sites, workdir=workdir, policy=policy, secure_aggregation=secure_aggregation,
                                    secagg_threshold=secagg_threshold)
-        return cls(ResearcherSession(network.grid, network.study, timeout=timeout, runs_dir=runs_dir), network)
+        return cls._over(network, network.grid, timeout=timeout, allow_dropouts=allow_dropouts, runs_dir=runs_dir)
+
+    @classmethod
+    def _over(cls, network: LocalNetwork | InProcessNetwork, grid: Grid | HubClient, *, timeout: float,
+              allow_dropouts: bool, runs_dir: str | Path | None) -> Federation:
+        """A federation whose session runs over `grid` and which closes `network` with it."""
+        try:
+            session = ResearcherSession(grid, network.study, timeout=timeout, allow_dropouts=allow_dropouts,
+                                        runs_dir=runs_dir)
+        except BaseException:
+            network.close()
+            raise
+        return cls(session, network)
 
     @property
     def study(self) -> StudySpec:
+        """The study every run belongs to (signed by the researcher, approved by the stewards)."""
         return self.session.study
 
     @property
     def sites(self) -> list[str]:
+        """The study's sites."""
         return list(self.study.sites)
 
     def close(self) -> None:
+        """Wait for the last results to be recorded, then close the session and any simulated network."""
         self.session.close()
         if self.network is not None:
             self.network.close()
             self.network = None
 
-    def __enter__(self) -> "Federation":
+    def __enter__(self) -> Federation:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     def _dataset(self, data: str | None) -> str:
+        """The dataset a call names, or the study's only one."""
         if data is not None:
             return data
         if len(self.study.datasets) == 1:
@@ -114,19 +149,28 @@ class Federation:
         return self.session.run(analysis, params, self._dataset(data))
 
     def _result(self, analysis: str, data: str | None, **params: Any) -> Any:
-        """Run and return the (frozen) result object carrying its provenance."""
-        return _with_provenance(self.run(analysis, data, **params))
-
-    def _frame(self, analysis: str, data: str | None, **params: Any) -> pd.DataFrame:
+        """Run and return the result carrying its provenance (see _with_provenance)."""
         return _with_provenance(self.run(analysis, data, **params))
 
     def resume(self, task_id: str) -> Any:
         """Continue a run whose process was killed, from its last checkpoint, to the result the
-        original call would have returned (with its provenance). Unfinished runs: `runs()`."""
+        original call would have returned (equal to the last digit, with its provenance). What
+        the journal holds is re-sent (the hub takes a copy it already has for delivered). A run
+        a site refused is final and cannot be resumed.
+
+            >>> fed = mv.connect(url, "researcher.key", "study-1")  # doctest: +SKIP
+            >>> task = fed.runs()["task"].iloc[0]  # the glm() run a crash cut short
+            >>> fit = fed.resume(task)  # the GLMResults that glm() would have returned
+        """
         return _with_provenance(self.session.resume(task_id))
 
     def runs(self) -> pd.DataFrame:
-        """This study's unfinished runs (resumable with `resume(task)`), oldest first."""
+        """This study's unfinished runs, oldest first: one row per run with its task id (for
+        `resume`), analysis, dataset, the round it reached and its next step.
+
+            >>> for task in fed.runs()["task"]:  # doctest: +SKIP
+            ...     print(fed.resume(task).provenance["rounds"])
+        """
         return pd.DataFrame([{"task": run.id, "analysis": run.analysis, "dataset": run.dataset, "round": run.round,
                               "step": run.step} for run in self.session.unfinished()],
                             columns=["task", "analysis", "dataset", "round", "step"])
@@ -140,15 +184,15 @@ class Federation:
         """n, mean, sd and protected quantiles per numeric variable; never minima or maxima."""
         names = [variables] if isinstance(variables, str) else list(variables)
         extra = {} if quantiles is None else {"quantiles": list(quantiles)}
-        return self._frame("describe", data, variables=names, **extra)
+        return self._result("describe", data, variables=names, **extra)
 
     def crosstab(self, row: str, col: str | None = None, data: str | None = None) -> pd.DataFrame:
         """Pooled frequency table; small cells are missing and marked in `attrs["suppressed"]`."""
-        return self._frame("crosstab", data, row=row, col=col)
+        return self._result("crosstab", data, row=row, col=col)
 
     def histogram(self, variable: str, edges: Sequence[float], data: str | None = None) -> pd.DataFrame:
         """Pooled counts over bin edges fixed up front; small bins suppressed and marked."""
-        return self._frame("histogram", data, variable=variable, edges=[float(e) for e in edges])
+        return self._result("histogram", data, variable=variable, edges=[float(e) for e in edges])
 
     def glm(self, formula: str, family: str = "gaussian", data: str | None = None, offset: str | None = None,
             weights: str | None = None, max_iter: int = 100, tol: float = 1e-8) -> GLMResults:
@@ -211,8 +255,14 @@ class Federation:
         return self._result("pca", data, genotypes=genotypes, components=components, **options)
 
     def query(self, site: str, service: str, **query: Any) -> dict[str, Any]:
-        """Ask one site's service one query, e.g. `fed.query("hospital_a", "count_lookup", key="C18")`;
-        the study must list the service and the site's steward must have built it."""
+        """Ask one site's service one query and return its answer. The study must list the
+        service and the site's steward must have built it (`medveil service build`); the
+        query is checked against the service's schema here (ValueError) and again at the site,
+        whose refusal (e.g. `service_quota_exhausted`) raises RefusedError.
+
+            >>> fed.query("hospital_a", "count_lookup", key="C18")  # doctest: +SKIP
+            {'count': 9, 'suppressed': False, 'min_count': 5}
+        """
         from medveil.runtime.services import query_service, query_step
 
         def send(task: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -222,10 +272,13 @@ class Federation:
         return query_service(send, service, query)
 
     def hub_traffic(self) -> pd.DataFrame:
-        """Every message the hub relayed, decoded: exactly what the operator can see."""
+        """Every message the hub relayed, decoded: exactly what the operator can see (for an
+        in-process federation, every envelope its grid handed to a node or got back)."""
+        relayed = getattr(self.session.grid, "relayed", None)
+        if relayed is None:
+            raise TypeError(f"a {type(self.session.grid).__name__} keeps no record of the traffic it relayed")
         rows = []
-        envelopes = getattr(self.session.grid, "traffic", None)
-        for envelope in envelopes if isinstance(envelopes, list) else self.session.client.traffic():
+        for envelope in relayed():
             header = envelope.header
             rows.append({
                 "kind": header["kind"], "sender": header["sender"], "task": header.get("task"),

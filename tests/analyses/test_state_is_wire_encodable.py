@@ -7,7 +7,6 @@ GLOBAL step's NextRound.state goes through pack_body/unpack_body before the next
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -15,12 +14,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from medveil.analyses.base import Aggregated, Finished, SiteContext, get_analysis, registered_names
+from medveil.analyses.base import (
+    Aggregated,
+    Finished,
+    SiteContext,
+    get_analysis,
+    registered_names,
+)
 from medveil.data.genotypes import GenotypeFile
 from medveil.privacy.disclosure import DisclosurePolicy
 from medveil.runtime.wire import pack_body, unpack_body
+from tests.analyses.every_analysis import assert_identical, clinical_and_genotype_sites
 
-bed_reader = pytest.importorskip("bed_reader")
+pytest.importorskip("bed_reader")
 
 POLICY = DisclosurePolicy(differencing_guard=False)
 PARAMS = {
@@ -41,25 +47,8 @@ PARAMS = {
 
 @pytest.fixture(scope="module")
 def sites(tmp_path_factory) -> dict[str, tuple[pd.DataFrame, GenotypeFile]]:
-    directory = tmp_path_factory.mktemp("genotypes")
-    rng = np.random.default_rng(23)
-    sites = {}
-    for site, n in (("site_a", 240), ("site_b", 180), ("site_c", 150)):
-        age = rng.normal(60, 9, n)
-        stage = rng.choice(["I", "II", "III"], n, p=[0.4, 0.35, 0.25])
-        iid = np.array([f"{site}-{i}" for i in range(n)])
-        frame = pd.DataFrame({
-            "IID": iid, "age": age, "bmi": rng.normal(26, 4, n), "stage": stage, "sex": rng.choice(["f", "m"], n),
-            "death": (rng.random(n) < 1 / (1 + np.exp(6 - 0.09 * age))).astype(int),
-            "time": np.ceil(rng.exponential(900, n)), "event": (rng.random(n) < 0.6).astype(int),
-            "case": rng.integers(0, 2, n)})
-        m = 120
-        dosages = rng.binomial(2, rng.uniform(0.1, 0.5, m), (n, m)).astype(np.float32)
-        props = dict(iid=iid, fid=iid, sid=[f"rs{j}" for j in range(m)], chromosome=np.repeat(["1"], m),
-                     bp_position=np.arange(m) * 100 + 1000, allele_1=["A"] * m, allele_2=["G"] * m)
-        bed_reader.to_bed(directory / f"{site}.bed", dosages, properties=props)
-        sites[site] = (frame, GenotypeFile("geno", directory / f"{site}.bed"))
-    return sites
+    sites = clinical_and_genotype_sites(tmp_path_factory.mktemp("genotypes"), seed=23)
+    return {site: (frame, GenotypeFile("geno", bed)) for site, (frame, bed) in sites.items()}
 
 
 def _structurally_equal(before: Any, after: Any, where: str = "state") -> None:
@@ -112,32 +101,6 @@ def _run(name: str, sites: dict[str, tuple[pd.DataFrame, GenotypeFile]], checkpo
     raise AssertionError(f"{name} did not finish")
 
 
-def _same(a: Any, b: Any, where: str) -> None:
-    assert type(a) is type(b), where
-    if isinstance(a, pd.DataFrame):
-        pd.testing.assert_frame_equal(a, b, check_exact=True, obj=where)
-        _same(dict(a.attrs), dict(b.attrs), f"{where}.attrs")
-    elif isinstance(a, pd.Series):
-        pd.testing.assert_series_equal(a, b, check_exact=True, obj=where)
-    elif isinstance(a, np.ndarray):
-        np.testing.assert_array_equal(a, b, err_msg=where)
-    elif dataclasses.is_dataclass(a):
-        for item in dataclasses.fields(a):
-            _same(getattr(a, item.name), getattr(b, item.name), f"{where}.{item.name}")
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), where
-        for key in a:
-            _same(a[key], b[key], f"{where}[{key!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
-            _same(x, y, f"{where}[{i}]")
-    elif isinstance(a, float) and math.isnan(a):
-        assert math.isnan(b), where
-    else:
-        assert a == b, where
-
-
 def test_every_registered_analysis_is_covered():
     builtin = {"coxph", "crosstab", "describe", "glm", "gwas", "histogram", "kaplan_meier", "logrank", "pca", "ping"}
     assert builtin <= set(registered_names())
@@ -149,6 +112,6 @@ def test_a_run_continuing_from_decoded_state_equals_the_uninterrupted_run(sites,
     checkpointed, rounds = _run(name, sites, checkpoint=True)
     uninterrupted, same_rounds = _run(name, sites, checkpoint=False)
     assert rounds == same_rounds
-    _same(checkpointed, uninterrupted, name)
+    assert_identical(checkpointed, uninterrupted, name)
     if name in ("glm", "coxph", "gwas", "gwas-linear", "pca"):
         assert rounds > 2  # multi-round: the state went through the wire more than once

@@ -116,7 +116,7 @@ def test_perfect_separation_is_refused_once_fitted_values_reach_their_bounds(gbs
 def test_traffic_envelopes_are_signed_by_their_senders(gbsg2):
     with mv.Federation.simulate(split_uneven(gbsg2), record_hub_traffic=True) as fed:
         fed.glm("cens ~ age", family="binomial")
-        client = fed.session.client
+        client = fed.session.grid.client
         for envelope in client.traffic():
             own = envelope.sender == client.party  # the researcher's own key is not among the pinned peers
             envelope.verify(client.key.verify_key if own else client.public_key(envelope.sender))

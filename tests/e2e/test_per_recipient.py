@@ -62,11 +62,11 @@ def fed():
 
 
 def test_the_recipient_reads_the_payload_and_the_hub_relays_only_ciphertext(fed):
-    before = len(fed.session.client.traffic())
+    before = len(fed.session.grid.relayed())
     result = fed.run("relay_secret").result
     assert result["site_b"]["proof"] == hashlib.sha256(SECRET).hexdigest()
     assert result["site_b"]["senders"] == ["site_a"]
-    relayed = fed.session.client.traffic()[before:]
+    relayed = fed.session.grid.relayed()[before:]
     assert relayed, "the hub recorded the exchange"
     assert all(SECRET not in envelope.encode() for envelope in relayed)
     sealed = [envelope.body()["payloads"]["site_b"] for envelope in relayed

@@ -63,11 +63,11 @@ def test_missing_column_names_the_column_and_site(fed):
 
 def test_unregistered_analysis_is_refused_by_the_node(fed):
     session = fed.session
-    task = session.client.seal("task", {"params": {}, "broadcast": {}}, study=fed.study.id, task="t-unknown",
+    task = session.grid.client.seal("task", {"params": {}, "broadcast": {}}, study=fed.study.id, task="t-unknown",
                                step=0, phase="keys", round=0, analysis="run_python", dataset="default", recipients=fed.sites)
-    session.client.post("/v1/messages", task)
+    session.grid.client.post_message(task)
     with pytest.raises(mv.RefusedError) as error:
-        session._gather("t-unknown", 0, fed.sites)
+        session.grid.gather("t-unknown", 0, fed.sites, timeout=10)
     assert {rule for _, rule, _ in error.value.refusals} == {"unknown_analysis"}
 
 
@@ -79,7 +79,7 @@ def test_forged_task_is_refused_by_hub_and_by_node(fed):
               "recipients": fed.sites}
     forged = seal(forger, header, {"params": {"variables": ["age"]}, "broadcast": {}})
     with pytest.raises(HubError) as hub_error:
-        fed.session.client.post("/v1/messages", forged)
+        fed.session.grid.client.post_message(forged)
     assert hub_error.value.status == 403 and "forged" in hub_error.value.detail
     assert any(e.kind == "forged" for e in fed.network.hub.store.events())
     node = fed.network.nodes["site_a"].node
@@ -88,13 +88,13 @@ def test_forged_task_is_refused_by_hub_and_by_node(fed):
 
 
 def test_replayed_task_is_refused_by_hub_and_by_node(fed):
-    client = fed.session.client
+    client = fed.session.grid.client
     task = client.seal("task", {"params": {}, "broadcast": {}}, study=fed.study.id, task="t-replay", step=0,
                        phase="compute", round=0, analysis="ping", dataset="default", recipients=fed.sites)
-    client.post("/v1/messages", task)
-    assert len(fed.session._gather("t-replay", 0, fed.sites)) == 3
+    client.post_message(task)
+    assert len(fed.session.grid.gather("t-replay", 0, fed.sites, timeout=10)) == 3
     with pytest.raises(HubError) as hub_error:
-        client.post("/v1/messages", task)
+        client.post_message(task)
     assert hub_error.value.status == 409
     node = fed.network.nodes["site_a"].node
     reply = node.handle(task.encode())
@@ -113,10 +113,10 @@ def test_oversized_request_is_refused_before_parsing(fed):
 
 
 def test_tampered_reply_is_detected_by_the_researcher(fed):
-    client = fed.session.client
+    client = fed.session.grid.client
     task = client.seal("task", {"params": {}, "broadcast": {}}, study=fed.study.id, task="t-tamper", step=0,
                        phase="keys", round=0, analysis="ping", dataset="default", recipients=fed.sites)
-    client.post("/v1/messages", task)
+    client.post_message(task)
     replies = client.replies("t-tamper", 0, wait=10)
     original = replies[0]
     tampered = open_envelope(original.encode())

@@ -9,11 +9,11 @@ import time
 def send_raw(fed, study: str, task: str, step: int, round_no: int, analysis: str, params: dict,
              broadcast: dict | None = None, dataset: str = "default") -> dict:
     """Post one raw compute step to every site; {site: (status, reply body or refusal rule)}."""
-    client = fed.session.client
+    client = fed.session.grid.client
     message = client.seal("task", {"params": params, "broadcast": broadcast or {}}, study=study, task=task,
                           step=step, phase="compute", round=round_no, analysis=analysis, dataset=dataset,
                           recipients=fed.sites)
-    client.post("/v1/messages", message)
+    client.post_message(message)
     deadline = time.monotonic() + 120
     replies: list = []
     while len(replies) < len(fed.sites) and time.monotonic() < deadline:

@@ -82,12 +82,17 @@ def _raw_task(fed, params: dict, broadcast: dict | None = None, task: str | None
               round_no: int = 0, study: str | None = None) -> str:
     """Seal and post a task as a hostile researcher would, bypassing the client's validation."""
     task = task or f"t-{uuid.uuid4().hex}"
-    envelope = fed.session.client.seal("task", {"params": params, "broadcast": broadcast or {}},
+    envelope = fed.session.grid.client.seal("task", {"params": params, "broadcast": broadcast or {}},
                                        study=study or fed.study.id,
                                        task=task, step=step, phase="compute", round=round_no, analysis="glm",
                                        dataset="default", recipients=fed.sites)
-    fed.session.client.post("/v1/messages", envelope)
+    fed.session.grid.client.post_message(envelope)
     return task
+
+
+def _replies(fed, task: str, step: int, study: str | None = None) -> dict:
+    """The verified replies of every site to a raw step (RefusedError on a refusal)."""
+    return fed.session.grid.gather(task, step, fed.sites, timeout=fed.session.timeout, study_id=study)
 
 
 # --- formula escapes -------------------------------------------------------------------------
@@ -113,7 +118,7 @@ def test_formula_escape_is_refused_by_the_researchers_client_before_sending(fed,
 def test_formula_escape_sent_raw_is_refused_by_every_node(fed, index, marker):
     task = _raw_task(fed, {"formula": _escapes(marker)[index]})
     with pytest.raises(mv.RefusedError) as error:
-        fed.session._gather(task, 0, fed.sites)
+        _replies(fed, task, 0)
     assert {(site, rule) for site, rule, _ in error.value.refusals} == {(s, "formula_not_allowed") for s in fed.sites}
     assert not marker.exists()
 
@@ -124,7 +129,7 @@ def test_standardize_is_refused_as_it_would_not_equal_a_pooled_fit(fed):
     assert error.value.rule == "formula_not_allowed"
     task = _raw_task(fed, {"formula": "y ~ standardize(age)"})
     with pytest.raises(mv.RefusedError) as refused:
-        fed.session._gather(task, 0, fed.sites)
+        _replies(fed, task, 0)
     assert refused.value.rule == "formula_not_allowed"
 
 
@@ -272,9 +277,9 @@ def test_levels_the_node_never_released_are_refused_end_to_end(fed):
     """Without secure aggregation in the way (whose own guard would refuse a raw step first)."""
     study = fed.network.add_study("glm-plain", fed.study.datasets, secure_aggregation=False).id
     task = _raw_task(fed, {"formula": "y ~ x + C(stage)"}, study=study)
-    assert len(fed.session._gather(task, 0, fed.sites)) == 3
+    assert len(_replies(fed, task, 0, study=study)) == 3
     _raw_task(fed, {"formula": "y ~ x + C(stage)"}, {"levels": {"stage": ["IV"], "age": ["97"]}}, task, 1, 1,
               study=study)
     with pytest.raises(mv.RefusedError) as error:
-        fed.session._gather(task, 1, fed.sites)
+        _replies(fed, task, 1, study=study)
     assert {rule for _, rule, _ in error.value.refusals} == {"broadcast_not_released"}

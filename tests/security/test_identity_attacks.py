@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import os
 import time
+import uuid
 
 import numpy as np
 import pandas as pd
@@ -25,6 +26,8 @@ from medveil.runtime.client import HubClient, HubError
 from medveil.runtime.config import write_private_key
 from medveil.runtime.hub_store import Party
 from medveil.runtime.node import Node, Refusal
+from medveil.runtime.runs import TaskRun
+from medveil.runtime.secure_rounds import TaskChannel, make_keyset, new_coordinator
 from medveil.runtime.servers import HubServer
 from medveil.runtime.session import FederationError, ResearcherSession
 from medveil.runtime.study import StudySpec
@@ -138,8 +141,8 @@ def test_hub_serving_a_wrong_key_cannot_make_the_researcher_accept_a_forged_repl
         forged.verify(unpinned.public_key("site_b"))
         unpinned.close()
         with pytest.raises(FederationError, match="forged"):
-            fed.session._gather(task_id, 0, ["site_b"])
-        assert fed.session.client.public_key("site_b").to_text() == fed.study.site_keys["site_b"]
+            fed.session.grid.gather(task_id, 0, ["site_b"], timeout=60)
+        assert fed.session.grid.client.public_key("site_b").to_text() == fed.study.site_keys["site_b"]
     finally:
         _serve_wrong_key(hub, "site_b", fed.network.nodes["site_b"].node.client.key)
 
@@ -149,7 +152,7 @@ def test_connect_verifies_sites_against_the_pinned_keys_not_the_hub(fed):
     with mv.connect(hub.url, fed.network.researcher.key, fed.study.id, timeout=60) as connected:
         _serve_wrong_key(hub, "site_c", MALLORY)
         try:
-            client = connected.session.client
+            client = connected.session.grid.client
             assert client.public_key("site_c").to_text() == fed.study.site_keys["site_c"]
             with pytest.raises(SignatureError, match="no key is pinned"):
                 client.public_key("mallory")
@@ -181,31 +184,27 @@ def test_study_create_refuses_a_hub_key_that_does_not_match_the_stewards_fingerp
     assert hub.store.study("pinned-by-fingerprint").spec["site_keys"] == {"site_b": genuine.to_text()}
 
 
-def test_hub_and_researcher_cannot_slip_a_forged_secure_aggregation_key_to_the_peers(fed, monkeypatch):
-    """When a new key set is made, the hub starts serving Mallory's key for site_b and the colluding
-    researcher forwards a key reply for site_b signed by Mallory: the peers check it against the
-    pinned key and mask nothing under it."""
+def test_hub_and_researcher_cannot_slip_a_forged_secure_aggregation_key_to_the_peers(fed):
+    """A new key set is made by an honest keys step; then the hub starts serving Mallory's key for
+    site_b and the colluding researcher runs with the key set in which site_b's key reply is
+    replaced by one signed by Mallory: the peers check it against the pinned key and mask
+    nothing under it."""
     hub, session = fed.network.hub, fed.session
-    make_keys = session._secure_keys
-
-    def forged_keys(task):
-        state = make_keys(task)
-        original = open_envelope(state.key_envelopes["site_b"])
-        public = dict(original.body()["public"], secagg_public=base64.b64encode(os.urandom(32)).decode())
-        header = {k: v for k, v in original.header.items() if k not in ("v", "body_sha256")}
-        state.key_envelopes["site_b"] = seal(MALLORY, header, {**original.body(), "public": public}).encode()
-        _serve_wrong_key(hub, "site_b", MALLORY)
-        return state
-
-    monkeypatch.setattr(session, "_secure_keys", forged_keys)
-    session._keyset = None
+    task = TaskRun(uuid.uuid4().hex, fed.study.id, "describe", {"variables": ["x"]}, "default", fed.sites)
+    state = make_keyset(TaskChannel(session.grid, task, session.timeout), new_coordinator(fed.study))
+    original = open_envelope(state.key_envelopes["site_b"])
+    public = dict(original.body()["public"], secagg_public=base64.b64encode(os.urandom(32)).decode())
+    header = {k: v for k, v in original.header.items() if k not in ("v", "body_sha256")}
+    state.key_envelopes["site_b"] = seal(MALLORY, header, {**original.body(), "public": public}).encode()
+    _serve_wrong_key(hub, "site_b", MALLORY)
+    session.keysets.current = state  # the next run uses the forged key set
     try:
         with pytest.raises(mv.RefusedError) as error:
             fed.describe("x")
         assert {site for site, _, _ in error.value.refusals} >= {"site_a", "site_c"}
         assert {rule for _, rule, _ in error.value.refusals} == {"secagg_peer_key"}
     finally:
-        session._keyset = None
+        session.keysets.current = None
         _serve_wrong_key(hub, "site_b", fed.network.nodes["site_b"].node.client.key)
 
 

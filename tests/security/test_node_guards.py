@@ -80,10 +80,10 @@ def test_an_oversized_broadcast_is_refused_before_the_analysis_sees_it(fed):
 
 def test_every_reply_quotes_the_audit_head_and_decisions_digest_what_was_asked(fed):
     params = {"variable": "x", "edges": EDGES}
-    client = fed.session.client
+    client = fed.session.grid.client
     message = client.seal("task", {"params": params, "broadcast": {}}, study="plain", task="t-audit", step=0,
                           phase="compute", round=0, analysis="histogram", dataset="default", recipients=["a"])
-    client.post("/v1/messages", message)
+    client.post_message(message)
     reply = client.replies("t-audit", 0, wait=30)[0]
     head = reply.header["audit_head"]
     entries = read_audit_log(fed.network.workdir / "a" / "state" / "audit.jsonl")
@@ -107,10 +107,10 @@ def test_a_message_the_node_fails_on_is_quarantined_and_the_node_goes_on(fed):
 
     node.handle = failing
     try:
-        client = fed.session.client
+        client = fed.session.grid.client
         message = client.seal("task", {"params": {}, "broadcast": {}}, study="plain", task="t-poison", step=0,
                               phase="compute", round=0, analysis="ping", dataset="default", recipients=["a"])
-        client.post("/v1/messages", message)
+        client.post_message(message)
         assert failed.wait(60)
         audit_path = fed.network.workdir / "a" / "state" / "audit.jsonl"
         deadline = time.monotonic() + 60

@@ -268,13 +268,13 @@ def test_a_task_record_is_read_only_by_its_researcher():
     frames = {f"s{i}": pd.DataFrame({"x": rng.normal(size=40)}) for i in range(2)}
     with mv.Federation.simulate(frames, timeout=30) as fed:
         result = fed.describe("x")
-        path = f"/v1/tasks/{result.attrs['provenance']['task']}"
+        task = result.attrs["provenance"]["task"]
         deadline = time.monotonic() + 30
-        while fed.session.client.get_json(path)["status"] != "done" and time.monotonic() < deadline:
+        while fed.session.grid.client.task_record(task)["status"] != "done" and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert fed.session.client.get_json(path)["result"]  # the researcher reads its own record
+        assert fed.session.grid.client.task_record(task)["result"]  # the researcher reads its own record
         with pytest.raises(HubError) as error:
-            fed.network.nodes["s0"].node.client.get_json(path)
+            fed.network.nodes["s0"].node.client.task_record(task)
         assert "404" in str(error.value) or getattr(error.value, "status", None) == 404
 
 

@@ -21,7 +21,9 @@ import medveil as mv
 from medveil.analyses.base import SiteContext, get_analysis
 from medveil.crypto import secagg
 from medveil.privacy.disclosure import DisclosurePolicy
+from medveil.runtime.grid import HubGrid, Step
 from medveil.runtime.secure_aggregation import CoordinatorState
+from medveil.runtime.study import StudySpec
 
 pytestmark = pytest.mark.e2e
 
@@ -51,19 +53,23 @@ def _own_sums(site: str) -> np.ndarray:
 
 
 def _keyset(fed) -> CoordinatorState:
-    return fed.session._keyset
+    """The key set the session's runs use, as the honest describe of the fixture made it."""
+    keyset = fed.session.keysets.current
+    assert keyset is not None and keyset.keyed
+    return keyset
 
 
-def _send(fed, task: str, step: int, phase: str, secure: dict, recipients: list[str], study: str | None = None,
-          round_no: int = 0) -> dict[str, dict]:
-    """Post one raw step and gather the replies ({site: body}); a refusal raises RefusedError."""
-    client = fed.session.client
-    message = client.seal("task", {"params": PARAMS, "broadcast": {}, "secagg": secure},
-                          study=study or fed.study.id, task=task, step=step, phase=phase, round=round_no,
-                          analysis="describe", dataset="default", recipients=recipients)
-    client.post("/v1/messages", message)
-    replies = fed.session._gather(task, step, recipients, tolerate_missing=True)
-    return {site: body for site, (_, body) in replies.items()}
+def _send(fed, task: str, step: int, phase: str, secure: dict, recipients: list[str],
+          study: StudySpec | None = None, round_no: int = 0) -> dict[str, dict]:
+    """Send one raw step (each recipient the same body) over a Grid of the researcher's hub client,
+    under the study or `study`, and gather the verified replies ({site: body}); a refusal raises
+    RefusedError, a silent site is only absent."""
+    grid = fed.session.grid if study is None else HubGrid(fed.session.grid.client, study)
+    step_ = Step(task, step, phase, round_no, "describe",
+                 {site: {"params": PARAMS, "broadcast": {}, "secagg": secure} for site in recipients},
+                 {site: "default" for site in recipients})
+    replies = grid.exchange(step_, timeout=fed.session.timeout, tolerate_missing=True)
+    return {site: reply.body for site, reply in replies.items()}
 
 
 def _decoded(vector: np.ndarray) -> np.ndarray:
@@ -143,7 +149,7 @@ def test_a_key_set_of_another_study_is_refused(fed):
     other = fed.network.add_study(f"other-{uuid.uuid4().hex[:8]}", {"default": ["x"]})
     secure = _keyset(fed).compute_request(SITES)
     with pytest.raises(mv.RefusedError) as error:
-        _send(fed, uuid.uuid4().hex, 0, "compute", secure, SITES, study=other.id)
+        _send(fed, uuid.uuid4().hex, 0, "compute", secure, SITES, study=other)
     assert {rule for _, rule, _ in error.value.refusals} == {"secagg_wrong_study"}
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import secrets
 import socket
+import threading
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -85,11 +86,12 @@ class HubClient:
         return self._request("POST", path, content=envelope.encode()).json()
 
     def post_until_accepted(self, path: str, envelope: Envelope, patience_s: float = 60.0, *,
-                            already_ok: bool = False) -> None:
+                            already_ok: bool = False, stop: threading.Event | None = None) -> None:
         """POST, retrying with backoff while the hub is unreachable or failing (e.g. restarting);
         a refusal (4xx) or running out of patience raises HubError. Safe to repeat: the hub
         refuses a second copy of the same envelope by its nonce (409), which `already_ok` takes
-        for delivered (a resumed run re-sending what it journalled)."""
+        for delivered (a resumed run re-sending what it journalled). Setting `stop` ends the
+        retries at once (a node shutting down while the hub is away)."""
         deadline, pause = time.monotonic() + patience_s, 0.05
         while True:
             try:
@@ -100,7 +102,10 @@ class HubClient:
                     return
                 if (exc.status and exc.status < 500) or time.monotonic() > deadline:
                     raise
-                time.sleep(pause)
+                if stop is not None and stop.wait(pause):
+                    raise HubError(0, "stopped while the hub was unreachable") from exc
+                if stop is None:
+                    time.sleep(pause)
                 pause = min(pause * 2, 2.0)
 
     # --- every hub URL a party uses, one named method each -----------------------------------
@@ -110,9 +115,9 @@ class HubClient:
         return self.post("/v1/messages", envelope)
 
     def post_until_accepted_message(self, envelope: Envelope, patience_s: float = 60.0, *,
-                                    already_ok: bool = False) -> None:
+                                    already_ok: bool = False, stop: threading.Event | None = None) -> None:
         """Post a task or reply, retrying while the hub is away (see post_until_accepted)."""
-        self.post_until_accepted("/v1/messages", envelope, patience_s, already_ok=already_ok)
+        self.post_until_accepted("/v1/messages", envelope, patience_s, already_ok=already_ok, stop=stop)
 
     def post_study(self, envelope: Envelope) -> dict[str, Any]:
         """Publish a study spec the researcher signed."""

@@ -71,6 +71,7 @@ class Step:
 
     @property
     def recipients(self) -> list[str]:
+        """The sites the step addresses, sorted."""
         return sorted(self.bodies)
 
 
@@ -134,13 +135,13 @@ def recipients_of(envelopes: Iterable[Envelope]) -> list[str]:
 
 def check_replies(study: StudySpec, task: str, step: int, round_no: int | None, envelopes: Iterable[Envelope],
                   sites: Iterable[str], key_for: Callable[[str], VerifyKey], *, max_bytes: int, timeout: float,
-                  tolerate_missing: bool = False, study_id: str | None = "") -> dict[str, Reply]:
+                  tolerate_missing: bool = False, study_id: str | None = None) -> dict[str, Reply]:
     """Verify the replies to one step, as both grids do: envelopes from sites outside `sites`
-    are ignored; a forged reply, or one bound to another study (`study_id`, default the study's
-    own; None for a raw step sent under another study of the researcher), task, step or round
-    (when given), raises FederationError; refusals raise RefusedError (every refusing site,
-    sorted); a site without a reply raises SiteTimeoutError unless `tolerate_missing`."""
-    bound_study = study.id if study_id == "" else study_id
+    are ignored; a forged reply, or one bound to another study (`study_id`: the study the step
+    was sent under, default `study`'s own, e.g. another study of the same researcher and sites),
+    task, step or round (when given), raises FederationError; refusals raise RefusedError (every
+    refusing site, sorted); a site without a reply raises SiteTimeoutError unless `tolerate_missing`."""
+    bound_study = study.id if study_id is None else study_id
     sites = set(sites)
     replies: dict[str, Reply] = {}
     refusals: list[tuple[str, str, str]] = []
@@ -153,8 +154,7 @@ def check_replies(study: StudySpec, task: str, step: int, round_no: int | None, 
         except SignatureError as exc:
             raise FederationError(f"reply claiming to be from {sender!r} is forged: {exc}") from exc
         header = envelope.header
-        if (envelope.kind != "reply" or (bound_study is not None and header.get("study") != bound_study)
-                or header.get("task") != task
+        if (envelope.kind != "reply" or header.get("study") != bound_study or header.get("task") != task
                 or header.get("step") != step or (round_no is not None and header.get("round") != round_no)):
             raise FederationError(f"reply from {sender!r} is bound to another study, task or step")
         body = envelope.body(max_bytes)
@@ -194,6 +194,8 @@ class HubGrid:
     """A Grid over a hub: posts each step's envelopes and long-polls for the replies."""
 
     def __init__(self, client: HubClient, study: StudySpec, *, post_patience_s: float = 60.0):
+        """A grid for `study` over the researcher's `client`; `post_patience_s`: how long a post is
+        retried while the hub is away (resumed steps and result records)."""
         self.client = client
         self.study = study
         self.post_patience_s = post_patience_s
@@ -201,10 +203,12 @@ class HubGrid:
 
     @property
     def party(self) -> str:
+        """The researcher's party id at the hub."""
         return self.client.party
 
     def exchange(self, step: Step, *, timeout: float, tolerate_missing: bool = False,
                  journal: StepJournal | None = None) -> dict[str, Reply]:
+        """Post the step's envelopes (a journalled replay: until the hub has them) and gather the replies."""
         envelopes, replayed = _envelopes(self.client.seal, self.study.id, step, journal, self.client.max_bytes)
         for envelope in envelopes:
             if replayed:  # a resumed run: the hub may hold it already (409 replay = delivered)
@@ -215,9 +219,10 @@ class HubGrid:
                            tolerate_missing=tolerate_missing, round_no=step.round)
 
     def gather(self, task: str, step: int, sites: list[str], *, timeout: float, tolerate_missing: bool = False,
-               round_no: int | None = None, study_id: str | None = "") -> dict[str, Reply]:
+               round_no: int | None = None, study_id: str | None = None) -> dict[str, Reply]:
         """Long-poll the hub for one step's replies until every site answered, one refused, or
-        `timeout` passed; then verify them (check_replies)."""
+        `timeout` passed; then verify them (check_replies). For a step posted outside `exchange`
+        (tools, red-team tests), under this study or `study_id`."""
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
@@ -237,10 +242,16 @@ class HubGrid:
             self.client.post_message(envelope)
 
     def record_result(self, task: str, provenance: dict[str, Any]) -> None:
+        """Post the signed result record, retrying while the hub is away."""
         envelope = self.client.seal("result", {"status": "done", "summary": provenance}, task=task)
         self.client.post_result(task, envelope, self.post_patience_s)
 
+    def relayed(self) -> list[Envelope]:
+        """Every message the hub relayed (a hub that records its traffic): what its operator sees."""
+        return self.client.traffic()
+
     def close(self) -> None:
+        """Close the hub client's connections."""
         self.client.close()
 
 
@@ -250,16 +261,19 @@ class InProcessClient(HubClient):
 
     def __init__(self, party: str, key: SigningKey, studies: Mapping[str, Envelope], *,
                  max_bytes: int = DEFAULT_MAX_BYTES):
+        """`party` signing with `key`; `studies`: the researcher's signed study envelopes by id."""
         super().__init__("http://in-process.invalid", party, key, max_bytes=max_bytes)
         self.studies = studies
         self.approvals: list[Envelope] = []
 
     def study_envelope(self, study_id: str) -> Envelope:
+        """The researcher's signed study envelope (a fresh copy), as the hub would serve it."""
         if study_id not in self.studies:
             raise HubError(404, f"no study {study_id!r}")
         return open_envelope(self.studies[study_id].encode(), self.max_bytes)
 
     def post(self, path: str, envelope: Envelope) -> dict[str, Any]:
+        """Keep a steward's approval; anything else would need a hub, which there is none of."""
         if envelope.kind != "approval":
             raise HubError(0, "an in-process party reaches no hub")
         self.approvals.append(envelope)
@@ -310,6 +324,8 @@ class InProcessGrid:
 
     def exchange(self, step: Step, *, timeout: float, tolerate_missing: bool = False,
                  journal: StepJournal | None = None) -> dict[str, Reply]:
+        """Hand the step's envelopes to the nodes (a replay the nodes answered already is not
+        handed again) and verify the replies."""
         envelopes, replayed = _envelopes(self.seal, self.study.id, step, journal, self.max_bytes)
         for envelope in envelopes:
             if not (replayed and self.senders(step.task, step.step)):
@@ -318,8 +334,8 @@ class InProcessGrid:
                            tolerate_missing=tolerate_missing, round_no=step.round)
 
     def gather(self, task: str, step: int, sites: list[str], *, timeout: float, tolerate_missing: bool = False,
-               round_no: int | None = None, study_id: str | None = "") -> dict[str, Reply]:
-        """Verify the replies this grid holds for one step (check_replies)."""
+               round_no: int | None = None, study_id: str | None = None) -> dict[str, Reply]:
+        """Verify the replies this grid holds for one step (check_replies), under this study or `study_id`."""
         with self._lock:
             held = list(self._replies.get((task, step), {}).values())
         return check_replies(self.study, task, step, round_no, held, sites, self.study.site_key,
@@ -327,13 +343,21 @@ class InProcessGrid:
                              study_id=study_id)
 
     def notify(self, step: Step) -> None:
+        """Hand the step to its nodes (they answer at once; nobody waits on it)."""
         for envelope in seal_step(self.seal, self.study.id, step):
             self.deliver(envelope)
 
     def record_result(self, task: str, provenance: dict[str, Any]) -> None:
+        """Keep the provenance in `results`."""
         self.results[task] = provenance
 
+    def relayed(self) -> list[Envelope]:
+        """Every envelope this grid handed to a node or got back, in order (what a hub would relay)."""
+        with self._lock:
+            return list(self.traffic)
+
     def close(self) -> None:
+        """Close every node (their stores and scratch files)."""
         with self._lock:
             for node in self.nodes.values():
                 node.close()

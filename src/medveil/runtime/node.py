@@ -46,7 +46,7 @@ from medveil.analyses.base import (
     UnknownAnalysis,
     get_analysis,
 )
-from medveil.crypto.sealed import SealedPayloadError, open_payload, seal_payload
+from medveil.crypto.sealed import SealedPayloadError, encryption_public_key, open_payload, seal_payload
 from medveil.crypto.secagg import FixedPointOverflow
 from medveil.crypto.signing import SignatureError, SigningKey, VerifyKey
 from medveil.data.genotypes import GenotypeFile
@@ -60,7 +60,15 @@ from medveil.runtime.node_store import NodeStore, TaskState, dp_account
 from medveil.runtime.scratch import NodeScratch
 from medveil.runtime.secure_aggregation import SecureAggregationRefused, SiteSecureAggregation
 from medveil.runtime.study import StudySpec, sign_approval, verify_approval
-from medveil.runtime.wire import Envelope, WireError, canonical_json, open_envelope, pack_body
+from medveil.runtime.wire import (
+    MAX_ENDED_PER_STEP,
+    Envelope,
+    WireError,
+    canonical_json,
+    is_id,
+    open_envelope,
+    pack_body,
+)
 
 if TYPE_CHECKING:
     from medveil.runtime.services import ServiceHost
@@ -153,6 +161,7 @@ class Node:
         self.client = client or HubClient(config.hub, config.site, identity, max_bytes=config.max_message_bytes)
         self._senders = senders
         self.store = NodeStore(config.state_dir / "node.db")
+        self._stop: threading.Event | None = None  # set by `serve`: ends reply retries at shutdown
         self.audit = AuditLog(config.state_dir / "audit.jsonl", config.site)
         self.scratch = NodeScratch(config.state_dir / "scratch", config.policy.max_scratch_bytes,
                                    keep=SCRATCH_TASKS_IN_MEMORY, label=config.site)
@@ -206,12 +215,28 @@ class Node:
         if spec.site_keys[self.site] != self.client.key.verify_key.to_text():
             raise Refusal("pinned_key_mismatch", f"study {study_id!r} pins another identity key for {self.site!r} "
                                                  "than this node's; not approved")
+        self._check_encryption_pin(spec)
         approval = sign_approval(spec, self.site, steward_key, time.time())
         self.store.save_approval(spec.id, spec.model_dump(), approval)
         self.audit.append("approval", study=spec.id, spec_sha256=spec.digest(), datasets=spec.datasets,
                           analyses=spec.analyses, researcher=spec.researcher)
         self.client.post_approval(spec.id, self.client.seal("approval", {"approval": approval}, study=spec.id))
         return spec
+
+    def _check_encryption_pin(self, spec: StudySpec) -> None:
+        """Rule pinned_encryption_key_mismatch: a study that pins an X25519 key for this site pins the
+        public half of this node's own encryption key; otherwise its peers would seal this site's
+        payloads to a key someone else (the researcher who wrote the spec) may hold."""
+        pinned = spec.site_encryption_keys.get(self.site)
+        if pinned is None:
+            return
+        try:
+            own = encryption_public_key(self._encryption_key())
+        except Refusal:
+            own = None
+        if pinned != own:
+            raise Refusal("pinned_encryption_key_mismatch", f"study {spec.id!r} pins an encryption key for "
+                                                            f"{self.site!r} that is not this node's; not approved")
 
     def approved_study(self, study_id: str) -> StudySpec:
         stored = self.store.approval(study_id)
@@ -306,6 +331,7 @@ class Node:
     def _run(self, step: "TaskStep") -> tuple[dict[str, Any], list[str]]:
         for guard in self.task_guards():
             guard(step)
+        self._end_announced(step)
         if step.phase == "end":
             return self._end(step)
         if step.phase != "compute":
@@ -403,11 +429,15 @@ class Node:
 
     def _guard_same_task(self, step: "TaskStep") -> None:
         """Every step of a task carries the study, analysis, dataset and parameters of its first step
-        (an "end" step, which carries no parameters, the first three)."""
+        (an "end" step, which carries no parameters, the first three). A task this node has no
+        record of gets a fresh state and an empty scratch."""
         params_sha256 = "" if step.params is None else \
             hashlib.sha256(canonical_json(step.params.model_dump(mode="json"))).hexdigest()
         state = self._task_state(step.task)
         if state is None:
+            # A task new to this node starts with an empty scratch: what a refused first step under
+            # this task id left (perhaps in another study, on another dataset) is never read back.
+            self.scratch.delete(step.task)
             state = TaskState(step.task, step.spec.id, step.analysis.name, step.dataset, params_sha256)
         elif (state.study, state.analysis, state.dataset) != (step.spec.id, step.analysis.name, step.dataset) or (
                 step.params is not None and state.params_sha256 != params_sha256):
@@ -467,9 +497,10 @@ class Node:
         """Payloads other sites sealed to this site (body "messages", a list), each opened with this
         site's encryption key and checked: structure (`payload_malformed`), addressed to this site
         in this study and task (`payload_misaddressed`), signed by the sender's pinned identity key
-        and decrypting (`payload_forged`), made in an earlier round of this task
-        (`payload_misaddressed`), one per sender, and never consumed before in this task
-        (`payload_replayed`)."""
+        and decrypting (`payload_forged`), never consumed before in this task (`payload_replayed`),
+        made in an earlier round of this task (`payload_misaddressed`), and in the round just before
+        this one (`payload_stale`: a researcher who withheld a payload cannot hand it in later, in
+        place of the sender's current one), one per sender."""
         sealed_list = step.body.get("messages")
         if sealed_list is None or sealed_list == []:
             return
@@ -485,13 +516,17 @@ class Node:
                                                         sender_keys=sender_keys, study=step.spec.id, task=step.task)
             except SealedPayloadError as exc:
                 raise Refusal(exc.rule, str(exc)) from exc
+            digest = hashlib.sha256(sealed["ct"]).hexdigest()
+            if digest in consumed:
+                raise Refusal("payload_replayed", f"a payload from {sender!r} was already consumed in this task")
             if context["task"] != step.task or context["round"] >= step.round_no:
                 raise Refusal("payload_misaddressed", f"a payload from {sender!r} was made for round "
                                                       f"{context['round']}, not before round {step.round_no} of "
                                                       "this task")
-            digest = hashlib.sha256(sealed["ct"]).hexdigest()
-            if digest in consumed:
-                raise Refusal("payload_replayed", f"a payload from {sender!r} was already consumed in this task")
+            if context["round"] != step.round_no - 1:
+                raise Refusal("payload_stale", f"a payload from {sender!r} was made in round {context['round']}; "
+                                               f"round {step.round_no} takes only those of round "
+                                               f"{step.round_no - 1}")
             if sender in step.messages:
                 raise Refusal("payload_malformed", f"two payloads from {sender!r} in one step")
             consumed.add(digest)
@@ -565,6 +600,8 @@ class Node:
         payload = self._mask_release(spec, step.task, step.step, step.body, sums) if spec.secure_aggregation and sums \
             else {"sums": sums}
         payload["public"] = release.public
+        if (spec.secure_aggregation and analysis.releases_sums) or self.scratch.holds(step.task):
+            payload["keeps_state"] = True  # so the researcher tells this site when the task ends
         if sealed:
             payload["payloads"] = sealed
         if step.message_digests:
@@ -583,14 +620,34 @@ class Node:
     def _end(self, step: "TaskStep") -> tuple[dict[str, Any], list[str]]:
         """A task's last step: delete its scratch and secure-aggregation record, mark it ended (later
         steps are refused `task_ended`)."""
-        self.scratch.delete(step.task)
-        if step.spec.secure_aggregation:
-            self._secure_aggregation().forget_task(step.task)
+        self._forget_task(step.spec, step.task)
         step.state.memory["ended"] = True
         self._advance(step, released=None)
         end_id = self.audit.append("task_end", study=step.spec.id, task=step.task, step=step.step,
                                    round=step.round_no, analysis=step.analysis.name)
         return {"public": {}}, [end_id]
+
+    def _forget_task(self, spec: StudySpec, task: str) -> None:
+        self.scratch.delete(task)
+        if spec.secure_aggregation:
+            self._secure_aggregation().forget_task(task)
+
+    def _end_announced(self, step: "TaskStep") -> None:
+        """End the tasks a step's body announces as finished ("ended": task ids; the researcher's
+        notice rides on its next step instead of costing a message of its own). Only tasks of the
+        step's own study are ended (their researcher signed the step); other ids are skipped."""
+        announced = step.body.get("ended", [])
+        if not isinstance(announced, list) or len(announced) > MAX_ENDED_PER_STEP \
+                or not all(is_id(task) for task in announced):
+            raise Refusal("malformed", f"'ended' must list at most {MAX_ENDED_PER_STEP} task ids")
+        for task in announced:
+            state = self._task_state(task)
+            if task == step.task or state is None or state.study != step.spec.id or state.memory.get("ended"):
+                continue
+            self._forget_task(step.spec, task)
+            state.memory["ended"] = True
+            self.store.save_task_state(state, None)
+            self.audit.append("task_end", study=step.spec.id, task=task, announced_in=step.task)
 
     def _task_state(self, task: str) -> TaskState | None:
         cached = self._tasks.get(task)
@@ -790,7 +847,7 @@ class Node:
 
     def _deliver(self, reply: Envelope) -> None:
         try:
-            self.client.post_until_accepted_message(reply)
+            self.client.post_until_accepted_message(reply, stop=self._stop)
         except HubError as exc:
             log.warning("%s: reply to task %s not delivered: %s", self.site, reply.header.get("task"), exc)
 
@@ -798,6 +855,7 @@ class Node:
         """Poll until `stop` is set, reconnecting with backoff when the hub is away; an unexpected
         error is logged and retried, never the end of the loop."""
         backoff = 0.05
+        self._stop = stop
         (self.config.state_dir / "polling").write_text(str(time.time()))
         while not stop.is_set():
             try:

@@ -21,7 +21,14 @@ from typing import Any
 
 from medveil.runtime.config import make_private_dir
 from medveil.runtime.secure_aggregation import CoordinatorState
-from medveil.runtime.wire import WireError, is_id, pack_body, unpack_body
+from medveil.runtime.wire import (
+    WireError,
+    is_counter,
+    is_id,
+    open_envelope,
+    pack_body,
+    unpack_body,
+)
 
 RUN_FORMAT = 1
 _LENGTH = struct.Struct("<Q")
@@ -63,8 +70,11 @@ class TaskRun:
 
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> TaskRun:
+        """The run a checkpoint holds; RunStateError unless every field has its type (the file is
+        hostile local input until checked: nothing in it is run or trusted before this)."""
         if data.get("format") != RUN_FORMAT:
             raise RunStateError(f"run state of format {data.get('format')!r}, expected {RUN_FORMAT}")
+        _check_run_fields(data)
         coordinator = data.get("coordinator")
         return cls(data["id"], data["study"], data["analysis"], data["params"], data["dataset"], list(data["sites"]),
                    int(data["step"]), int(data["round"]), data["broadcast"], data["per_site"], data["messages"],
@@ -72,6 +82,38 @@ class TaskRun:
                    {k: float(v) for k, v in data["dp_spent"].items()},
                    {k: list(v) for k, v in data["audit_ids"].items()}, bool(data["secure"]),
                    None if coordinator is None else CoordinatorState.from_wire(coordinator))
+
+
+_RUN_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "id": str, "study": str, "analysis": str, "params": dict, "dataset": str, "sites": list, "step": int,
+    "round": int, "broadcast": dict, "per_site": dict, "messages": dict, "state": dict, "rows": dict,
+    "dp_spent": dict, "audit_ids": dict, "secure": bool, "coordinator": (dict, type(None))}
+
+
+def _check_run_fields(data: dict[str, Any]) -> None:
+    """Rule run_state_malformed: a checkpoint has exactly the fields a TaskRun writes, each of its type,
+    names that are ids, counters in range, and a coordinator whose key envelopes are bytes."""
+    if set(data) != {"format", *_RUN_FIELDS}:
+        raise RunStateError(f"run state fields {sorted(map(str, data))[:32]} are not a run's")
+    for name, kind in _RUN_FIELDS.items():
+        value = data[name]
+        if not isinstance(value, kind) or (kind is int and (isinstance(value, bool) or not is_counter(value))):
+            raise RunStateError(f"run state field {name!r} is not of its type")
+    names = [data["id"], data["study"], data["analysis"], data["dataset"], *data["sites"]]
+    if not all(is_id(name) for name in names) or len(set(data["sites"])) != len(data["sites"]):
+        raise RunStateError("run state names a task, study, analysis, dataset or site that is not an id")
+    counts = {"rows": (int,), "dp_spent": (int, float), "audit_ids": (list,)}
+    for name, kinds in counts.items():
+        if not all(is_id(k) and isinstance(v, kinds) and not isinstance(v, bool) for k, v in data[name].items()):
+            raise RunStateError(f"run state field {name!r} is not a map of sites to values of its type")
+    for name in ("per_site", "messages"):
+        if not all(is_id(k) for k in data[name]):
+            raise RunStateError(f"run state field {name!r} is not keyed by sites")
+    coordinator = data["coordinator"]
+    if coordinator is not None:
+        envelopes = coordinator.get("key_envelopes")
+        if not (isinstance(envelopes, dict) and all(isinstance(v, bytes) for v in envelopes.values())):
+            raise RunStateError("run state holds a key set whose key envelopes are not bytes")
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -110,16 +152,24 @@ class RunFile:
         self._journal = {}
 
     def load(self) -> TaskRun:
+        """The checkpoint of this task; RunStateError if missing, malformed, or of another task."""
         try:
             data = unpack_body(self.checkpoint.read_bytes())
-            return TaskRun.from_wire(data)
+            run = TaskRun.from_wire(data)
         except FileNotFoundError as exc:
             raise RunStateError(f"no unfinished run {self.task!r} in {self.directory}") from exc
-        except (WireError, KeyError, TypeError, ValueError) as exc:
+        except RunStateError as exc:
+            raise RunStateError(f"run state of {self.task!r} is refused: {exc}") from exc
+        except (WireError, KeyError, TypeError, ValueError, AttributeError) as exc:
             raise RunStateError(f"run state of {self.task!r} is unreadable: {exc}") from exc
+        if run.id != self.task:
+            raise RunStateError(f"the checkpoint {self.checkpoint.name} holds run {run.id!r}, not {self.task!r}")
+        return run
 
     def _read_journal(self) -> dict[int, list[bytes]]:
-        """The journalled steps; a torn last record (a crash while writing it) was never sent and is dropped."""
+        """The journalled steps; a torn last record (a crash while writing it) was never sent and is
+        dropped. A record that is not {step, envelopes: [bytes]} with each envelope a task message
+        of this task and step is refused (RunStateError): a resumed run re-sends only its own steps."""
         entries: dict[int, list[bytes]] = {}
         try:
             data = self.journal_path.read_bytes()
@@ -130,10 +180,28 @@ class RunFile:
             (size,) = _LENGTH.unpack_from(data, offset)
             if offset + _LENGTH.size + size > len(data):
                 break
-            record = unpack_body(data[offset + _LENGTH.size:offset + _LENGTH.size + size])
-            entries[int(record["step"])] = [bytes(e) for e in record["envelopes"]]
+            try:
+                record = unpack_body(data[offset + _LENGTH.size:offset + _LENGTH.size + size])
+            except WireError as exc:
+                raise RunStateError(f"the journal of run {self.task!r} is unreadable: {exc}") from exc
+            step, envelopes = record.get("step"), record.get("envelopes")
+            if set(record) != {"step", "envelopes"} or not is_counter(step) or not isinstance(envelopes, list) \
+                    or not all(isinstance(e, bytes) for e in envelopes):
+                raise RunStateError(f"the journal of run {self.task!r} holds a record that is not a step's envelopes")
+            for raw in envelopes:
+                self._check_journalled(step, raw)
+            entries[step] = list(envelopes)
             offset += _LENGTH.size + size
         return entries
+
+    def _check_journalled(self, step: int, raw: bytes) -> None:
+        """A journalled envelope parses and is a task message of this run's task and `step`."""
+        try:
+            header = open_envelope(raw).header
+        except WireError as exc:
+            raise RunStateError(f"the journal of run {self.task!r} holds an unreadable envelope: {exc}") from exc
+        if header.get("kind") != "task" or header.get("task") != self.task or header.get("step") != step:
+            raise RunStateError(f"the journal of run {self.task!r} holds an envelope of another task or step")
 
     def sealed(self, step: int) -> list[bytes] | None:
         if self._journal is None:

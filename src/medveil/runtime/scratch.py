@@ -201,6 +201,14 @@ class NodeScratch:
             os.utime(scratch.folder)
             return scratch
 
+    def holds(self, task: str) -> bool:
+        """Whether anything of `task` is kept (in memory or on disk)."""
+        with self._lock:
+            if task in self._open and len(self._open[task]):
+                return True
+        folder = self.root / task_digest(task)
+        return folder.is_dir() and any(folder.iterdir())
+
     def delete(self, task: str) -> None:
         """Delete a task's scratch, in memory and on disk."""
         with self._lock:

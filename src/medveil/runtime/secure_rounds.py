@@ -11,6 +11,7 @@ Public facts and per-recipient payloads travel beside the masked sums and are ne
 
 from __future__ import annotations
 
+import threading
 import uuid
 import warnings
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from medveil.runtime.secure_aggregation import (
     SecureAggregationAborted,
 )
 from medveil.runtime.study import StudySpec
+from medveil.runtime.wire import MAX_ENDED_PER_STEP
 
 
 class SecureAggregationError(FederationError, SecureAggregationAborted):
@@ -57,6 +59,36 @@ class RoundResult:
     payloads: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
+class EndedTasks:
+    """Tasks that finished but whose sites were not yet told, by site. The notice rides on the
+    next step sent to the site (its body's "ended" list), so ending a task costs no message of its
+    own; `ResearcherSession.close` sends whatever is left in one "end" step."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: dict[str, list[str]] = {}
+
+    def add(self, task: str, sites: list[str]) -> None:
+        with self._lock:
+            for site in sites:
+                self._pending.setdefault(site, []).append(task)
+
+    def take(self, sites: list[str]) -> list[str]:
+        """Up to MAX_ENDED_PER_STEP tasks pending at any of `sites`, removed from their lists."""
+        with self._lock:
+            taken: list[str] = []
+            for site in sites:
+                taken += [task for task in self._pending.get(site, []) if task not in taken]
+            taken = taken[:MAX_ENDED_PER_STEP]
+            for site in sites:
+                self._pending[site] = [task for task in self._pending.get(site, []) if task not in taken]
+            return taken
+
+    def sites(self) -> list[str]:
+        with self._lock:
+            return sorted(site for site, tasks in self._pending.items() if tasks)
+
+
 @dataclass
 class TaskChannel:
     """One task's view of a Grid: numbers its steps, adds the task's parameters to every body,
@@ -66,19 +98,32 @@ class TaskChannel:
     task: TaskSteps
     timeout: float
     journal: StepJournal | None = None
+    ended: EndedTasks | None = None
+    keeping: set[str] = field(default_factory=set)  # sites that said they keep state for the task
 
     def exchange(self, phase: str, round_no: int, bodies: dict[str, dict[str, Any]], *,
                  tolerate_missing: bool = False) -> dict[str, Reply]:
+        """Send the task's next step (`bodies` by site, each with the task's parameters) and
+        return the verified replies by site (Grid.exchange)."""
         step = self.task.step
         self.task.step += 1
-        full = {site: {"params": self.task.params_wire, **body} for site, body in bodies.items()}
+        notice = self._ended_notice(list(bodies))
+        full = {site: {"params": self.task.params_wire, **body, **notice} for site, body in bodies.items()}
         replies = self.grid.exchange(
             Step(self.task.id, step, phase, round_no, self.task.analysis, full,
                  {site: self.task.dataset for site in full}),
             timeout=self.timeout, tolerate_missing=tolerate_missing, journal=self.journal)
         for site, reply in replies.items():
             self.task.audit_ids.setdefault(site, []).extend(reply.envelope.header.get("audit_ids", []))
+            if reply.body.get("keeps_state") is True:
+                self.keeping.add(site)
         return replies
+
+    def _ended_notice(self, sites: list[str]) -> dict[str, Any]:
+        """One "ended" list for every site of the step (a site skips tasks it holds nothing of),
+        so the notice never splits a step into per-site bodies."""
+        taken = [] if self.ended is None else self.ended.take(sites)
+        return {"ended": taken} if taken else {}
 
     def same(self, phase: str, round_no: int, body: dict[str, Any], sites: list[str], *,
              tolerate_missing: bool = False) -> dict[str, Reply]:
@@ -96,9 +141,11 @@ class PlainRounds:
     """Rounds in the clear: the researcher adds the sites' arrays (the study records that)."""
 
     def __init__(self, channel: TaskChannel):
+        """Rounds of the task behind `channel`."""
         self.channel = channel
 
     def compute(self, round_no: int, bodies: dict[str, dict[str, Any]]) -> RoundResult:
+        """One "compute" step; the sums are the sites' arrays added up (dtypes kept)."""
         replies = self.channel.exchange("compute", round_no, bodies)
         public = {site: reply.body["public"] for site, reply in replies.items()}
         sums = aggregate({site: reply.body.get("sums", {}) for site, reply in replies.items()})
@@ -116,6 +163,34 @@ def new_coordinator(study: StudySpec) -> CoordinatorState:
     return CoordinatorState(uuid.uuid4().hex, study.id, sorted(study.sites), study.threshold())
 
 
+class KeySets:
+    """The key set a researcher's secure tasks of one study share: made (one "keys" step to every
+    study site) with the first task and reused, with masks fresh per task and step, until it is
+    KEYSET_RENEW_S (runtime/secure_aggregation.py) old. `current` is the one the next task gets
+    while it is keyed and young."""
+
+    def __init__(self, study: StudySpec):
+        """No key set yet: the first secure task makes one."""
+        self.study = study
+        self.current: CoordinatorState | None = None
+
+    def for_new_task(self) -> CoordinatorState:
+        """The key set a new task is checkpointed with: `current`, or a fresh one (keys step still to send)."""
+        current = self.current
+        if current is not None and current.keyed and not current.expired():
+            return current
+        return new_coordinator(self.study)
+
+    def ready(self, channel: TaskChannel, state: CoordinatorState | None) -> CoordinatorState:
+        """`state` (a fresh one when None) keyed, by a keys step over `channel` if it is not yet,
+        and `current` from now on."""
+        state = state if state is not None else new_coordinator(self.study)
+        if not state.keyed:
+            make_keyset(channel, state)
+        self.current = state
+        return state
+
+
 class SecureRounds:
     """Rounds under secure aggregation: compute, (consistency,) unmask; only the total decodes.
 
@@ -124,11 +199,14 @@ class SecureRounds:
     included the site), with the round's sum recovered but not used."""
 
     def __init__(self, channel: TaskChannel, coordinator: CoordinatorState, *, allow_dropouts: bool = False):
+        """Rounds of the task behind `channel`, masked under the keyed key set `coordinator`."""
         self.channel = channel
         self.coordinator = coordinator
         self.allow_dropouts = allow_dropouts
 
     def compute(self, round_no: int, bodies: dict[str, dict[str, Any]]) -> RoundResult:
+        """A masked "compute" step, a "consistency" step when sites dropped out, an "unmask"
+        step; the sums are the decoded total, never one site's arrays."""
         channel, secure, task = self.channel, self.coordinator, self.channel.task
         step, participants = task.step, list(task.sites)
         request = secure.compute_request(participants)

@@ -13,7 +13,8 @@ its rule: is a well-formed query (`malformed`), the study approved by the stewar
 (`bad_signature`), fresh (`stale`), not a replay (`replay`), the service listed in the study
 (`service_not_approved`), registered (`unknown_service`) and built here (`service_not_built`),
 a query that fits the service's schema (`invalid_query`), the service's daily query quota per
-researcher, counted durably across restarts and studies (`service_quota_exhausted`); then the
+researcher (kept under both their name and their signing key, so an alias does not refill it),
+counted durably across restarts and studies (`service_quota_exhausted`); then the
 service answers under the node's disclosure policy (min_cell_count, never weakened by a
 service's options). The audit log gets `service_build`, `service_query` (a keyed digest of the
 query; the query itself only for services whose queries are not sensitive), and
@@ -439,16 +440,21 @@ class ServiceHost:
 
     def _guard_quota(self, query: Query) -> None:
         """Charge one query to the researcher's daily quota for the service (durable), after
-        recording the query; refused once the quota is spent."""
+        recording the query; refused once the quota is spent. The quota is kept twice, under the
+        researcher's name and under their signing key, and a query is charged to both: a study
+        that names the same key under another name (or the same name with a new key) finds the
+        quota as spent as the researcher left it."""
         spec, service, built = query.spec, query.service, query.built
         day = datetime.fromtimestamp(self.clock(), tz=UTC).date().isoformat()
-        setting = "services:quota:" + hashlib.sha256(f"{service.name}\0{spec.researcher}".encode()).hexdigest()[:48]
+        settings = ["services:quota:" + hashlib.sha256(f"{service.name}\0{who}".encode()).hexdigest()[:48]
+                    for who in (spec.researcher, f"key:{spec.researcher_key}")]
         limit = built.options.queries_per_day
         with self._lock:
-            stored = self.node.store.get(setting) or {}
-            used = int(stored.get("used", 0)) if stored.get("day") == day else 0
+            stored = [self.node.store.get(setting) or {} for setting in settings]
+            used = max(int(s.get("used", 0)) if s.get("day") == day else 0 for s in stored)
             if used < limit:
-                self.node.store.put(setting, {"day": day, "used": used + 1})
+                for setting in settings:
+                    self.node.store.put(setting, {"day": day, "used": used + 1})
         plain = query.query.model_dump(mode="json")
         entry: dict[str, Any] = {"service": service.name, "study": spec.id, "task": query.header["task"],
                                  "researcher": spec.researcher, "query_digest": self._query_digest(service, plain),

@@ -31,6 +31,7 @@ from medveil.analyses.base import (
     AnalysisError,
     Finished,
     Params,
+    UnknownAnalysis,
     get_analysis,
 )
 from medveil.runtime.client import HubClient, HubError
@@ -39,22 +40,20 @@ from medveil.runtime.grid import (
     Grid,
     HubGrid,
     RefusedError,
-    Reply,
     SiteTimeoutError,
     Step,
 )
 from medveil.runtime.runs import RunFile, RunStore, TaskRun
-from medveil.runtime.secure_aggregation import CoordinatorState
 from medveil.runtime.secure_rounds import (
+    EndedTasks,
+    KeySets,
     PlainRounds,
     SecureAggregationError,
     SecureRounds,
     TaskChannel,
-    make_keyset,
-    new_coordinator,
 )
 from medveil.runtime.study import StudySpec
-from medveil.runtime.wire import Envelope, pack_body, unpack_body
+from medveil.runtime.wire import pack_body, unpack_body
 
 log = logging.getLogger("medveil.session")
 
@@ -66,8 +65,17 @@ class AnalysisFailed(FederationError):
     """The pooled sums do not allow the analysis (e.g. a collinear design); the message says why."""
 
 
+Progress = Callable[[int, tuple[int, int] | None], None]
+"""`progress(round, (done, total) or None)`: called after each round, once it is checkpointed."""
+Observer = Callable[[int, Aggregated], None]
+"""`observe(round, aggregated)`: what the global step is given in each round (tests, diagnostics)."""
+
+
 @dataclass
 class RunOutcome:
+    """A finished run: the analysis' result and its provenance (study, task, sites, rows per
+    site, rounds, secure aggregation, DP spent, the sites' audit entry ids)."""
+
     result: Any
     provenance: dict[str, Any] = field(default_factory=dict)
 
@@ -91,31 +99,23 @@ class ResearcherSession:
         self.timeout = timeout
         self.allow_dropouts = allow_dropouts
         self.runs = None if runs_dir is None else RunStore(runs_dir)
+        self.keysets = KeySets(study)
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medveil-results")
-        self._keyset: CoordinatorState | None = None
-        self._channels: dict[str, TaskChannel] = {}
-
-    @property
-    def client(self) -> HubClient:
-        """The hub client of a session over a hub."""
-        client = getattr(self.grid, "client", None)
-        if client is None:
-            raise AttributeError("this session's grid reaches no hub")
-        return client
+        self._ended = EndedTasks()
+        self._last_end: Step | None = None
 
     def close(self) -> None:
-        """Wait for end steps and result records still being sent, then close the grid."""
+        """Tell the sites which tasks ended, wait for result records still being sent, then close
+        the grid."""
+        self._send_end_notices()
         self._background.shutdown(wait=True)
         self.grid.close()
 
     # --- runs -----------------------------------------------------------------------------
 
-    def run(self, analysis_name: str, params: dict[str, Any], dataset: str,
-            progress: Callable[[int, tuple[int, int] | None], None] | None = None,
-            observe: Callable[[int, Aggregated], None] | None = None) -> RunOutcome:
-        """Run an analysis to its result; `progress(round, (done, total) or None)` is called after
-        each round (after its checkpoint), `observe(round, aggregated)` with what the global step
-        is given in each round (for tests and diagnostics)."""
+    def run(self, analysis_name: str, params: dict[str, Any], dataset: str, progress: Progress | None = None,
+            observe: Observer | None = None) -> RunOutcome:
+        """Run an analysis on `dataset` at every study site to its result (see Progress, Observer)."""
         analysis = get_analysis(analysis_name)
         typed = analysis.parse_params(params)
         sites = list(self.study.sites)
@@ -124,8 +124,7 @@ class ResearcherSession:
                        secure=bool(self.study.secure_aggregation and analysis.releases_sums))
         return self._drive(task, analysis, progress, fresh=True, observe=observe)
 
-    def resume(self, task_id: str,
-               progress: Callable[[int, tuple[int, int] | None], None] | None = None) -> RunOutcome:
+    def resume(self, task_id: str, progress: Progress | None = None) -> RunOutcome:
         """Continue an unfinished run from its checkpoint: re-send what its journal holds (the hub
         takes a copy it has for delivered), gather the replies and go on to the result."""
         if self.runs is None:
@@ -133,39 +132,44 @@ class ResearcherSession:
         task = self.runs.open(task_id).load()
         if task.study != self.study.id:
             raise FederationError(f"run {task_id!r} belongs to study {task.study!r}, not {self.study.id!r}")
-        return self._drive(task, get_analysis(task.analysis), progress, fresh=False)
+        if not set(task.sites) <= set(self.study.sites) or task.analysis not in self.study.analyses:
+            raise FederationError(f"run {task_id!r} names sites or an analysis outside study {self.study.id!r}")
+        try:
+            analysis = get_analysis(task.analysis)
+        except UnknownAnalysis as exc:
+            raise FederationError(f"run {task_id!r} is of an unknown analysis") from exc
+        return self._drive(task, analysis, progress, fresh=False)
 
     def unfinished(self) -> list[TaskRun]:
         """This study's runs that have a checkpoint and no result yet."""
         return [] if self.runs is None else self.runs.unfinished(self.study.id)
 
-    def _drive(self, task: TaskRun, analysis: Analysis, progress: Callable | None, *, fresh: bool,
-               observe: Callable[[int, Aggregated], None] | None = None) -> RunOutcome:
+    def _drive(self, task: TaskRun, analysis: Analysis, progress: Progress | None, *, fresh: bool,
+               observe: Observer | None = None) -> RunOutcome:
         """The round loop, from whatever round `task` holds. A fresh run is checkpointed before its
         first step (with the key-set id it will use, so that a keys step can be resumed too)."""
         params: Params = analysis.parse_params(task.params_wire)
         run_file = None if self.runs is None else self.runs.open(task.id)
-        self._channels[task.id] = TaskChannel(self.grid, task, self.timeout, run_file)
+        if fresh:
+            if task.secure:
+                task.coordinator = self.keysets.for_new_task()
+            self._checkpoint(task, run_file)
         try:
-            if fresh:
-                if task.secure:
-                    usable = self._keyset is not None and self._keyset.keyed and not self._keyset.expired()
-                    task.coordinator = self._keyset if usable else new_coordinator(self.study)
-                self._checkpoint(task, run_file)
             return self._loop(task, analysis, params, progress, run_file, observe)
         except (RefusedError, AnalysisFailed):
             if run_file is not None:  # final: a resume would meet the same refusal
                 run_file.delete()
             raise
-        finally:
-            del self._channels[task.id]
 
-    def _loop(self, task: TaskRun, analysis: Analysis, params: Params, progress: Callable | None,
-              run_file: RunFile | None, observe: Callable[[int, Aggregated], None] | None) -> RunOutcome:
-        channel = self._channels[task.id]
+    def _loop(self, task: TaskRun, analysis: Analysis, params: Params, progress: Progress | None,
+              run_file: RunFile | None, observe: Observer | None) -> RunOutcome:
+        """Compute, aggregate and step on until the global step finishes (checkpointing every round)."""
+        channel = TaskChannel(self.grid, task, self.timeout, run_file, self._ended)
         rounds: PlainRounds | SecureRounds = PlainRounds(channel)
         if task.secure:
-            rounds = SecureRounds(channel, self._secure_keys(task), allow_dropouts=self.allow_dropouts)
+            rounds = SecureRounds(channel, self.keysets.ready(channel, task.coordinator),
+                                  allow_dropouts=self.allow_dropouts)
+            task.coordinator = rounds.coordinator
         while True:
             bodies = self._compute_bodies(task)
             result = rounds.compute(task.round, bodies)
@@ -185,7 +189,7 @@ class ResearcherSession:
                 if progress is not None:
                     done = analysis.progress(params, task.state)
                     progress(task.round, (done[1], done[1]) if done else done)
-                return self._finish(task, outcome, sorted(result.public), run_file)
+                return self._finish(task, outcome, sorted(result.public), run_file, sorted(channel.keeping))
             next_round = wire_round_trip({"broadcast": outcome.broadcast, "state": outcome.state,
                                           "per_site": outcome.per_site, "messages": outcome.messages})
             task.broadcast, task.state = next_round["broadcast"], next_round["state"]
@@ -206,54 +210,48 @@ class ResearcherSession:
             bodies[site] = body
         return bodies
 
-    def _secure_keys(self, task: TaskRun) -> CoordinatorState:
-        """The task's key set, bound to its study: made (one keys step to every study site) with the
-        session's first secure task and reused, with masks fresh per task and step, until it is
-        KEYSET_RENEW_S old."""
-        if task.coordinator is None:
-            task.coordinator = new_coordinator(self.study)
-        if not task.coordinator.keyed:
-            make_keyset(self._channels[task.id], task.coordinator)
-        self._keyset = task.coordinator
-        return task.coordinator
-
     def _checkpoint(self, task: TaskRun, run_file: RunFile | None) -> None:
         if run_file is not None:
             run_file.save(task)
 
-    def _finish(self, task: TaskRun, outcome: Finished, sites: list[str], run_file: RunFile | None) -> RunOutcome:
+    def _finish(self, task: TaskRun, outcome: Finished, sites: list[str], run_file: RunFile | None,
+                keeping: list[str]) -> RunOutcome:
+        """The outcome with its provenance (over the sites that answered the last round); the sites
+        that keep state for the task (`keeping`) are told it ended with the next step they get, the
+        result record goes out in the background, and the run's checkpoint is deleted."""
         provenance = {
             "study": self.study.id, "task": task.id, "analysis": task.analysis, "dataset": task.dataset,
             "sites": sites, "rows": task.rows, "rounds": task.round + 1,
             "secure_aggregation": self.study.secure_aggregation, "dp_rho_spent": task.dp_spent,
             "audit_ids": {site: ids for site, ids in task.audit_ids.items() if site in sites},
         }
-        end = Step(task.id, task.step, "end", task.round, task.analysis, {site: {} for site in task.sites},
-                   {site: task.dataset for site in task.sites})
-        task.step += 1
-        self._background.submit(self._close_task, end, provenance)
+        self._ended.add(task.id, keeping)
+        self._last_end = Step(task.id, task.step, "end", task.round, task.analysis, {},
+                              {site: task.dataset for site in task.sites})
+        self._background.submit(self._record_result, task.id, provenance)
         if run_file is not None:
             run_file.delete()
         return RunOutcome(outcome.result, provenance)
 
-    def _close_task(self, end: Step, provenance: dict[str, Any]) -> None:
-        """Tell the sites the task ended (they drop its scratch) and record the provenance; a hub
-        that stays away only costs the record, never the result."""
+    def _record_result(self, task: str, provenance: dict[str, Any]) -> None:
+        """Record the provenance at the hub; a hub that stays away only costs the record."""
         try:
-            self.grid.notify(end)
+            self.grid.record_result(task, provenance)
         except (HubError, FederationError) as exc:
-            log.warning("end of task %s not sent: %s", end.task, exc)
+            log.warning("result of task %s not recorded: %s", task, exc)
+
+    def _send_end_notices(self) -> None:
+        """Tell the sites about finished tasks no later step told them of (they drop those tasks'
+        scratch), in one "end" step of the last finished task; best effort, as node pruning
+        removes what a lost notice leaves."""
+        end = self._last_end
+        sites = [site for site in self._ended.sites() if end is not None and site in end.datasets]
+        if end is None or not sites:
+            return
+        others = [task for task in self._ended.take(sites) if task != end.task]
+        bodies = {site: {"ended": others} for site in sites}
         try:
-            self.grid.record_result(end.task, provenance)
+            self.grid.notify(Step(end.task, end.step, end.phase, end.round, end.analysis, bodies,
+                                  {site: end.datasets[site] for site in sites}))
         except (HubError, FederationError) as exc:
-            log.warning("result of task %s not recorded: %s", end.task, exc)
-
-    # --- direct access for tests and tools ---------------------------------------------------
-
-    def _gather(self, task_id: str, step: int, sites: list[str],
-                tolerate_missing: bool = False) -> dict[str, tuple[Envelope, dict]]:
-        """The verified replies to a raw step a tool or test sent outside a run, under any study of
-        this researcher (by site: envelope and body)."""
-        replies: dict[str, Reply] = self.grid.gather(task_id, step, sites, timeout=self.timeout,
-                                                     tolerate_missing=tolerate_missing, study_id=None)
-        return {site: (reply.envelope, reply.body) for site, reply in replies.items()}
+            log.warning("end of tasks not sent: %s", exc)

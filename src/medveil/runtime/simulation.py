@@ -14,11 +14,10 @@ imported only when a loopback network starts.
 from __future__ import annotations
 
 import tempfile
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 from threadpoolctl import threadpool_limits
@@ -39,14 +38,13 @@ from medveil.runtime.config import (
 from medveil.runtime.grid import InProcessClient, InProcessGrid
 from medveil.runtime.node import Node
 from medveil.runtime.study import StudySpec
-from medveil.runtime.wire import seal
 
 if TYPE_CHECKING:
     from medveil.runtime.servers import HubServer, NodeProcess, NodeThread
 
-TableLike = Union[pd.DataFrame, str, Path]
-SiteData = Union[TableLike, Mapping[str, TableLike]]
-Policies = Union[DisclosurePolicy, Mapping[str, DisclosurePolicy], None]
+TableLike = pd.DataFrame | str | Path
+SiteData = TableLike | Mapping[str, TableLike]
+Policies = DisclosurePolicy | Mapping[str, DisclosurePolicy] | None
 DEFAULT_DATASET = "default"
 
 
@@ -66,8 +64,20 @@ def _columns(name: str, source: TableLike) -> list[str]:
     return [str(c) for c in load_dataset(name, config).columns]
 
 
+class _Federation:
+    """What both simulated networks offer alike (their `workdir` holds the sites and stewards' keys)."""
+
+    workdir: Path
+
+    def steward_key_path(self, site: str) -> Path:
+        """Where the simulation keeps a site's steward key: beside, not inside, the node's directory."""
+        return self.workdir / "stewards" / f"{site}.key"
+
+
 @dataclass
-class LocalNetwork:
+class LocalNetwork(_Federation):
+    """A real hub and real nodes on loopback HTTP; `researcher` is the researcher's HubClient."""
+
     hub: HubServer
     researcher: HubClient
     study: StudySpec
@@ -75,10 +85,6 @@ class LocalNetwork:
     nodes: dict[str, Any] = field(default_factory=dict)
     _tempdir: Any = None
     _blas_limit: Any = None
-
-    def steward_key_path(self, site: str) -> Path:
-        """Where the simulation keeps a site's steward key: beside, not inside, the node's directory."""
-        return self.workdir / "stewards" / f"{site}.key"
 
     def add_study(self, study_id: str, datasets: dict[str, list[str]], *, analyses: list[str] | None = None,
                   approved_by: list[str] | None = None, **options: Any) -> StudySpec:
@@ -96,6 +102,7 @@ class LocalNetwork:
         return spec
 
     def close(self) -> None:
+        """Stop the nodes and the hub, then delete a temporary work directory."""
         from medveil.runtime.servers import NodeThread
 
         for runner in self.nodes.values():
@@ -124,11 +131,18 @@ class _Sites:
     researcher_key: SigningKey
     study: StudySpec
 
+    def node(self, site: str, client: HubClient, **options: Any) -> Node:
+        """The site's real node: its config, identity, steward's key and in-memory tables, over `client`."""
+        return Node(self.configs[site], self.identities[site], self.stewards[site].verify_key,
+                    frames=self.frames[site], client=client, **options)
 
-def _prepare_sites(sites: Mapping[str, SiteData], root: Path, hub_url: str, policy: Policies, processes: bool,
+
+def _prepare_sites(sites: Mapping[str, SiteData], root: Path, hub_url: str, *, policy: Policies, processes: bool,
                    study_id: str, analyses: list[str] | None, secure_aggregation: bool,
                    secagg_threshold: int | None) -> _Sites:
-    """Generate every party's keys, write each site's directory (keys 0600, site.yaml) and the study."""
+    """The study set-up both simulated federations share: generate every party's keys, write each
+    site's directory (keys 0600, site.yaml; with `processes`, in-memory tables as CSV files) and
+    the study over every variable of every dataset, pinning each site's identity and encryption key."""
     tables = {site: dict(d) if isinstance(d, Mapping) else {DEFAULT_DATASET: d} for site, d in sites.items()}
     variables: dict[str, set[str]] = {}
     for site_tables in tables.values():
@@ -174,7 +188,10 @@ def _prepare_sites(sites: Mapping[str, SiteData], root: Path, hub_url: str, poli
     return _Sites(root, tables, identities, stewards, configs, frames, researcher_key, study)
 
 
-def _workdir(workdir: str | Path | None) -> tuple[Path, Any]:
+def _workdir(sites: Mapping[str, SiteData], workdir: str | Path | None) -> tuple[Path, Any]:
+    """The federation's private work directory (a temporary one when None) and its tempdir handle."""
+    if not sites:
+        raise ValueError("a simulated federation needs at least one site")
     tempdir = None
     if workdir is None:
         tempdir = tempfile.TemporaryDirectory(prefix="medveil-")
@@ -188,18 +205,18 @@ def start_local_network(
     analyses: list[str] | None = None, hub_db: str | None = None, secure_aggregation: bool = True,
     secagg_threshold: int | None = None,
 ) -> LocalNetwork:
-    """Start hub and nodes, register everyone, create and approve one study over all variables."""
+    """Start hub and nodes, register everyone, create and approve one study over all variables
+    (`_prepare_sites`, as `start_in_process`); `policy` may be one policy or one per site."""
     from medveil.runtime.servers import HubServer
 
-    if not sites:
-        raise ValueError("simulate needs at least one site")
-    root, tempdir = _workdir(workdir)
+    root, tempdir = _workdir(sites, workdir)
     hub = HubServer(hub_db or f"sqlite:///{root / 'hub.db'}", record_traffic=record_hub_traffic).start()
     researcher: HubClient | None = None
     network: LocalNetwork | None = None
     try:
-        prepared = _prepare_sites(sites, root, hub.url, policy, processes, study_id, analyses,
-                                  secure_aggregation, secagg_threshold)
+        prepared = _prepare_sites(sites, root, hub.url, policy=policy, processes=processes, study_id=study_id,
+                                  analyses=analyses, secure_aggregation=secure_aggregation,
+                                  secagg_threshold=secagg_threshold)
         key = prepared.researcher_key
         researcher = HubClient(hub.url, "researcher", key,
                                invitation=hub.invite("researcher", "researcher", key.verify_key.to_text()))
@@ -230,14 +247,17 @@ def start_local_network(
 
 
 def _start_site(site: str, prepared: _Sites, network: LocalNetwork, processes: bool) -> NodeThread | NodeProcess:
+    """Enrol the site at the hub, have its steward approve the study, and run its node polling
+    (in a thread, or in a process of its own reading the site's directory)."""
     from medveil.runtime.servers import NodeProcess, NodeThread
 
-    config, identity, steward = prepared.configs[site], prepared.identities[site], prepared.stewards[site]
+    identity = prepared.identities[site]
     invitation = network.hub.invite(site, "site", identity.verify_key.to_text())
-    client = HubClient(network.hub.url, site, identity, max_bytes=config.max_message_bytes, invitation=invitation)
-    node = Node(config, identity, steward.verify_key, frames=prepared.frames[site], client=client)
+    client = HubClient(network.hub.url, site, identity, max_bytes=prepared.configs[site].max_message_bytes,
+                       invitation=invitation)
+    node = prepared.node(site, client)
     node.register()
-    node.approve(network.study.id, steward)
+    node.approve(network.study.id, prepared.stewards[site])
     if not processes:
         return NodeThread(node).start()
     node.close()
@@ -252,7 +272,7 @@ def _wait_until_polling(network: LocalNetwork, timeout: float = 120.0) -> None:
 
 
 @dataclass
-class InProcessNetwork:
+class InProcessNetwork(_Federation):
     """Real nodes reached in-process: the researcher's InProcessGrid hands them each step directly."""
 
     grid: InProcessGrid
@@ -261,10 +281,8 @@ class InProcessNetwork:
     nodes: dict[str, Node] = field(default_factory=dict)
     _tempdir: Any = None
 
-    def steward_key_path(self, site: str) -> Path:
-        return self.workdir / "stewards" / f"{site}.key"
-
     def close(self) -> None:
+        """Close the nodes, then delete a temporary work directory."""
         self.grid.close()
         if self._tempdir is not None:
             self._tempdir.cleanup()
@@ -278,28 +296,27 @@ def start_in_process(
 ) -> InProcessNetwork:
     """The same sites, keys, study and stewards' approvals as `start_local_network`, without a hub:
     `policy` may be one policy or one per site."""
-    if not sites:
-        raise ValueError("in_process needs at least one site")
-    root, tempdir = _workdir(workdir)
+    root, tempdir = _workdir(sites, workdir)
+    network: InProcessNetwork | None = None
     try:
-        prepared = _prepare_sites(sites, root, "http://in-process.invalid", policy, False, study_id, analyses,
-                                  secure_aggregation, secagg_threshold)
+        prepared = _prepare_sites(sites, root, "http://in-process.invalid", policy=policy, processes=False,
+                                  study_id=study_id, analyses=analyses, secure_aggregation=secure_aggregation,
+                                  secagg_threshold=secagg_threshold)
         study = prepared.study
-        published = seal(prepared.researcher_key, {"kind": "study", "sender": study.researcher,
-                                                   "nonce": f"study-{study.id}", "issued_at": time.time(),
-                                                   "study": study.id}, {"spec": study.model_dump()})
         grid = InProcessGrid({}, study, prepared.researcher_key, party=study.researcher)
+        published = grid.seal("study", {"spec": study.model_dump()}, study=study.id)
         network = InProcessNetwork(grid, study, root, _tempdir=tempdir)
         for site, config in prepared.configs.items():
-            identity = prepared.identities[site]
-            client = InProcessClient(site, identity, {study.id: published}, max_bytes=config.max_message_bytes)
-            node = Node(config, identity, prepared.stewards[site].verify_key, frames=prepared.frames[site],
-                        client=client, senders=grid.senders)
+            client = InProcessClient(site, prepared.identities[site], {study.id: published},
+                                     max_bytes=config.max_message_bytes)
+            node = prepared.node(site, client, senders=grid.senders)
             grid.nodes[site] = node
             network.nodes[site] = node
             node.approve(study.id, prepared.stewards[site])
     except BaseException:
-        if tempdir is not None:
+        if network is not None:
+            network.close()
+        elif tempdir is not None:
             tempdir.cleanup()
         raise
     return network

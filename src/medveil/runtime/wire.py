@@ -39,6 +39,7 @@ DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 MAX_HEADER_BYTES = 128 * 1024
 MAX_ID_LENGTH = 128
 MAX_LIST_LENGTH = 1024
+MAX_ENDED_PER_STEP = 64  # finished tasks one step may announce to a node (its body's "ended")
 MAX_STEP = 1_000_000
 MAX_ISSUED_AT = 1e11  # seconds since 1970: year 5138; anything later is not a timestamp
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@-]*")
