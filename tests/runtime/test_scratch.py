@@ -95,7 +95,19 @@ def test_tasks_do_not_share_scratch_and_delete_and_prune_remove_folders(tmp_path
     os.utime(tmp_path / "scratch" / task_digest("t-2"), (old, old))
     assert store.prune(TASK_RETENTION_S) == 1
     assert not (tmp_path / "scratch" / task_digest("t-2")).exists()
-    assert (tmp_path / "scratch" / task_digest("t-1")).exists()  # used just now
+    store.task("t-1")["y"] = 3
+    assert store.prune(TASK_RETENTION_S) == 0
+    assert (tmp_path / "scratch" / task_digest("t-1")).exists()  # written just now
+
+
+def test_a_task_that_keeps_nothing_makes_no_folder(tmp_path):
+    store = NodeScratch(tmp_path / "scratch", 1 << 20)
+    assert "x" not in store.task("t-1") and not store.holds("t-1")
+    assert not (tmp_path / "scratch").exists()
+    store.task("t-1")["x"] = 1
+    assert store.holds("t-1")
+    assert oct((tmp_path / "scratch").stat().st_mode & 0o777) == oct(0o700)
+    assert oct((tmp_path / "scratch" / task_digest("t-1")).stat().st_mode & 0o777) == oct(0o700)
 
 
 @pytest.fixture()

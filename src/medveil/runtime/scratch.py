@@ -58,9 +58,8 @@ class TaskScratch(MutableMapping[str, Any]):
         self._lock = threading.RLock()
         self._values: dict[str, Any] = {}
         self._dropped_logged = False
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(folder, 0o700)
-        self._sizes = {path.name: path.stat().st_size for path in folder.glob(f"*{SUFFIX}")}
+        # The folder is made on the first write: most tasks (one-round analyses) keep nothing.
+        self._sizes = {path.name: path.stat().st_size for path in folder.glob(f"*{SUFFIX}")} if folder.is_dir() else {}
 
     @property
     def size_bytes(self) -> int:
@@ -130,6 +129,9 @@ class TaskScratch(MutableMapping[str, Any]):
 
     def _write(self, name: str, encoded: bytes) -> None:
         """Write to a fresh 0600 file beside the target, then rename it into place (atomic)."""
+        for folder in (self.folder.parent, self.folder):  # the scratch root, then the task's own
+            folder.mkdir(mode=0o700, exist_ok=True)
+            os.chmod(folder, 0o700)
         temporary = self.folder / f".{name}.{os.getpid()}.{threading.get_ident()}.tmp"
         descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
@@ -191,14 +193,14 @@ class NodeScratch:
         with self._lock:
             scratch = self._open.get(task)
             if scratch is None:
-                self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
                 scratch = TaskScratch(self.root / task_digest(task), self.limit_bytes,
                                       label=f"{self._label} task {task[:64]}")
                 self._open[task] = scratch
                 while len(self._open) > self.keep:
                     self._open.popitem(last=False)
             self._open.move_to_end(task)
-            os.utime(scratch.folder)
+            if scratch.folder.is_dir():
+                os.utime(scratch.folder)
             return scratch
 
     def holds(self, task: str) -> bool:
