@@ -310,11 +310,12 @@ def _variant_progress(callback: Callable[[int, int], None]) -> Callable[[int, tu
 
 def connect(url: str, identity: str | Path | SigningKey, study: str, *, timeout: float = 60.0,
             allow_dropouts: bool = False, passphrase: bytes | None = None,
-            runs_dir: str | Path | None = None) -> Federation:
+            runs_dir: str | Path | None = None, sync_runs: bool = False) -> Federation:
     """Reach a deployed hub as the researcher who owns `study` (identity: PEM key file or key).
 
     Runs are checkpointed in `runs_dir` (default ~/.medveil/runs), so that one whose process was
-    killed continues with `Federation.resume(task_id)` (`Federation.runs()` lists them).
+    killed continues with `Federation.resume(task_id)` (`Federation.runs()` lists them);
+    `sync_runs=True` fsyncs every checkpoint too, so runs also survive an OS crash or power cut.
 
     A key file must be private to its owner; an encrypted one is unlocked with `passphrase` or
     MEDVEIL_KEY_PASSPHRASE. Sites are verified against the keys pinned in the study (which the
@@ -340,4 +341,5 @@ def connect(url: str, identity: str | Path | SigningKey, study: str, *, timeout:
     client.party = spec.researcher
     client.pin(spec.site_keys)
     return Federation(ResearcherSession(client, spec, timeout=timeout, allow_dropouts=allow_dropouts,
-                                        runs_dir=DEFAULT_RUNS_DIR.expanduser() if runs_dir is None else runs_dir))
+                                        runs_dir=DEFAULT_RUNS_DIR.expanduser() if runs_dir is None else runs_dir,
+                                        sync_runs=sync_runs))

@@ -2,9 +2,11 @@
 
 After every round the session saves the task's whole state (`TaskRun`: analysis, parameters,
 dataset, sites, step counter, round, broadcast, global state, rows, privacy spent, audit ids and
-the secure-aggregation key set) as one wire-encoded file, written to a temporary file, fsynced
-and renamed over the old one. Every envelope sealed for a step after that checkpoint is first
-appended to the task's journal and fsynced, and only then posted. A process killed anywhere
+the secure-aggregation key set) as one wire-encoded file, written to a temporary file and
+renamed over the old one. Every envelope sealed for a step after that checkpoint is first
+appended to the task's journal, and only then posted. With `sync=True` every write is fsynced as
+well, so the files also survive an OS crash or a power cut (about 1 ms per step on this
+machine); without it they survive a killed researcher process. A process killed anywhere
 therefore leaves a checkpoint and the exact envelopes it may have sent since; `resume` re-sends
 those (the hub answers a copy it holds with 409, which counts as delivered), gathers their
 replies and continues. No pickle: the files are the wire framing (msgpack, raw arrays).
@@ -127,11 +129,14 @@ def _fsync_dir(directory: Path) -> None:
 class RunFile:
     """One task's checkpoint (`<task>.run`) and journal (`<task>.journal`) in a runs directory."""
 
-    def __init__(self, directory: Path, task: str):
+    def __init__(self, directory: Path, task: str, *, sync: bool = False):
+        """`sync`: fsync every write (survives an OS crash or power loss, ~1 ms per step here);
+        without it the files survive a killed researcher process, the case resume is for."""
         if not is_id(task):
             raise RunStateError(f"not a task id: {task!r}")
         self.directory = directory
         self.task = task
+        self.sync = sync
         self.checkpoint = directory / f"{task}.run"
         self.journal_path = directory / f"{task}.journal"
         self._journal: dict[int, list[bytes]] | None = None
@@ -143,12 +148,13 @@ class RunFile:
         with os.fdopen(descriptor, "wb") as handle:
             handle.write(pack_body(run.to_wire()))
             handle.flush()
-            os.fsync(handle.fileno())
+            if self.sync:
+                os.fsync(handle.fileno())
         os.replace(temporary, self.checkpoint)
-        descriptor = os.open(self.journal_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.fsync(descriptor)
-        os.close(descriptor)
-        _fsync_dir(self.directory)
+        if self.journal_path.exists():
+            os.truncate(self.journal_path, 0)
+        if self.sync:
+            _fsync_dir(self.directory)
         self._journal = {}
 
     def load(self) -> TaskRun:
@@ -214,7 +220,8 @@ class RunFile:
         with os.fdopen(descriptor, "ab") as handle:
             handle.write(_LENGTH.pack(len(record)) + record)
             handle.flush()
-            os.fsync(handle.fileno())
+            if self.sync:
+                os.fsync(handle.fileno())
         if self._journal is None:
             self._journal = self._read_journal()
         self._journal[step] = list(envelopes)
@@ -227,12 +234,18 @@ class RunFile:
 class RunStore:
     """A directory of unfinished runs (0700)."""
 
-    def __init__(self, directory: str | Path):
+    def __init__(self, directory: str | Path, *, sync: bool = False):
+        """`sync`: fsync every checkpoint and journal record (see RunFile)."""
         self.directory = Path(directory).expanduser()
+        self.sync = sync
+        self._made = False
 
     def open(self, task: str) -> RunFile:
-        make_private_dir(self.directory)
-        return RunFile(self.directory, task)
+        """The run files of `task` (the directory is made 0700 on first use)."""
+        if not self._made:
+            make_private_dir(self.directory)
+            self._made = True
+        return RunFile(self.directory, task, sync=self.sync)
 
     def unfinished(self, study: str | None = None) -> list[TaskRun]:
         """The runs whose checkpoint is still here (of `study` only, when given), oldest first."""

@@ -89,16 +89,16 @@ class ResearcherSession:
     """Runs registered analyses for one study over a Grid (a hub, or the nodes in-process)."""
 
     def __init__(self, grid: Grid | HubClient, study: StudySpec, *, timeout: float = 60.0,
-                 allow_dropouts: bool = False, runs_dir: str | Path | None = None):
+                 allow_dropouts: bool = False, runs_dir: str | Path | None = None, sync_runs: bool = False):
         """`grid`: a Grid, or a HubClient to run over the hub. `allow_dropouts`: with secure
         aggregation, a site silent in an analysis' first round is left out (its masks removed with
         the survivors' shares) instead of failing the run. `runs_dir`: where runs are checkpointed
-        (None: not durable)."""
+        (None: not durable); `sync_runs`: fsync the checkpoints too, to survive an OS crash."""
         self.grid: Grid = HubGrid(grid, study) if isinstance(grid, HubClient) else grid
         self.study = study
         self.timeout = timeout
         self.allow_dropouts = allow_dropouts
-        self.runs = None if runs_dir is None else RunStore(runs_dir)
+        self.runs = None if runs_dir is None else RunStore(runs_dir, sync=sync_runs)
         self.keysets = KeySets(study)
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medveil-results")
         self._ended = EndedTasks()
