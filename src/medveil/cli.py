@@ -65,6 +65,17 @@ def _passphrase_for(path: Path) -> Optional[bytes]:
     return passphrase
 
 
+def _open_node(config: Path):
+    """The node a site YAML describes, its identity key unlocked; a bad config is a one-line error."""
+    from medveil.runtime.config import ConfigError, load_site_config
+    from medveil.runtime.node import Node
+
+    try:
+        return Node.from_config_file(config, _passphrase_for(load_site_config(config).identity))
+    except ConfigError as exc:
+        raise _fail(str(exc)) from exc
+
+
 def _load_key(path: Path):
     """A private key file, checked to be the owner's only and unlocked (see _passphrase_for)."""
     from medveil.runtime.config import KeyFileError, read_private_key
@@ -270,13 +281,8 @@ def node_init(directory: Path = typer.Argument(..., help="directory for the site
 def node_register(config: Path = typer.Option(..., help="site YAML config")) -> None:
     """Register the site's identity at the hub with the operator's invitation (in site.yaml)."""
     from medveil.runtime.client import HubError
-    from medveil.runtime.config import ConfigError, load_site_config
-    from medveil.runtime.node import Node
 
-    try:
-        node = Node.from_config_file(config, _passphrase_for(load_site_config(config).identity))
-    except ConfigError as exc:
-        raise _fail(str(exc)) from exc
+    node = _open_node(config)
     try:
         created = node.client.register("site")["created"]
     except HubError as exc:
@@ -290,15 +296,10 @@ def node_register(config: Path = typer.Option(..., help="site YAML config")) -> 
 def node_start(config: Path = typer.Option(..., help="site YAML config"),
                quiet: bool = typer.Option(False, help="log warnings only")) -> None:
     """Register with the hub and long-poll it for tasks until interrupted."""
-    from medveil.runtime.node import Node
 
-    from medveil.runtime.config import ConfigError, load_site_config
 
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(asctime)s %(message)s")
-    try:
-        node = Node.from_config_file(config, _passphrase_for(load_site_config(config).identity))
-    except ConfigError as exc:
-        raise _fail(str(exc)) from exc
+    node = _open_node(config)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, _exit_on_signal)
     try:
@@ -414,14 +415,10 @@ def study_approve(study: str = typer.Argument(...), config: Path = typer.Option(
                   yes: bool = typer.Option(False, "--yes", help="approve without asking")) -> None:
     """As the site's steward: read the study from the hub, check it, sign and store the approval."""
     from medveil.crypto.signing import VerifyKey
-    from medveil.runtime.config import ConfigError, load_site_config
-    from medveil.runtime.node import Node, Refusal
+    from medveil.runtime.node import Refusal
     from medveil.runtime.study import StudySpec
 
-    try:
-        node = Node.from_config_file(config, _passphrase_for(load_site_config(config).identity))
-    except ConfigError as exc:
-        raise _fail(str(exc)) from exc
+    node = _open_node(config)
     try:
         node.register()
         envelope = node.client.study_envelope(study)
@@ -597,8 +594,6 @@ def service_build(name: str = typer.Argument(..., help="a registered service, e.
                                                             "key_column=icd10 or queries_per_day=200")) -> None:
     """As the site's steward: build (or rebuild) a service from the site's own data."""
     from medveil.crypto.signing import SignatureError
-    from medveil.runtime.config import ConfigError, load_site_config
-    from medveil.runtime.node import Node
     from medveil.runtime.services import ServiceError
 
     options = {}
@@ -607,10 +602,7 @@ def service_build(name: str = typer.Argument(..., help="a registered service, e.
         if not sep or not key.strip():
             raise _fail(f"--option {item!r} is not KEY=VALUE")
         options[key.strip()] = value
-    try:
-        node = Node.from_config_file(config, _passphrase_for(load_site_config(config).identity))
-    except ConfigError as exc:
-        raise _fail(str(exc)) from exc
+    node = _open_node(config)
     try:
         manifest = node.build_service(name, dataset, options, _load_key(steward_key))
     except ServiceError as exc:
@@ -625,14 +617,9 @@ def service_build(name: str = typer.Argument(..., help="a registered service, e.
 @service_app.command("list")
 def service_list(config: Path = typer.Option(..., help="site YAML config")) -> None:
     """Show the registered services and those built at this site."""
-    from medveil.runtime.config import ConfigError, load_site_config
-    from medveil.runtime.node import Node
     from medveil.runtime.services import service_names
 
-    try:
-        node = Node.from_config_file(config, _passphrase_for(load_site_config(config).identity))
-    except ConfigError as exc:
-        raise _fail(str(exc)) from exc
+    node = _open_node(config)
     try:
         built = {manifest["service"]: manifest for manifest in node.services.manifests()}
     finally:

@@ -78,15 +78,20 @@ def key_file_is_encrypted(path: Path) -> bool:
     return is_encrypted_pem(Path(path).read_bytes())
 
 
+def _read_private_pem(path: Path, what: str) -> bytes:
+    """A key file's bytes, after checking only its owner may use it (else KeyFileError)."""
+    try:
+        check_private_file(path)
+        return path.read_bytes()
+    except OSError as exc:
+        raise KeyFileError(f"cannot read {what} {path}: {exc.strerror}") from exc
+
+
 def read_private_key(path: Path, passphrase: bytes | None = None) -> SigningKey:
     """Load a private key file after checking only its owner may use it; the passphrase defaults
     to MEDVEIL_KEY_PASSPHRASE. Unencrypted keys load too (callers may warn)."""
     path = Path(path)
-    try:
-        check_private_file(path)
-        pem = path.read_bytes()
-    except OSError as exc:
-        raise KeyFileError(f"cannot read private key {path}: {exc.strerror}") from exc
+    pem = _read_private_pem(path, "private key")
     try:
         return SigningKey.from_pem(pem, passphrase or passphrase_from_env())
     except KeyLocked as exc:
@@ -110,11 +115,7 @@ def read_encryption_key(path: Path, passphrase: bytes | None = None) -> bytes:
     """The raw X25519 private key in a PEM file, after checking only its owner may use it; the
     passphrase defaults to MEDVEIL_KEY_PASSPHRASE."""
     path = Path(path)
-    try:
-        check_private_file(path)
-        pem = path.read_bytes()
-    except OSError as exc:
-        raise KeyFileError(f"cannot read encryption key {path}: {exc.strerror}") from exc
+    pem = _read_private_pem(path, "encryption key")
     encrypted = is_encrypted_pem(pem)
     passphrase = passphrase or passphrase_from_env()
     if encrypted and not passphrase:
