@@ -54,7 +54,7 @@ class Federation:
                  policy: Policies = None, timeout: float = 60.0, processes: bool = False,
                  workdir: str | Path | None = None, hub_db: str | None = None, secure_aggregation: bool = True,
                  secagg_threshold: int | None = None, allow_dropouts: bool = False,
-                 runs_dir: str | Path | None = None) -> Federation:
+                 runs_dir: str | Path | None = None, roles: Mapping[str, str] | None = None) -> Federation:
         """Start a real hub and one real node per site on loopback HTTP (threads, or processes).
 
         The study set-up is the one `in_process` uses (runtime/simulation.py): a site is one
@@ -65,7 +65,9 @@ class Federation:
         which the study records and every result's provenance reports. A site that does not
         answer within `timeout` fails the run with an error naming it, unless `allow_dropouts`
         lets a secure first round go on without it (down to the threshold; the provenance lists
-        who took part). The hub keeps its state in `hub_db` (SQLAlchemy URL; a SQLite file in
+        who took part). Party `roles` ({site: "label_holder" | "feature_holder" | "dealer" ...})
+        go into the study, and each site is then approved for its own tables' columns only; a
+        site given as {} holds no table (a dealer). The hub keeps its state in `hub_db` (SQLAlchemy URL; a SQLite file in
         the work directory by default) and, with `record_hub_traffic`, every message it relayed
         (`hub_traffic`). Runs are checkpointed in `runs_dir` (default: `runs/` in the work
         directory) and resumable with `resume`.
@@ -77,7 +79,8 @@ class Federation:
 
         network = start_local_network(sites, workdir=workdir, record_hub_traffic=record_hub_traffic,
                                       policy=policy, processes=processes, hub_db=hub_db,
-                                      secure_aggregation=secure_aggregation, secagg_threshold=secagg_threshold)
+                                      secure_aggregation=secure_aggregation, secagg_threshold=secagg_threshold,
+                                      roles=roles)
         return cls._over(network, network.researcher, timeout=timeout, allow_dropouts=allow_dropouts,
                          runs_dir=network.workdir / "runs" if runs_dir is None else runs_dir)
 
@@ -85,7 +88,7 @@ class Federation:
     def in_process(cls, sites: Mapping[str, SiteData], *, policy: Policies = None, timeout: float = 60.0,
                    workdir: str | Path | None = None, secure_aggregation: bool = True,
                    secagg_threshold: int | None = None, allow_dropouts: bool = False,
-                   runs_dir: str | Path | None = None) -> Federation:
+                   runs_dir: str | Path | None = None, roles: Mapping[str, str] | None = None) -> Federation:
         """The study set-up of `simulate` (the same sites, keys, study, stewards' approvals and
         every node guard; the same keywords bar the hub's), with each step handed to the nodes in this process by
         an InProcessGrid: no hub, no HTTP; for fast tests. Results equal `simulate`'s to the last
@@ -98,7 +101,7 @@ class Federation:
         from medveil.runtime.simulation import start_in_process
 
         network = start_in_process(sites, workdir=workdir, policy=policy, secure_aggregation=secure_aggregation,
-                                   secagg_threshold=secagg_threshold)
+                                   secagg_threshold=secagg_threshold, roles=roles)
         return cls._over(network, network.grid, timeout=timeout, allow_dropouts=allow_dropouts, runs_dir=runs_dir)
 
     @classmethod

@@ -14,6 +14,8 @@ BUILTIN_MODULES = (
     "medveil.analyses.cox",
     "medveil.analyses.gwas",
     "medveil.analyses.pca",
+    "medveil.analyses.psi",
+    "medveil.analyses.vertical",
 )
 
 

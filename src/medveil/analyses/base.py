@@ -70,17 +70,23 @@ class SiteContext:
     messages: dict[str, dict[str, Any]] = field(default_factory=dict)  # payloads addressed to this site,
     # decrypted and verified, by sender site
     role: str | None = None  # this site's party role in the study (StudySpec.roles)
+    study_salt: bytes = b""  # 32 bytes from the study id and approved spec: the same at every site of one
+    # study, different in every other (salt for hashing identifiers in private set intersection)
 
 
 @dataclass
 class Release:
     """What one site lets out in one round: `sums` are added up across sites (dtype kept: ints
     stay ints), `public` facts are shown per site, and `payloads` (recipient site -> a
-    wire-encodable map) are never summed: the node seals each end to end to its recipient."""
+    wire-encodable map) are never summed: the node seals each end to end to its recipient.
+    `alignment` ({"rows": int array of table positions in an agreed order, "column", "peers",
+    "reveal"}) is kept at the site, never sent: the node records it under the task's id so later
+    tasks of the study can run on those rows (`Analysis.alignment`)."""
 
     sums: dict[str, np.ndarray] = field(default_factory=dict)
     public: dict[str, Any] = field(default_factory=dict)
     payloads: dict[str, dict[str, Any]] = field(default_factory=dict)
+    alignment: dict[str, Any] | None = None
 
 
 @dataclass
@@ -127,6 +133,28 @@ class Analysis(ABC, Generic[P]):
     @abstractmethod
     def variables(self, params: P) -> list[str]:
         """Columns the analysis reads; the node checks them against the approved list."""
+
+    def variables_at(self, params: P, site: str, role: str | None) -> list[str]:
+        """Columns the analysis reads at `site` (whose study role is `role`): in two-party protocols
+        each party reads its own columns. The node checks them against the study's approved
+        variables for that site. Default: `variables(params)` everywhere."""
+        return self.variables(params)
+
+    def reads_data_at(self, params: P, site: str, role: str | None) -> bool:
+        """Whether `site` reads a dataset in this task; a site that does not (a dealer of correlated
+        randomness, a study site not taking part) gets an empty table and skips the dataset checks."""
+        return True
+
+    def parties(self, params: P) -> dict[str, str | None]:
+        """Sites the parameters name, with the study role each must hold (None: any). The node
+        refuses a named site outside the study and its own site named with a role its steward did
+        not approve."""
+        return {}
+
+    def alignment(self, params: P) -> str | None:
+        """Id of an alignment (a finished private set intersection's task id) whose rows, in their
+        agreed order, the analysis runs on; None: the dataset's own rows."""
+        return None
 
     def genotype_dataset(self, params: P) -> str | None:
         """Name of a genotype dataset (PLINK) the analysis reads beside its table, if any; the node

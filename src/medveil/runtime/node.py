@@ -57,6 +57,7 @@ from medveil.runtime.audit import AuditLog, summarised
 from medveil.runtime.client import HubClient, HubError
 from medveil.runtime.config import KeyFileError, SiteConfig, load_site_config, read_encryption_key
 from medveil.runtime.node_store import NodeStore, TaskState, dp_account
+from medveil.runtime.alignments import AlignmentStore, new_alignment
 from medveil.runtime.scratch import NodeScratch
 from medveil.runtime.secure_aggregation import SecureAggregationRefused, SiteSecureAggregation
 from medveil.runtime.study import StudySpec, sign_approval, verify_approval
@@ -107,6 +108,9 @@ class TaskStep:
     data: pd.DataFrame | None = None
     messages: dict[str, dict[str, Any]] = field(default_factory=dict)  # opened payloads, by sender
     message_digests: list[dict[str, str]] = field(default_factory=list)  # [{"sender", "sha256"}] consumed
+    reads_data: bool = True  # False: the analysis reads no dataset at this site (a dealer, a bystander)
+    aligned_rows: np.ndarray | None = None  # the base table's rows this step runs on, when on an alignment
+    base_rows: int = 0  # rows of the base table (to lift an aligned step's row sets back onto it)
 
     @property
     def header(self) -> dict[str, Any]:
@@ -173,6 +177,7 @@ class Node:
         for task in self.store.prune_tasks(TASK_RETENTION_S):
             self.scratch.delete(task)
         self.scratch.prune(TASK_RETENTION_S)
+        self.alignments = AlignmentStore(config.state_dir / "alignments")
 
     @classmethod
     def from_config_file(cls, path: Path, passphrase: bytes | None = None) -> "Node":
@@ -320,7 +325,8 @@ class Node:
         Later capabilities (expiry, revocation, consent, metering) add a guard here."""
         return [self._guard_is_task, self._guard_study_approved, self._guard_sender_is_researcher,
                 self._guard_signed_by_researcher, self._guard_fresh, self._guard_not_replayed,
-                self._guard_analysis_allowed, self._guard_parameters_valid, self._guard_dataset_approved,
+                self._guard_analysis_allowed, self._guard_parameters_valid, self._guard_parties,
+                self._guard_dataset_approved,
                 self._guard_variables_approved, self._guard_same_task, self._guard_not_ended, self._guard_in_order]
 
     def compute_guards(self) -> list[Callable[["TaskStep"], None]]:
@@ -338,7 +344,7 @@ class Node:
             result = self._secure_step(step.spec, step.phase, step.task, step.step, step.body)
             self._advance(step, released=None)
             return result
-        step.data = self._data(step.dataset)
+        step.data = self._task_data(step)
         for guard in self.compute_guards():
             guard(step)
         return self._compute(step)
@@ -408,9 +414,31 @@ class Node:
             raise Refusal("broadcast_malformed", "a broadcast must be a map")
         step.broadcast = broadcast
 
+    def _guard_parties(self, step: "TaskStep") -> None:
+        """Sites the parameters name are in the study (`site_not_in_study`), and this site, when
+        named with a party role, holds that role in the approved study (`role_mismatch`)."""
+        if step.params is None:
+            return
+        spec = step.spec
+        parties = step.analysis.parties(step.params)
+        outside = sorted(str(site)[:64] for site in parties if site not in spec.sites)
+        if outside:
+            raise Refusal("site_not_in_study", f"site(s) {outside} named by the parameters are not in study {spec.id!r}")
+        wanted = parties.get(self.site)
+        if wanted is not None and spec.role_of(self.site) != wanted:
+            raise Refusal("role_mismatch", f"{self.site} is asked to act as {wanted!r}, but study {spec.id!r} gives "
+                                           f"it the role {spec.role_of(self.site)!r}")
+
     def _guard_dataset_approved(self, step: "TaskStep") -> None:
-        """The dataset (and any genotype dataset) is in the study's dataset map for this site."""
+        """The dataset (and any genotype dataset) is in the study's dataset map for this site,
+        unless the step reads none here (an "end" step; a site the analysis reads no data at)."""
         spec, params = step.spec, step.params
+        if step.phase == "end":
+            return
+        if params is not None:
+            step.reads_data = step.analysis.reads_data_at(params, self.site, spec.role_of(self.site))
+            if not step.reads_data:
+                return
         approved = spec.datasets_for(self.site)
         if step.dataset not in approved:
             raise Refusal("dataset_not_approved", f"dataset {step.dataset!r} is not approved for study {spec.id!r}")
@@ -421,7 +449,11 @@ class Node:
     def _guard_variables_approved(self, step: "TaskStep") -> None:
         if step.params is None:
             return
-        step.variables = step.analysis.variables(step.params)
+        step.variables = step.analysis.variables_at(step.params, self.site, step.spec.role_of(self.site))
+        if not step.reads_data:
+            if step.variables:
+                raise Refusal("analysis_error", f"{step.analysis.name} reads no data at {self.site} but names variables")
+            return
         outside = [v for v in step.variables if v not in step.spec.datasets_for(self.site)[step.dataset]]
         if outside:
             raise Refusal("variable_not_approved", f"variables {outside} are not approved for dataset "
@@ -481,7 +513,9 @@ class Node:
             raise Refusal(exc.rule, exc.detail) from exc
 
     def _guard_differencing(self, step: "TaskStep") -> None:
-        if not self.config.policy.differencing_guard:
+        """Row sets (lifted back onto the base table's rows for a step on an alignment) must not
+        differ from an earlier query's on the same dataset by fewer than the minimum count."""
+        if not self.config.policy.differencing_guard or not step.reads_data:
             return
         try:
             row_sets = step.analysis.row_sets(step.params, step.data, step.round_no, step.broadcast,
@@ -490,6 +524,8 @@ class Node:
             raise Refusal(exc.rule, exc.detail) from exc
         except (AnalysisError, ValueError, TypeError, KeyError) as exc:
             raise Refusal("analysis_error", str(exc)) from exc
+        if row_sets and step.aligned_rows is not None:
+            row_sets = [_lifted(np.asarray(mask, dtype=bool), step.aligned_rows, step.base_rows) for mask in row_sets]
         if row_sets:
             self._check_differencing(step.spec.id, step.dataset, row_sets)
 
@@ -577,7 +613,7 @@ class Node:
             site=self.site, data=step.data, policy=self.config.policy, scratch=self.scratch.task(step.task),
             memory=MappingProxyType(step.state.memory), noise=noise,
             genotypes=None if genotype_name is None else self._genotypes(genotype_name),
-            messages=step.messages, role=spec.role_of(self.site))
+            messages=step.messages, role=spec.role_of(self.site), study_salt=spec.study_salt())
         decision_id = self.audit.append(
             "decision", decision="run", study=spec.id, task=step.task, step=step.step, round=round_no,
             analysis=analysis.name, dataset=step.dataset, variables=step.variables,
@@ -595,6 +631,7 @@ class Node:
         if any(v.dtype.kind not in "biuf" for v in sums.values()):
             raise Refusal("analysis_error", "a released sum is not an array of numbers")
         sealed = self._seal_payloads(step, release.payloads)
+        alignment_id = self._keep_alignment(step, release.alignment) if release.alignment is not None else None
         if noise is not None and noise.charged:
             release.public["dp_rho"] = noise.charged
         payload = self._mask_release(spec, step.task, step.step, step.body, sums) if spec.secure_aggregation and sums \
@@ -615,7 +652,45 @@ class Node:
             **({"payloads": [{"recipient": r, "sha256": hashlib.sha256(p["ct"]).hexdigest()}
                              for r, p in sorted(sealed.items())]} if sealed else {}),
         )
-        return payload, [decision_id, release_id]
+        return payload, [decision_id, release_id] + ([alignment_id] if alignment_id else [])
+
+    def _task_data(self, step: "TaskStep") -> pd.DataFrame:
+        """The table a compute step runs on: none at a site that reads no data, the dataset's rows,
+        or those of the alignment the analysis names, in its agreed order (`alignment_unknown`,
+        `alignment_dataset`, `alignment_stale`)."""
+        if not step.reads_data:
+            return pd.DataFrame()
+        base = self._data(step.dataset)
+        alignment_id = step.analysis.alignment(step.params)
+        if alignment_id is None:
+            return base
+        alignment = self.alignments.load(step.spec.id, alignment_id)
+        if alignment is None:
+            raise Refusal("alignment_unknown", f"{self.site} keeps no alignment {str(alignment_id)[:64]!r} "
+                                               f"for study {step.spec.id!r}")
+        if alignment.dataset != step.dataset:
+            raise Refusal("alignment_dataset", f"alignment {alignment_id!r} was made on dataset {alignment.dataset!r}, "
+                                               f"not {step.dataset!r}")
+        if alignment.data_version != self._data_version(step.dataset) or \
+                (alignment.rows.size and alignment.rows.max() >= len(base)):
+            raise Refusal("alignment_stale", f"dataset {step.dataset!r} changed at {self.site} since alignment "
+                                             f"{alignment_id!r} was made; run the intersection again")
+        step.aligned_rows, step.base_rows = alignment.rows, len(base)
+        return base.iloc[alignment.rows].reset_index(drop=True)
+
+    def _keep_alignment(self, step: "TaskStep", raw: Any) -> str:
+        """Keep a LOCAL step's alignment under the task's id (never sent); return its audit id."""
+        if not step.reads_data or step.aligned_rows is not None:
+            raise Refusal("analysis_error", "an alignment is kept only from a step on a dataset's own rows")
+        try:
+            alignment = new_alignment(step.task, step.spec.id, step.dataset, self._data_version(step.dataset), raw,
+                                      len(step.data))
+        except ValueError as exc:
+            raise Refusal("analysis_error", str(exc)) from exc
+        self.alignments.save(alignment)
+        return self.audit.append("alignment", study=step.spec.id, task=step.task, dataset=step.dataset,
+                                 column=alignment.column, peers=list(alignment.peers), reveal=alignment.reveal,
+                                 rows=int(alignment.rows.size))
 
     def _end(self, step: "TaskStep") -> tuple[dict[str, Any], list[str]]:
         """A task's last step: delete its scratch and secure-aggregation record, mark it ended (later
@@ -868,3 +943,10 @@ class Node:
                 log.log(level, "%s: polling failed (%s); retrying in %.2fs", self.site, exc, backoff)
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 2.0)
+
+
+def _lifted(mask: np.ndarray, aligned_rows: np.ndarray, base_rows: int) -> np.ndarray:
+    """A row-set mask over an alignment's rows as a mask over the base table's rows."""
+    full = np.zeros(base_rows, dtype=bool)
+    full[aligned_rows[mask]] = True
+    return full

@@ -139,15 +139,19 @@ class _Sites:
 
 def _prepare_sites(sites: Mapping[str, SiteData], root: Path, hub_url: str, *, policy: Policies, processes: bool,
                    study_id: str, analyses: list[str] | None, secure_aggregation: bool,
-                   secagg_threshold: int | None) -> _Sites:
+                   secagg_threshold: int | None, roles: Mapping[str, str] | None = None) -> _Sites:
     """The study set-up both simulated federations share: generate every party's keys, write each
     site's directory (keys 0600, site.yaml; with `processes`, in-memory tables as CSV files) and
-    the study over every variable of every dataset, pinning each site's identity and encryption key."""
+    the study over every variable of every dataset, pinning each site's identity and encryption key.
+    With party `roles`, each site is approved for its own tables' columns only (`site_datasets`)."""
     tables = {site: dict(d) if isinstance(d, Mapping) else {DEFAULT_DATASET: d} for site, d in sites.items()}
     variables: dict[str, set[str]] = {}
-    for site_tables in tables.values():
+    own: dict[str, dict[str, list[str]]] = {}
+    for site, site_tables in tables.items():
         for name, source in site_tables.items():
-            variables.setdefault(name, set()).update(_columns(name, source))
+            columns = _columns(name, source)
+            variables.setdefault(name, set()).update(columns)
+            own.setdefault(site, {})[name] = sorted(columns)
     policies = policy if isinstance(policy, Mapping) else {site: policy or DisclosurePolicy() for site in tables}
     make_private_dir(root / "stewards")
     identities, stewards, configs, frames, encryption = {}, {}, {}, {}, {}
@@ -183,7 +187,8 @@ def _prepare_sites(sites: Mapping[str, SiteData], root: Path, hub_url: str, *, p
         site_encryption_keys=encryption,
         datasets={name: sorted(cols) for name, cols in variables.items()},
         analyses=analyses or registered_names(), secure_aggregation=secure_aggregation,
-        secagg_threshold=secagg_threshold,
+        secagg_threshold=secagg_threshold, roles=dict(roles or {}),
+        site_datasets={site: own.get(site, {}) for site in tables} if roles else {},
     )
     return _Sites(root, tables, identities, stewards, configs, frames, researcher_key, study)
 
@@ -203,7 +208,7 @@ def start_local_network(
     sites: Mapping[str, SiteData], *, workdir: str | Path | None = None, record_hub_traffic: bool = False,
     policy: Policies = None, processes: bool = False, study_id: str = "simulation",
     analyses: list[str] | None = None, hub_db: str | None = None, secure_aggregation: bool = True,
-    secagg_threshold: int | None = None,
+    secagg_threshold: int | None = None, roles: Mapping[str, str] | None = None,
 ) -> LocalNetwork:
     """Start hub and nodes, register everyone, create and approve one study over all variables
     (`_prepare_sites`, as `start_in_process`); `policy` may be one policy or one per site."""
@@ -216,7 +221,7 @@ def start_local_network(
     try:
         prepared = _prepare_sites(sites, root, hub.url, policy=policy, processes=processes, study_id=study_id,
                                   analyses=analyses, secure_aggregation=secure_aggregation,
-                                  secagg_threshold=secagg_threshold)
+                                  secagg_threshold=secagg_threshold, roles=roles)
         key = prepared.researcher_key
         researcher = HubClient(hub.url, "researcher", key,
                                invitation=hub.invite("researcher", "researcher", key.verify_key.to_text()))
@@ -292,7 +297,7 @@ class InProcessNetwork(_Federation):
 def start_in_process(
     sites: Mapping[str, SiteData], *, workdir: str | Path | None = None, policy: Policies = None,
     study_id: str = "simulation", analyses: list[str] | None = None, secure_aggregation: bool = True,
-    secagg_threshold: int | None = None,
+    secagg_threshold: int | None = None, roles: Mapping[str, str] | None = None,
 ) -> InProcessNetwork:
     """The same sites, keys, study and stewards' approvals as `start_local_network`, without a hub:
     `policy` may be one policy or one per site."""
@@ -301,7 +306,7 @@ def start_in_process(
     try:
         prepared = _prepare_sites(sites, root, "http://in-process.invalid", policy=policy, processes=False,
                                   study_id=study_id, analyses=analyses, secure_aggregation=secure_aggregation,
-                                  secagg_threshold=secagg_threshold)
+                                  secagg_threshold=secagg_threshold, roles=roles)
         study = prepared.study
         grid = InProcessGrid({}, study, prepared.researcher_key, party=study.researcher)
         published = grid.seal("study", {"spec": study.model_dump()}, study=study.id)

@@ -23,7 +23,7 @@ from medveil.runtime.wire import canonical_json
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 Name = Annotated[str, Field(pattern=NAME_PATTERN)]
-Role = Literal["label_holder", "feature_holder", "server", "client"]
+Role = Literal["label_holder", "feature_holder", "dealer", "server", "client"]
 # Fields added after studies were first approved: left out of the digest while empty, so an
 # approval signed before they existed still covers the same spec.
 LATER_FIELDS = ("site_encryption_keys", "roles", "site_datasets", "services")
@@ -116,6 +116,11 @@ class StudySpec(BaseModel):
     def threshold(self) -> int:
         """Sites that must remain for a secure sum to be recovered (default a majority)."""
         return self.secagg_threshold or len(self.sites) // 2 + 1
+
+    def study_salt(self) -> bytes:
+        """32 bytes bound to this study and its approved spec (the salt of PSI hashing: the same at
+        every site of the study, unrelated in any other study)."""
+        return hashlib.sha256(b"medveil study salt\0" + self.id.encode() + b"\0" + self.digest().encode()).digest()
 
     def digest(self) -> str:
         """SHA-256 of the canonical JSON of every field (what a steward's approval signs)."""

@@ -1,0 +1,1 @@
+"""Private set intersection and the registry de-duplication count (helper B fills this in)."""

@@ -1,0 +1,1 @@
+"""Vertical GLM over aligned rows (helper C fills this in)."""
