@@ -22,6 +22,9 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
     ("gwas.py", ["--samples", "300", "--snps", "200", "--test", "logistic-score"]),
     ("pca.py", ["--samples", "300", "--snps", "500"]),
     ("gwas_memory.py", ["--samples", "200", "--snps", "300", "--batch-size", "100"]),
+    ("psi.py", ["--sizes", "8"]),
+    ("vertical.py", ["--rows", "3000", "--label", "3", "--features", "3"]),
+    ("paillier.py", ["--rows", "2000", "--label-columns", "3", "--feature-columns", "3", "--samples", "4"]),
 ])
 def test_benchmark_runs(script, args):
     completed = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True,

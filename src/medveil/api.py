@@ -26,6 +26,7 @@ from medveil.runtime.session import ResearcherSession, RunOutcome
 from medveil.runtime.study import StudySpec
 
 if TYPE_CHECKING:
+    from medveil.analyses.psi import PsiResult
     from medveil.runtime.grid import Grid
     from medveil.runtime.simulation import (
         InProcessNetwork,
@@ -205,6 +206,60 @@ class Federation:
         With an offset the null deviance is not computed (NaN)."""
         return self._result("glm", data, formula=formula, family=family, offset=offset, weights=weights,
                            max_iter=max_iter, tol=tol)
+
+    def psi(self, left: str, right: str, on: str = "patient_id", reveal: str = "both", data: str | None = None,
+            id_kind: str = "plain", invalid: str = "error") -> PsiResult:
+        """Private set intersection of the `on` IDs of two sites (ECDH-PSI; no ID leaves a site).
+
+        `reveal`: "both" (each site learns which of its rows are shared), "left" (only `left` does)
+        or "size" (`left` learns only how many). Both sites normalise IDs as `id_kind` says
+        ("plain", or "cn_resident_id": GB 11643 check digit); an invalid ID is refused naming its
+        row, or skipped with invalid="skip" (the count skipped is public). Unless only the size is
+        revealed, each learning site keeps the matched rows in an agreed order, and the result's
+        `alignment` (this run's task id) names them for a later `vertical_glm(aligned=...)`.
+        Refusals: psi_set_too_small, psi_intersection_too_small, invalid_id, site_not_in_study."""
+        outcome = self.run("psi", data, left=left, right=right, on=on, reveal=reveal, id_kind=id_kind,
+                           invalid=invalid)
+        result = _with_provenance(outcome)
+        return result if reveal == "size" else dataclasses.replace(result, alignment=outcome.provenance["task"])
+
+    def distinct_patients(self, on: str = "patient_id", data: str | None = None, id_kind: str = "plain",
+                          invalid: str = "error", counter: str | None = None) -> pd.DataFrame:
+        """Distinct patients over every site (the registry de-duplication count), by a ring of
+        commutative blindings: rows 1..N sites, column `count` of patients seen at exactly that
+        many sites (small counts missing, marked in `suppressed`); attrs["distinct"] the total.
+        `counter` (default the first site in sorted order) sees how the sites' blinded sets
+        overlap, never an ID."""
+        return self._result("distinct_patients", data, on=on, sites=sorted(self.sites), id_kind=id_kind,
+                            invalid=invalid, counter=counter)
+
+    def vertical_glm(self, formula: str, family: str = "binomial", label_site: str | None = None,
+                     feature_site: str | None = None, dealer_site: str | None = None, aligned: Any = None,
+                     data: str | None = None, max_iter: int = 50, tol: float = 1e-10) -> GLMResults:
+        """Logistic or linear model over columns split between a label holder (the response, the
+        intercept, its columns) and a feature holder (its columns), by exact Newton with the cross
+        terms secret-shared (a dealer site hands out correlated randomness, sees no data); equal to
+        statsmodels' GLM on the joined rows. Each term lies wholly at one site. The sites default to
+        the study's roles (label_holder, feature_holder, dealer); `aligned` is a `psi(...)` result
+        or its alignment id (None: the two tables are already in one row order). The label holder
+        learns the feature holder's partial linear predictor each iteration (docs/vertical.md).
+        Returns VerticalGLMResults (GLMResults plus `owner`, coefficient -> site)."""
+        def by_role(site: str | None, role: str) -> str:
+            if site is not None:
+                return site
+            holders = [name for name in self.sites if self.study.role_of(name) == role]
+            if len(holders) != 1:
+                raise ValueError(f"say which site is the {role} ({len(holders)} sites hold that role in the study)")
+            return holders[0]
+
+        label, feature, dealer = (by_role(label_site, "label_holder"), by_role(feature_site, "feature_holder"),
+                                  by_role(dealer_site, "dealer"))
+        dataset = self._dataset(data)
+        columns = {site: list(self.study.datasets_for(site).get(dataset, [])) for site in (label, feature)}
+        alignment = getattr(aligned, "alignment", aligned)
+        return self._result("vertical_glm", dataset, formula=formula, family=family, label_site=label,
+                            feature_site=feature, dealer_site=dealer, columns=columns, aligned=alignment,
+                            max_iter=max_iter, tol=tol)
 
     def coxph(self, duration: str, event: str, covariates: Sequence[str], ties: str = "efron",
               strata: str | None = None, data: str | None = None, time_unit: float = 1.0,

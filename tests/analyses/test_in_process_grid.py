@@ -20,7 +20,9 @@ from tests.analyses.every_analysis import (
 pytest.importorskip("bed_reader")
 
 SITES = tuple(SITE_SIZES)
-ANALYSES = ["coxph", "crosstab", "describe", "glm", "gwas", "histogram", "kaplan_meier", "logrank", "pca", "ping"]
+ANALYSES = ["coxph", "crosstab", "describe", "distinct_patients", "glm", "gwas", "histogram", "kaplan_meier",
+            "logrank", "pca", "ping", "psi"]
+PARTY_ANALYSES = {"vertical_glm"}  # needs party roles: tests/security/test_vertical_attacks.py runs it over HTTP
 
 
 def _sites(directory) -> dict[str, dict[str, Any]]:
@@ -40,6 +42,8 @@ CALLS = {
     "gwas": lambda fed: fed.gwas("geno", "case", data="default", test="logistic", covariates=["age"]),
     "pca": lambda fed: fed.pca("geno", components=2, data="default"),
     "ping": lambda fed: fed.ping(data="default"),
+    "psi": lambda fed: fed.psi(SITES[0], SITES[1], on="IID", reveal="size", data="default"),
+    "distinct_patients": lambda fed: fed.distinct_patients(on="IID", data="default"),
 }
 
 
@@ -54,7 +58,7 @@ def federations(tmp_path_factory):
 
 def test_the_list_covers_every_registered_analysis():
     assert sorted(CALLS) == ANALYSES == [name for name in registered_names() if name in ANALYSES]
-    assert set(registered_names()) <= set(ANALYSES) | {"grid_echo", "relay_secret"}  # test-only analyses
+    assert set(registered_names()) <= set(ANALYSES) | PARTY_ANALYSES | {"grid_echo", "relay_secret"}  # test-only
 
 
 @pytest.mark.parametrize("name", ANALYSES)

@@ -64,17 +64,19 @@ class AlignmentProbe(Analysis[AlignmentProbeParams]):
         return Finished(aggregated.public)
 
 
-base.register(AlignmentProbe)
-
 TABLE = pd.DataFrame({"x": [10.0, 11.0, 12.0, 13.0, 14.0, 15.0, 16.0]})
 
 
 @pytest.fixture()
 def fed():
-    with mv.Federation.in_process({"hospital": TABLE, "lab": TABLE.rename(columns={"x": "y"}), "dealer": {}},
-                                  roles={"hospital": "label_holder", "lab": "feature_holder", "dealer": "dealer"},
-                                  secure_aggregation=False) as federation:
-        yield federation
+    base.register(AlignmentProbe)
+    try:
+        with mv.Federation.in_process({"hospital": TABLE, "lab": TABLE.rename(columns={"x": "y"}), "dealer": {}},
+                                      roles={"hospital": "label_holder", "lab": "feature_holder", "dealer": "dealer"},
+                                      secure_aggregation=False) as federation:
+            yield federation
+    finally:
+        base._REGISTRY.pop(AlignmentProbe.name, None)
 
 
 def test_a_kept_alignment_gives_its_rows_in_order_and_a_dealer_reads_nothing(fed):
