@@ -10,9 +10,11 @@ study's salt, blind them with a fresh key and shuffle them (keeping the permutat
  r2: the learning parties (left; right too when "both") match the doubly blinded points, order
      the matched rows by those points' bytes (both hold the same points, so the same order), and
      release the intersection size, keeping the aligned rows at the site (`Release.alignment`).
-Each party refuses a set (its own or its peer's) of fewer distinct IDs than the stricter of the
-two parties' min_cell_count (`psi_set_too_small`) and an intersection of 1 to that minimum less
-one (`psi_intersection_too_small`: nothing kept, no size released).
+Every payload carries a digest of the parameters its sender runs the task with, and its recipient
+refuses another (`psi_params_mismatch`). Each party refuses a set (its own or its peer's, which
+must not repeat a point) of fewer distinct IDs than the stricter of the two parties'
+min_cell_count (`psi_set_too_small`) and an intersection of 1 to that minimum less one
+(`psi_intersection_too_small`: nothing kept, no size released).
 What each party learns: left, the peer's set size and, with "left"/"both", which of its own IDs
 are in the intersection ("size": only how many); right, left's set size and, with "both", which
 of its IDs are in the intersection; the researcher and the hub, sealed payloads whose sizes give
@@ -24,16 +26,21 @@ distinct_patients (every site of the ring, N + 1 rounds). Each site blinds its d
 a fresh key and sends them to the next site in sorted order; each hop raises the batch to its
 own key, shuffles it and passes it on; a batch that carries every site's key goes to `counter`,
 which counts the fully blinded points held by exactly 1, 2, ..., N sites and releases the number
-of distinct patients and those counts, small ones suppressed (with secondary suppression, since
-the total is released). What each party learns: the counter, how the fully blinded batches
-overlap by origin (the Venn counts of the sites' sets), never an ID; every site, each other
-site's set size (batch sizes); the researcher and the hub, the set sizes (payload sizes) and the
-released counts. A hop never holds a batch it could test a guess against: a guess needs the
-keys of every site that blinded the batch.
+of distinct patients and those counts; when any count is small, every count is hidden (the total
+and the public set sizes give two equations in the hidden ones), and a count whose repeat
+sightings (the set sizes' sum less the total; for two sites, the intersection) are 1 to
+min_cell_count - 1 is refused (`distinct_overlap_too_small`), as psi refuses a small
+intersection. What each party learns: the counter, how the fully blinded batches overlap by
+origin (the Venn counts of the sites' sets), never an ID; every site, each other site's set size
+(batch sizes); the researcher and the hub, the set sizes (payload sizes) and the released
+counts. A hop never holds a batch it could test a guess against: a guess needs the keys of every
+site that blinded the batch.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
@@ -56,11 +63,7 @@ from medveil.analyses.base import (
 )
 from medveil.crypto.ids import IdKind, InvalidId, normalise_ids
 from medveil.crypto.psi import POINT_BYTES, PsiError, blind, hash_and_blind, new_key
-from medveil.privacy.disclosure import (
-    DisclosurePolicy,
-    DisclosureRefused,
-    suppress_table,
-)
+from medveil.privacy.disclosure import DisclosurePolicy, DisclosureRefused
 
 SiteName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]  # as runtime.study.Name
 Column = Annotated[str, Field(min_length=1, max_length=256)]
@@ -136,6 +139,31 @@ def _points(payload: Any, key: str, sender: str, rows: int | None = None) -> np.
         expected = f"({rows}, {POINT_BYTES})" if rows is not None else f"(n, {POINT_BYTES})"
         raise BroadcastRefused("psi_malformed", f"{sender} sent {key!r} that is not a {expected} array of points")
     return value
+
+
+def params_digest(params: Params) -> str:
+    """A digest of a task's parameters as this site got them. Every payload carries it and its
+    recipient refuses a different one (`psi_params_mismatch`): the researcher signs each site's
+    step separately, so it could give the two parties of one task different reveal modes (left
+    would then match against points right shuffled, keeping rows that are not the intersection),
+    ID kinds or columns."""
+    fields = params.model_dump(mode="json")
+    if isinstance(fields.get("sites"), list):
+        fields["sites"] = sorted(fields["sites"])  # a ring is the sorted sites, however listed
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _same_params(payload: dict[str, Any], params: Params, sender: str) -> None:
+    if payload.get("params") != params_digest(params):
+        raise BroadcastRefused("psi_params_mismatch", f"{sender} runs this task with other parameters than this "
+                                                      "site (the researcher sent the two different steps)")
+
+
+def _distinct_points(points: np.ndarray, what: str) -> None:
+    """Refuse points that repeat (`psi_malformed`): distinct IDs blind to distinct points, so a
+    repeat pads a set past the minimum size, or inflates the count of patients seen twice."""
+    if np.unique(np.ascontiguousarray(points).view(f"S{POINT_BYTES}").ravel()).size != len(points):
+        raise BroadcastRefused("psi_malformed", f"{what} repeats a point")
 
 
 def _peer_min_count(payload: dict[str, Any], sender: str) -> int:
@@ -258,7 +286,8 @@ class PrivateSetIntersection(Analysis[PsiParams]):
         points = hash_and_blind([ids[i] for i in order], context.study_salt, key)
         context.scratch.update(key=key, sent_rows=rows[order])
         return Release(public={"rows": len(context.data) - skipped, "skipped": skipped},
-                       payloads={peer: {"points": points, "min_cell_count": context.policy.min_cell_count}})
+                       payloads={peer: {"points": points, "min_cell_count": context.policy.min_cell_count,
+                                        "params": params_digest(params)}})
 
     def _raise_peers(self, params: PsiParams, is_left: bool, peer: str, context: SiteContext) -> Release:
         """r1: the peer's points raised to this site's key; right returns them to left, left returns
@@ -266,9 +295,11 @@ class PrivateSetIntersection(Analysis[PsiParams]):
         payload = _message(context, peer, 1)
         points = _points(payload, "points", peer)
         minimum = max(context.policy.min_cell_count, _peer_min_count(payload, peer))
+        _distinct_points(points, f"the set from {peer}")
         _require_set_size(len(points), minimum, peer)
         key, = _kept(context, "key")
         doubled = _raised(points, key, peer)
+        _same_params(payload, params, peer)
         context.scratch.update(minimum=minimum)
         if is_left:
             context.scratch.update(peer_doubled=doubled)
@@ -410,7 +441,7 @@ class DistinctPatients(Analysis[DistinctParams]):
         context.scratch.update(key=key)
         batch = hash_and_blind([ids[i] for i in _permutation(len(ids))], context.study_salt, key)
         return Release(public={"rows": len(context.data) - skipped, "skipped": skipped},
-                       payloads={after: {"batch": batch, "min_cell_count": minimum}})
+                       payloads={after: {"batch": batch, "min_cell_count": minimum, "params": params_digest(params)}})
 
     def _hop(self, params: DistinctParams, round_no: int, before: str, to: str, context: SiteContext) -> Release:
         """r1..N-1: the batch from the previous site raised to this site's key and shuffled, on to
@@ -420,7 +451,10 @@ class DistinctPatients(Analysis[DistinctParams]):
         minimum = max(context.policy.min_cell_count, _peer_min_count(payload, before))
         _require_set_size(len(batch), minimum, f"the batch from {before}")
         key, = _kept(context, "key")
-        passed_on = {"batch": _raised(batch, key, before)[_permutation(len(batch))], "min_cell_count": minimum}
+        raised = _raised(batch, key, before)
+        _same_params(payload, params, before)
+        passed_on = {"batch": raised[_permutation(len(batch))], "min_cell_count": minimum,
+                     "params": params_digest(params)}
         if to == context.site:
             context.scratch.update(complete=passed_on)
             return Release()
@@ -442,14 +476,22 @@ class DistinctPatients(Analysis[DistinctParams]):
         for sender, payload in sorted(payloads.items()):
             batch = _points(payload, "batch", sender)
             _require_set_size(len(batch), minimum, f"the complete batch from {sender}")
-            unique = np.unique(np.ascontiguousarray(batch).view(f"S{POINT_BYTES}").ravel())
-            if len(unique) != len(batch):
-                raise BroadcastRefused("psi_malformed", f"the complete batch from {sender} repeats a point")
-            keys.append(unique)
+            _distinct_points(batch, f"the complete batch from {sender}")
+            keys.append(np.ascontiguousarray(batch).view(f"S{POINT_BYTES}").ravel())
+        for sender, payload in sorted(payloads.items()):
+            _same_params(payload, params, sender)
         _, held_by = np.unique(np.concatenate(keys), return_counts=True)
         seen_at = np.bincount(held_by, minlength=len(keys) + 1)[1:]
-        released, hidden = suppress_table(seen_at, context.policy.model_copy(update={"min_cell_count": minimum}))
-        return {"distinct": len(held_by), "seen_at": [None if h else int(c) for c, h in zip(released, hidden)]}
+        # The set sizes are public (row counts, payload sizes), so the researcher knows the sum over
+        # j of j * seen_at[j] as well as the total: the repeat sightings (sum of set sizes less the
+        # total; for two sites, the intersection) are released implicitly and must not be small,
+        # and hiding fewer than every count would leave two equations in the hidden ones.
+        repeats = int(sum(len(k) for k in keys)) - len(held_by)
+        if 0 < repeats < minimum:
+            raise DisclosureRefused("distinct_overlap_too_small", f"fewer than {minimum} sightings of patients at "
+                                                                  "more than one site; nothing is released")
+        small = bool(((seen_at > 0) & (seen_at < minimum)).any())
+        return {"distinct": len(held_by), "seen_at": [None if small else int(c) for c in seen_at]}
 
     def global_step(self, params: DistinctParams, round_no: int, aggregated: Aggregated,
                     state: dict[str, Any]) -> NextRound | Finished:

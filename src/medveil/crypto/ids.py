@@ -1,10 +1,12 @@
 """Patient-ID normalisation before private set intersection, so both sites hash the same text.
 
 Two sites must spell an ID identically for PSI to match it: "ＡＢ１２３ " typed on a Chinese
-keyboard and "ab123" from a lab system are the same patient. `plain` IDs are NFKC-normalised
-(full-width digits and letters become ASCII), stripped and case-folded. `cn_resident_id` IDs
-(居民身份证号码, GB 11643-1999) also lose inner spaces and hyphens and must pass the format,
-birth-date and ISO 7064 MOD 11-2 check-digit rules; the check letter is kept as upper-case X.
+keyboard and "ab123" from a lab system are the same patient. `plain` IDs lose invisible format
+characters (Unicode category Cf: a zero-width space, byte-order mark or soft hyphen pasted in
+with the ID), are NFKC-normalised (full-width digits and letters become ASCII), stripped and
+case-folded. `cn_resident_id` IDs (居民身份证号码, GB 11643-1999) also lose inner spaces and
+hyphens and must pass the format, birth-date and ISO 7064 MOD 11-2 check-digit rules; the check
+letter is kept as upper-case X.
 
 Errors name the row, never the value: an ID is personal data and messages end up in logs.
 Pure: no clocks, so a birth date is plausible when it is a real calendar date in 1800-2099
@@ -16,8 +18,9 @@ from __future__ import annotations
 import math
 import re
 import unicodedata
+from collections.abc import Sequence
 from datetime import date
-from typing import Literal, Sequence
+from typing import Literal
 
 IdKind = Literal["plain", "cn_resident_id"]
 ID_KINDS: tuple[str, ...] = ("plain", "cn_resident_id")
@@ -79,6 +82,7 @@ def _as_text(value: object) -> str:
 def _plain(text: str) -> str:
     if text.isascii():
         return text.strip().lower()
+    text = "".join(char for char in text if unicodedata.category(char) != "Cf")
     return unicodedata.normalize("NFKC", unicodedata.normalize("NFKC", text).casefold()).strip()
 
 

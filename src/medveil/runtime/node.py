@@ -657,6 +657,7 @@ class Node:
     def _task_data(self, step: "TaskStep") -> pd.DataFrame:
         """The table a compute step runs on: none at a site that reads no data, the dataset's rows,
         or those of the alignment the analysis names, in its agreed order (`alignment_unknown`,
+        `alignment_peers`: made with a site that is not among this analysis' other parties,
         `alignment_dataset`, `alignment_stale`)."""
         if not step.reads_data:
             return pd.DataFrame()
@@ -668,6 +669,10 @@ class Node:
         if alignment is None:
             raise Refusal("alignment_unknown", f"{self.site} keeps no alignment {str(alignment_id)[:64]!r} "
                                                f"for study {step.spec.id!r}")
+        others = set(step.analysis.parties(step.params)) - {self.site}
+        if others and not set(alignment.peers) <= others:
+            raise Refusal("alignment_peers", f"alignment {alignment_id!r} was made with {list(alignment.peers)}, "
+                                             f"who are not the other parties of this {step.analysis.name}")
         if alignment.dataset != step.dataset:
             raise Refusal("alignment_dataset", f"alignment {alignment_id!r} was made on dataset {alignment.dataset!r}, "
                                                f"not {step.dataset!r}")
