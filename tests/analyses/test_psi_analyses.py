@@ -293,3 +293,12 @@ def test_the_ring_counts_the_pooled_multiplicities(sets):
     held_by = pd.Series([key for values in sets for key in {canonical(v) for v in values}]).value_counts()
     expected = held_by.value_counts().reindex(range(1, len(sets) + 1), fill_value=0).tolist()
     assert releases["s0"].public == {"distinct": len(held_by), "seen_at": expected}
+
+
+def test_a_dealer_of_the_study_is_left_out_of_the_registry_ring(tables):
+    """A study with a dealer site (for vertical models) still counts over the sites holding data."""
+    frames = {**tables, "dealer": {}}
+    with mv.Federation.in_process(frames, policy=POLICY, roles={"dealer": "dealer"}) as fed:
+        counts = fed.distinct_patients(on="patient_id")
+    pooled = pd.concat([frame["patient_id"] for frame in tables.values()]).map(canonical)
+    assert counts.attrs["distinct"] == pooled.nunique()

@@ -70,7 +70,7 @@ class SiteContext:
     messages: dict[str, dict[str, Any]] = field(default_factory=dict)  # payloads addressed to this site,
     # decrypted and verified, by sender site
     role: str | None = None  # this site's party role in the study (StudySpec.roles)
-    study_sites: tuple[str, ...] = ()  # every site of the approved study
+    data_sites: tuple[str, ...] = ()  # the approved study's sites that hold data (all but dealers)
     study_salt: bytes = b""  # 32 bytes from the study id and approved spec: the same at every site of one
     # study, different in every other (salt for hashing identifiers in private set intersection)
 

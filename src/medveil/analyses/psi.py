@@ -363,7 +363,7 @@ def _sealed(aggregated: Aggregated, sender: str, recipient: str) -> dict:
 
 class DistinctParams(Params):
     on: Column
-    sites: list[SiteName] = Field(min_length=2, max_length=1000)  # the study's sites (the API fills them in)
+    sites: list[SiteName] = Field(min_length=2, max_length=1000)  # the study's sites bar dealers (the API fills them in)
     counter: SiteName | None = None
     id_kind: IdKind = "plain"
     invalid: Literal["error", "skip"] = "error"
@@ -413,9 +413,11 @@ class DistinctPatients(Analysis[DistinctParams]):
     def local(self, params: DistinctParams, round_no: int, broadcast: dict[str, Any],
               context: SiteContext) -> Release:
         ring, site = params.ring, context.site
-        if site not in ring or (context.study_sites and sorted(context.study_sites) != ring):
-            raise DisclosureRefused("ring_incomplete", f"distinct_patients runs over every site of the study; "
-                                                       f"{site} is left out of the ring")
+        if context.data_sites and sorted(context.data_sites) != ring or not (site in ring or context.data_sites):
+            raise DisclosureRefused("ring_incomplete", "distinct_patients runs over every site of the study but "
+                                                       f"dealers; the ring {ring[:8]} is not that")
+        if site not in ring:  # a dealer of the study: it holds no IDs
+            return Release()
         n, position = len(ring), ring.index(site)
         after, before = ring[(position + 1) % n], ring[position - 1]
         if round_no == 0:
