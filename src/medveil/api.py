@@ -225,24 +225,28 @@ class Federation:
 
     def distinct_patients(self, on: str = "patient_id", data: str | None = None, id_kind: str = "plain",
                           invalid: str = "error", counter: str | None = None) -> pd.DataFrame:
-        """Distinct patients over every site (the registry de-duplication count), by a ring of
+        """Distinct patients over every site but dealers (the registry de-duplication count), by a ring of
         commutative blindings: rows 1..N sites, column `count` of patients seen at exactly that
         many sites (small counts missing, marked in `suppressed`); attrs["distinct"] the total.
         `counter` (default the first site in sorted order) sees how the sites' blinded sets
         overlap, never an ID."""
-        return self._result("distinct_patients", data, on=on, sites=sorted(self.sites), id_kind=id_kind,
-                            invalid=invalid, counter=counter)
+        ring = sorted(site for site in self.sites if self.study.role_of(site) != "dealer")
+        return self._result("distinct_patients", data, on=on, sites=ring, id_kind=id_kind, invalid=invalid,
+                            counter=counter)
 
     def vertical_glm(self, formula: str, family: str = "binomial", label_site: str | None = None,
                      feature_site: str | None = None, dealer_site: str | None = None, aligned: Any = None,
                      data: str | None = None, max_iter: int = 50, tol: float = 1e-10) -> GLMResults:
         """Logistic or linear model over columns split between a label holder (the response, the
-        intercept, its columns) and a feature holder (its columns), by exact Newton with the cross
-        terms secret-shared (a dealer site hands out correlated randomness, sees no data); equal to
-        statsmodels' GLM on the joined rows. Each term lies wholly at one site. The sites default to
-        the study's roles (label_holder, feature_holder, dealer); `aligned` is a `psi(...)` result
-        or its alignment id (None: the two tables are already in one row order). The label holder
-        learns the feature holder's partial linear predictor each iteration (docs/vertical.md).
+        intercept, its columns) and a feature holder (its columns), by exact Newton with every
+        cross term secret-shared; equal to statsmodels' GLM on the joined rows. A dealer site (no
+        data) hands out correlated randomness and evaluates the link on the linear predictor in a
+        shuffled order under masks, so neither data site sees a per-row value of the other; the
+        label holder computes each Newton step itself and refuses a researcher's beta that is not
+        it. The researcher learns what a pooled GLM reveals; the dealer the unordered linear
+        predictor at each iterate (docs/vertical.md). Each term lies wholly at one site. The sites
+        default to the study's roles (label_holder, feature_holder, dealer); `aligned` is a
+        `psi(...)` result or its alignment id (None: the two tables are already in one row order).
         Returns VerticalGLMResults (GLMResults plus `owner`, coefficient -> site)."""
         def by_role(site: str | None, role: str) -> str:
             if site is not None:

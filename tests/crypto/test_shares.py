@@ -134,3 +134,61 @@ def test_pair_columns_give_the_gram_matrix():
 def test_a_seed_of_the_wrong_length_is_refused():
     with pytest.raises(shares.ShareError):
         shares.derive_seed(b"short", "x")
+
+
+@given(st.integers(1, 2**20))
+def test_fraction_bits_triple_leave_room_for_sums_of_weighted_products(rows):
+    bits = shares.fraction_bits_triple(rows)
+    assert rows * 2 ** (3 * bits - 2) < 2**63
+
+
+def test_a_permutation_is_one_and_the_same_for_one_seed_and_label():
+    seed = bytes(range(32))
+    order = shares.permutation(seed, "rows 0", 1000)
+    np.testing.assert_array_equal(np.sort(order), np.arange(1000))
+    np.testing.assert_array_equal(order, shares.permutation(seed, "rows 0", 1000))
+    assert not np.array_equal(order, shares.permutation(seed, "rows 1", 1000))
+
+
+def test_cross_blocks_computes_only_the_blocks_asked_for():
+    rng = np.random.default_rng(1)
+    u, v = rng.integers(0, 2**63, (30, 4), dtype=np.uint64), rng.integers(0, 2**63, (30, 3), dtype=np.uint64)
+    blocks = [shares.Block((0, 2), (0, 3)), shares.Block((2, 4), (1, 2))]
+    first, second = shares.split_blocks(shares.cross_blocks(u, v, blocks, only=[1]), blocks)
+    assert not first.any()
+    np.testing.assert_array_equal(second, u[:, 2:4].T @ v[:, 1:2])
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(2, 80), st.integers(1, 4), st.integers(1, 4), st.integers(0, 2**32))
+def test_a_weighted_cross_product_from_shared_weights_in_both_directions(n, p_l, p_f, seed):
+    """x_F' W x_L with w shared between L and F: each site multiplies its share of w by its own
+    columns, and the two cross products (one per direction, transposed) add up in the ring to
+    the product of the encodings; decoded, to the float product within the fixed-point error."""
+    rng = np.random.default_rng(seed)
+    x_l, x_f, w = rng.uniform(-1, 1, (n, p_l)), rng.uniform(-1, 1, (n, p_f)), rng.uniform(0, 0.25, n)
+    bits = shares.fraction_bits_triple(n)
+    e_l, e_f, e_w = shares.encode(x_l, bits), shares.encode(x_f, bits), shares.encode(w, bits)
+    w_l = shares.random_vector(rng.bytes(32), n)  # L's share: a pad; F's: the rest
+    w_f = e_w - w_l
+    blocks = [shares.Block((0, p_f), (0, p_l))]
+    mirror = [shares.Block((0, p_l), (0, p_f))]
+    one = _protocol(e_f, np.asfortranarray(w_l[:, None] * e_l), blocks, rng.bytes(32), rng.bytes(32))
+    other = _protocol(e_l, np.asfortranarray(w_f[:, None] * e_f), mirror, rng.bytes(32), rng.bytes(32))
+    total = (shares.split_blocks(shares.reconstruct(one[0], one[1]), blocks)[0]
+             + shares.split_blocks(shares.reconstruct(other[0], other[1]), mirror)[0].T)
+    np.testing.assert_array_equal(total, (e_f * e_w[:, None]).T @ e_l)
+    expected = (x_f * w[:, None]).T @ x_l
+    np.testing.assert_allclose(shares.decode(total, 3 * bits), expected, atol=n * 3 * 2.0 ** (-bits), rtol=0)
+
+
+def test_two_limb_products_with_different_bits_per_side():
+    rng = np.random.default_rng(2)
+    n = 500
+    x, y = rng.uniform(-1, 1, (n, 3)), rng.uniform(-1, 1, (n, 1))
+    bits_x = shares.fraction_bits_triple(n)
+    bits_y = shares.RING_BITS - 1 - n.bit_length() - bits_x
+    xh, xl = shares.encode_two_limbs(x, bits_x)
+    yh, yl = shares.encode_two_limbs(y, bits_y)
+    product = shares.combine_two_limbs(xh.T @ yh, xh.T @ yl, xl.T @ yh, bits_x, bits_y)
+    np.testing.assert_allclose(product, x.T @ y, rtol=0, atol=n * 2.0 ** (-2 * bits_x))

@@ -3,42 +3,66 @@
 A label holder L holds the response and some columns, a feature holder F other columns of the
 same patients, in one agreed row order (a private set intersection's alignment, or tables that
 already share one). Each term of the formula lies wholly at one site; the intercept and the
-response at L. The fit is exact Newton (for the logit link the same as statsmodels' IRLS): every
-iteration the researcher gets the gradient and Hessian of the pooled model, solves for the next
-coefficients and broadcasts them (in scaled coordinates, each site only its own).
+response at L. The fit is exact Newton (for the logit link the same as statsmodels' IRLS), and
+no site ever sees a per-row value derived from the other's columns.
 
-Cross terms between the sites' columns come from dealer-assisted secret sharing over Z_2^64
-(`medveil.crypto.shares`): a third site, the dealer D, hands out correlated randomness and never
-sees data. F's matrix U = [X_F (two limbs) | X_Fj * X_Fk (j <= k)] reaches L one-time padded (E = U - A, once,
-in parts if large); each iteration L's V = [w * X_L | r (two limbs)] (IRLS weights and residuals) reaches F
-padded (V - B_t), the two sites compute additive shares of the needed blocks of U'V (X_F'W X_L,
-X_F'r and, from the pair columns against w, X_F'W X_F), F seals its share to L and L releases the
-sum. Values are fixed point (f = floor((63 - bit_length(n)) / 2) fractional bits; each column
-scaled by a public power of two, a multiple of 4 bits, so |values| <= 1), each in two limbs so
-the cross blocks are exact to ~2^-2f (ill-conditioned real designs need it for 1e-6 on bse).
+A third site, the dealer D, holds no data. It hands out correlated randomness for
+dealer-assisted secret sharing over Z_2^64 (`medveil.crypto.shares`) and evaluates the link:
+each iteration t, L sends D its partial linear predictor eta_L and F its eta_F, both in a row
+order pi_t and under ring masks m_t (+m_t at L, -m_t at F) that only L and F know (from a seed L
+seals to F); D adds them, so it holds the linear predictor in an order it does not know, computes
+the fitted means mu, the IRLS weights w and (for the Pearson statistic) e^-eta - e^eta exactly
+in float64, and splits them into additive ring shares: L's from a seed, F's as the values minus
+them. L and F un-permute their shares; every block of the gradient and Hessian is a local ring
+term plus dealer-assisted cross products in both directions (U fixed at one site and one-time
+padded to the other once, V per iteration padded by the dealer's B_t):
+    X_L'mu = X_L'[mu]_L + cross(X_L | [mu]_F),  X_F'mu = X_F'[mu]_F + cross(X_F | [mu]_L),
+    X_L'W X_L, X_F'W X_F from the pair columns x_j x_k against the shares of w,
+    X_F'W X_L = cross(X_F | [w]_L * X_L) + cross(X_L | [w]_F * X_F)',  X_F'y = cross(X_F | y).
+F seals its shares to L; L adds them, releases the gradient and Hessian (in scaled coordinates,
+as the researcher's Newton step needs them), computes the Newton step itself and seals F its
+next coefficients: F never takes coefficients from the researcher, and L refuses a broadcast
+beta_L that is not its own step (`broadcast_not_newton`), so nobody can steer the fit. The
+deviance is 2 (sum log(1 + e^eta) - y'eta), D's sum and L's y'eta = y'X_L beta_L + (X_F'y)'beta_F.
 
-Rounds: 0 designs (row counts, column names, scale exponents) and the dealer's seeds; 1..P E in
-parts; then per iteration t four rounds: a) F sends eta_F = X_F beta_F to L; b) L computes mu, w,
-r, sends V - B_t to F, releases its deviance and its own blocks (X_L'W X_L, X_L'r); the dealer
-sends F its offset C_F,t; c) F sends its share to L; d) L releases the sum of the shares. As in
-statsmodels, the fit stops when the deviance changes by at most `tol`, and the covariance comes
-from the Hessian of the last step; a gaussian fit is one Newton step (OLS) and the deviance at it.
+Fixed point: each site scales its columns by public powers of two (multiples of 4 bits) so that
+|x| <= 1; values are two limbs (an encoding and its rounding error encoded again). With b =
+bit_length(n): three-factor products (w x_L x_F) use f3 = floor((65 - b) / 3) bits per factor
+(w <= 1/4), x against mu, y or z uses f3 and 63 - b - f3 bits, pairs against w f2 =
+floor((63 - b) / 2); every sum stays below 2^63, so nothing needs truncating. Each site takes
+its design as the two f3-bit limbs hold it (every value within 2^-2 f3 of its column's bound:
+2^-32 at n = 100,000), so the blocks, the linear predictor and the deviance are exact for one
+and the same design, and the fit is statsmodels' on the data to that resolution. The gaussian family needs no link: its one
+Newton step (OLS) is at beta = 0 (mu = 0, w = 1, no dealer evaluation), and its residual sum of
+squares at the fit is sum (y - eta_L)^2 (L) - 2 (y'eta_F - beta_L'X_L'eta_F) (a cross product
+of L's [X_L | y] and F's eta_F) + sum eta_F^2 (F).
 
-What each party learns: the researcher learns what a pooled GLM reveals (gradients, Hessians,
-deviances at the coefficients it chose, hence the fit), each site's row count, design column
-names and column scale exponents (max |x| to within a factor of 16); L learns F's per-row partial
-linear predictor eta_F = X_F beta_F at every evaluated beta (the remaining leak: over p_F
-evaluations it spans X_F's column space, and a researcher colluding with L who picks beta_F can
-read F's columns; hiding it needs a secure sigmoid, which exact Newton here avoids), and the
-cross blocks of the Hessian and gradient that the researcher learns; F learns nothing of y,
-weights or residuals (it sees only uniformly padded V - B_t and its own share); the dealer learns
-n, k and m; the hub sees only sealed payloads. Security needs the dealer to collude with neither
-site (it holds both pads); a researcher colluding with F or with the dealer learns only the sum.
+Rounds: 0 designs (row counts, column names, scale exponents), the dealer's seeds, L's seed to F;
+1..P the one-time padded U_F and U_L in parts (<= 16 MiB each); then per iteration five: a) L and
+F send D their masked, permuted linear predictors (L releases y'eta); b) D releases its sums,
+sends F its shares and both their offsets; c) L and F exchange V - B_t; d) F seals its shares to
+L; e) L releases the gradient and Hessian and seals F its next coefficients. The fit stops as
+statsmodels' does (deviance change <= `tol`, covariance from the last step's Hessian), after a
+last c-e at the final beta for the Pearson statistic; a gaussian fit is one step, then a) F sends
+its eta_F cross term, b) L releases the residual sum of squares.
+
+What each party learns: the researcher what a pooled GLM reveals (gradients, Hessians and
+deviances along the Newton path, hence the fit; the deviance and Pearson statistic as their
+parts, sums over all rows), each site's row count, design column names and column scale exponents; L the same gradient and Hessian blocks, and otherwise only uniformly padded
+or shared values; F its own coefficients along the path, and otherwise only padded or shared
+values (nothing of y, mu, w or residuals); D, at each iterate, the multiset of the linear
+predictor (unordered: pi_t is fresh every iteration and unknown to it), n and the column counts;
+the hub only sealed payloads and the public releases. Assumption: D colludes with neither L nor
+F (with L it would learn pi_t and so eta per row; with either it holds both pads of a product). A
+researcher colluding with D learns the linear predictor's distribution along the honest Newton
+path only, since L checks every step.
 
 Guards: formula by the allow-list grammar (`formula_not_allowed`); indicator isolation, leverage
-and saturation at each site on its own design (as glm); at L in every iteration the weight
-guards of glm against researcher-chosen coefficients (`weight_dominance`); every broadcast
-checked for its keys, shapes and constants (`broadcast_malformed`, `broadcast_changed`).
+and saturation at each site on its own design (as glm); at D every iteration the weight guards
+of glm (`weight_dominance`: fitted values at their bounds, weights on too few rows); at L the
+Newton check (`broadcast_not_newton`); every broadcast checked for its keys, shapes and constants
+(`broadcast_malformed`, `broadcast_changed`), every payload for its type and shape
+(`payload_malformed`).
 """
 
 from __future__ import annotations
@@ -66,7 +90,13 @@ from medveil.analyses.base import (
     finite_array,
     register,
 )
-from medveil.analyses.formula import SAFE_TRANSFORMS, Factor, FormulaNotAllowed, ParsedFormula, parse_formula
+from medveil.analyses.formula import (
+    SAFE_TRANSFORMS,
+    Factor,
+    FormulaNotAllowed,
+    ParsedFormula,
+    parse_formula,
+)
 from medveil.analyses.glm import (
     _check_indicator_isolation,
     _is_number,
@@ -76,6 +106,7 @@ from medveil.analyses.glm import (
 )
 from medveil.analyses.vertical_results import VerticalGLMResults
 from medveil.crypto import shares
+from medveil.crypto.shares import Block
 from medveil.privacy.disclosure import (
     DisclosurePolicy,
     require_min_count,
@@ -89,6 +120,12 @@ PART_BYTES = 16 * 1024 * 1024  # E travels in parts of at most this many bytes (
 MAX_COLUMNS = 2000  # variables listed per site
 MAX_DESIGN_COLUMNS = 200  # design columns per site (F's pair columns grow with the square)
 CONSTANTS = ("n", "p_label", "p_feature")
+ETA_BITS = 40  # fractional bits of the masked linear predictors sent to the dealer
+ETA_RANGE_BITS = 21  # |eta_L|, |eta_F| < 2^21 (their sum then fits the ring with ETA_BITS)
+Z_EXPONENT = 20  # |e^-eta - e^eta| <= 1e6 < 2^20 where fitted values keep off their bounds (glm.SATURATED)
+NEWTON_RTOL = 1e-9  # L's tolerance between its own Newton step and the researcher's (BLAS differences)
+PHASES = "abcde"
+SHARED = ("mu_hi", "mu_lo", "w_hi", "w_lo", "w3_hi", "w3_lo", "z_hi", "z_lo")  # the dealer's shares, by column
 
 
 class VerticalGLMParams(Params):
@@ -115,7 +152,7 @@ class VerticalGLMParams(Params):
         return formula
 
     @model_validator(mode="after")
-    def _sites_and_terms(self) -> "VerticalGLMParams":
+    def _sites_and_terms(self) -> VerticalGLMParams:
         sites = (self.label_site, self.feature_site, self.dealer_site)
         if len(set(sites)) != 3:
             raise ValueError("label_site, feature_site and dealer_site must be three different sites")
@@ -159,23 +196,58 @@ def _pair_count(p: int) -> int:
     return p * (p + 1) // 2
 
 
+def _direction_blocks(p_u: int, p_x: int, q: int, p_v: int, extra_rows: tuple[tuple[int, int], tuple[int, int]]
+                      ) -> list[Block]:
+    """The blocks of one direction's cross product U'V, split by the column groups needed.
+
+    U (fixed, at one site) = [x hi | x lo | pairs hi | pairs lo]: x its p_x design columns (at L
+    followed by y: p_u columns), pairs its q products x_j x_k. V (per iteration, at the other
+    site) = [mu hi, mu lo, w hi, w lo | w3 hi * x hi, w3 lo * x hi, w3 hi * x lo (p_v each) |
+    extra hi, extra lo]. Blocks: 0-2 x'mu, 3-5 pairs'w (limb products hi hi, hi lo, lo hi), 6-7
+    the three-factor x'W x (terms 111, 121, 112 and 211 of the limbs), 8-10 `extra_rows` of U
+    (hi, lo) against the extra column (y at L against F's x, z against L's y)."""
+    xh, xl = (0, p_u), (p_u, 2 * p_u)
+    ph, pl = (2 * p_u, 2 * p_u + q), (2 * p_u + q, 2 * p_u + 2 * q)
+    extra = 4 + 3 * p_v
+    rows_hi, rows_lo = extra_rows
+    return [Block(xh, (0, 1)), Block(xh, (1, 2)), Block(xl, (0, 1)),
+            Block(ph, (2, 3)), Block(ph, (3, 4)), Block(pl, (2, 3)),
+            Block((0, p_x), (4, 4 + 3 * p_v)), Block((p_u, p_u + p_x), (4, 4 + p_v)),
+            Block(rows_hi, (extra, extra + 1)), Block(rows_hi, (extra + 1, extra + 2)),
+            Block(rows_lo, (extra, extra + 1))]
+
+
+def _local_blocks(blocks: list[Block], with_extra: bool) -> list[Block]:
+    """The blocks of a site's local ring terms: its own U against its own shares, laid out as
+    [mu hi, mu lo, w hi, w lo, extra hi, extra lo] (blocks 0-5, and 8-10 when `with_extra`)."""
+    local = list(blocks[:6])
+    if with_extra:
+        local += [Block(blocks[8].u, (4, 5)), Block(blocks[9].u, (5, 6)), Block(blocks[10].u, (4, 5))]
+    return local
+
+
 def layout(n: int, p_label: int, p_feature: int) -> dict[str, Any]:
-    """The protocol's public sizes: fraction bits, U's and V's widths, E's parts, the blocks of U'V."""
-    p, q, c = p_feature, _pair_count(p_feature), p_label + 1
-    k, m = 2 * p + 2 * q, 2 * c
-    parts = max(1, math.ceil(n * k * 8 / PART_BYTES))
-    # U = [X_F hi | X_F lo | pairs hi | pairs lo], V = [w X_L | r] hi then lo; V's column 0 is w (the
-    # intercept's). Blocks: X_F'[W X_L | r] and pairs'w, each as three limb products.
-    blocks = (shares.two_limb_blocks((0, p), (p, 2 * p), (0, c), (c, 2 * c))
-              + shares.two_limb_blocks((2 * p, 2 * p + q), (2 * p + q, k), (0, 1), (c, c + 1)))
-    return {"bits": shares.fraction_bits(n), "k": k, "m": m, "parts": parts, "blocks": blocks,
-            "first_iteration_round": parts + 1}
+    """The protocol's public sizes: fraction bits, the widths of U and V in both directions, the
+    parts U travels in, and the blocks. Direction "f": U_F at F, V at L; direction "l": U_L =
+    [X_L, y] at L, V at F."""
+    f3 = shares.fraction_bits_triple(n)
+    p_l, p_f = p_label, p_feature
+    q_l, q_f = _pair_count(p_l), _pair_count(p_f)
+    k_f, k_l = 2 * p_f + 2 * q_f, 2 * (p_l + 1) + 2 * q_l
+    blocks_f = _direction_blocks(p_f, p_f, q_f, p_l, ((0, p_f), (p_f, 2 * p_f)))
+    blocks_l = _direction_blocks(p_l + 1, p_l, q_l, p_f, ((p_l, p_l + 1), (2 * p_l + 1, 2 * p_l + 2)))
+    final_l = [Block((0, p_l + 1), (0, 1)), Block((0, p_l + 1), (1, 2)), Block((p_l + 1, 2 * p_l + 2), (0, 1))]
+    parts = max(1, math.ceil(n * max(k_f, k_l) * 8 / PART_BYTES))
+    return {"f2": shares.fraction_bits(n), "f3": f3, "fm": shares.RING_BITS - 1 - int(n).bit_length() - f3,
+            "k_f": k_f, "k_l": k_l, "m_l": 3 * p_l + 6, "m_f": 3 * p_f + 6, "parts": parts,
+            "blocks_f": blocks_f, "blocks_l": blocks_l, "local_f": _local_blocks(blocks_f, False),
+            "local_l": _local_blocks(blocks_l, True), "final_l": final_l, "first_iteration_round": parts + 1}
 
 
 def schedule(round_no: int, parts: int) -> tuple[int, str]:
-    """(iteration, phase a/b/c/d) of a round after the set-up rounds 0..parts."""
+    """(iteration, phase a-e) of a round after the set-up rounds 0..parts."""
     offset = round_no - (parts + 1)
-    return offset // 4, "abcd"[offset % 4]
+    return offset // len(PHASES), PHASES[offset % len(PHASES)]
 
 
 @register
@@ -185,7 +257,8 @@ class VerticalGLM(Analysis[VerticalGLMParams]):
     releases_sums = False
 
     def variables(self, params: VerticalGLMParams) -> list[str]:
-        return sorted(set().union(*(self.variables_at(params, s, None) for s in (params.label_site, params.feature_site))))
+        sites = (params.label_site, params.feature_site)
+        return sorted(set().union(*(self.variables_at(params, site, None) for site in sites)))
 
     def variables_at(self, params: VerticalGLMParams, site: str, role: str | None) -> list[str]:
         label, feature = split_terms(params)
@@ -213,14 +286,14 @@ class VerticalGLM(Analysis[VerticalGLMParams]):
     def check_broadcast(self, params: VerticalGLMParams, round_no: int, broadcast: dict[str, Any],
                         memory: dict[str, Any]) -> None:
         """Round 0: nothing. Later: the sizes (n, p_label, p_feature) as positive integers, the same in
-        every round; beta (a site's own, in its phase) finite; the gaussian residual exponent bounded."""
+        every round; `final` a bool (beta is checked by the label holder against its own step)."""
         if round_no == 0:
             super().check_broadcast(params, round_no, broadcast, memory)
             return
-        allowed = set(CONSTANTS) | {"beta", "residual_exponent", "final"}
+        allowed = set(CONSTANTS) | {"beta", "final"}
         if not isinstance(broadcast, dict) or not set(CONSTANTS) <= set(broadcast) <= allowed:
-            raise BroadcastRefused("broadcast_malformed", f"vertical_glm expects {list(CONSTANTS)} (and a site's "
-                                                          "own beta), got other keys")
+            raise BroadcastRefused("broadcast_malformed", f"vertical_glm expects {list(CONSTANTS)} (and the label "
+                                                          "holder's beta), got other keys")
         constants = {name: broadcast[name] for name in CONSTANTS}
         if not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= 10**9 for v in constants.values()) \
                 or constants["p_label"] > MAX_DESIGN_COLUMNS or constants["p_feature"] > MAX_DESIGN_COLUMNS:
@@ -230,9 +303,6 @@ class VerticalGLM(Analysis[VerticalGLMParams]):
             memory["vertical_constants"] = constants
         elif memory.get("vertical_constants") != constants:
             raise BroadcastRefused("broadcast_changed", "the sizes differ from those of round 1 of this task")
-        if "residual_exponent" in broadcast and (not isinstance(broadcast["residual_exponent"], int)
-                                                 or abs(broadcast["residual_exponent"]) > 1100):
-            raise BroadcastRefused("broadcast_malformed", "residual_exponent must be a bounded integer")
         if "final" in broadcast and not isinstance(broadcast["final"], bool):
             raise BroadcastRefused("broadcast_malformed", "final must be true or false")
 
@@ -288,14 +358,18 @@ class VerticalGLM(Analysis[VerticalGLMParams]):
         if label and params.family == "binomial" and not np.all((y == 0) | (y == 1)):
             raise AnalysisError("a binomial response must be 0 or 1")
         exponents = [shares.scale_exponent(column) for column in x.T]
-        design = {"x": np.ldexp(x, -np.asarray(exponents, dtype=np.int64)) if x.size else x, "y": y,
+        scaled = np.ldexp(x, -np.asarray(exponents, dtype=np.int64)) if x.size else x
+        # the design as the ring's two limbs hold it (2^-2 f3 of each column's bound), so that every
+        # block, the linear predictor and the deviance are of one and the same design
+        design = {"x": _quantised(scaled, shares.fraction_bits_triple(len(x))), "y": y,
                   "columns": columns, "exponents": exponents, "y_exponent": shares.scale_exponent(y)}
         scratch["design"] = design
         return design
 
     @staticmethod
     def _sizes(broadcast: dict[str, Any]) -> dict[str, Any]:
-        return layout(broadcast["n"], broadcast["p_label"], broadcast["p_feature"])
+        constants = {name: broadcast[name] for name in CONSTANTS}
+        return dict(layout(**constants), **constants)
 
     @staticmethod
     def _check_own(design: dict[str, Any], broadcast: dict[str, Any], width: str) -> None:
@@ -315,32 +389,95 @@ class VerticalGLM(Analysis[VerticalGLMParams]):
             raise BroadcastRefused("payload_malformed", f"{what} must be a uint64 array of shape {shape}")
         return value
 
+    def _columns_in(self, context: SiteContext, sender: str, key: str, n: int, width: int, what: str) -> np.ndarray:
+        """An n x width ring matrix sent transposed (width x n, C order): as n x width, Fortran order."""
+        return self._ring(self._message(context, sender, key), (width, n), what).T
+
     @staticmethod
     def _seed(value: Any) -> bytes:
         if not isinstance(value, bytes) or len(value) != shares.SEED_BYTES:
             raise BroadcastRefused("payload_malformed", "a seed must be 32 bytes")
         return value
 
+    def _set_up(self, round_no: int, context: SiteContext, sizes: dict[str, Any],
+                u: Any, peer: str, own_width: int, peer_width: int) -> dict[str, Any]:
+        """Rounds 1..parts+1 at L or F: send this site's E = U - A part by part (`u(columns)` builds
+        those columns of U, of `own_width`), keep the peer's parts (of its `peer_width` columns)."""
+        scratch, n = context.scratch, int(sizes["n"])
+        if 2 <= round_no <= sizes["parts"] + 1:
+            part = self._message(context, peer, "part")
+            if part != round_no - 2:
+                raise BroadcastRefused("payload_malformed", "a part of E came out of order")
+            columns = np.array_split(np.arange(peer_width), sizes["parts"])[part]
+            scratch[f"e{part}"] = self._columns_in(context, peer, "e", n, len(columns), "E")
+        if round_no > sizes["parts"]:
+            return {}
+        columns = np.array_split(np.arange(own_width), sizes["parts"])[round_no - 1]
+        pad = shares.random_columns(shares.derive_seed(_required(scratch, "seed_d"), "A"), n, columns)
+        e = u(columns) - pad
+        return {peer: {"part": round_no - 1, "e": np.ascontiguousarray(e.T)}}
+
     def _dealer(self, params: VerticalGLMParams, round_no: int, broadcast: dict[str, Any],
                 context: SiteContext) -> Release:
         scratch = context.scratch
         if round_no == 0:
-            scratch["seed_a"], scratch["seed_l"] = shares.new_seed(), shares.new_seed()
-            return Release(payloads={params.feature_site: {"seed": scratch["seed_a"]},
+            scratch["seed_l"], scratch["seed_f"] = shares.new_seed(), shares.new_seed()
+            return Release(payloads={params.feature_site: {"seed": scratch["seed_f"]},
                                      params.label_site: {"seed": scratch["seed_l"]}})
-        if "seed_a" not in scratch or "seed_l" not in scratch:
-            raise AnalysisError("the dealer's seeds of this task are lost")
+        seed_l, seed_f = _required(scratch, "seed_l"), _required(scratch, "seed_f")
         sizes = self._sizes(broadcast)
         if round_no < sizes["first_iteration_round"]:
             return Release()
         iteration, phase = schedule(round_no, sizes["parts"])
-        if phase != "b" or broadcast.get("final"):
+        n, gaussian = broadcast["n"], params.family == "gaussian"
+        if gaussian and iteration == 1:  # the residual sum of squares: one cross product at the final beta
+            if phase != "a":
+                return Release()
+            a_l = _pad(scratch, "a_l", seed_l, n, sizes["k_l"])
+            b_f = shares.random_matrix(shares.derive_seed(seed_f, "B final"), n, 2)
+            c_f = shares.random_vector(shares.derive_seed(seed_f, "C final"), shares.blocks_size(sizes["final_l"]))
+            offset = shares.dealer_offset(a_l, b_f, c_f, sizes["final_l"])
+            return Release(payloads={params.label_site: {"offset": offset}})
+        if phase != "b" or iteration > (0 if gaussian else params.max_iter):
             return Release()
-        n = broadcast["n"]
-        a = shares.random_matrix(scratch["seed_a"], n, sizes["k"])
-        b, c_l = _iteration_pads(scratch["seed_l"], iteration, n, sizes)
-        c_f = shares.dealer_offset(a, b, c_l, sizes["blocks"])
-        return Release(payloads={params.feature_site: {"offset": c_f}})
+        public: dict[str, Any] = {}
+        to_feature: dict[str, Any] = {}
+        if not gaussian:
+            to_feature["shares"], public = self._evaluate_link(params, iteration, context, sizes, seed_l)
+        # the correlation offsets of both cross products (no data in them)
+        a_f = _pad(scratch, "a_f", seed_f, n, sizes["k_f"])
+        b_l, c_l = _iteration_pads(seed_l, iteration, n, sizes["m_l"], sizes["blocks_f"])
+        to_feature["offset"] = shares.dealer_offset(a_f, b_l, c_l, sizes["blocks_f"])
+        del b_l
+        a_l = _pad(scratch, "a_l", seed_l, n, sizes["k_l"])
+        b_f, c_f = _iteration_pads(seed_f, iteration, n, sizes["m_f"], sizes["blocks_l"])
+        offset_l = shares.dealer_offset(a_l, b_f, c_f, sizes["blocks_l"])
+        return Release(public=public, payloads={params.feature_site: to_feature,
+                                                params.label_site: {"offset": offset_l}})
+
+    def _evaluate_link(self, params: VerticalGLMParams, iteration: int, context: SiteContext, sizes: dict[str, Any],
+                       seed_l: bytes) -> tuple[np.ndarray, dict[str, float]]:
+        """Phase b at D: the linear predictor (in an order D does not know) from L's and F's masked
+        parts; mu, w and z = e^-eta - e^eta, refused at their bounds or on too few rows in effect;
+        F's shares of them (L's are a pad from L's seed), and D's public sums."""
+        n = int(sizes["n"])
+        parts = [self._ring(self._message(context, site, "eta"), (n,), "a masked linear predictor")
+                 for site in (params.label_site, params.feature_site)]
+        eta = shares.decode(parts[0] + parts[1], ETA_BITS)
+        family = statsmodels_family(params.family)
+        mu = family.fitted(eta)
+        _require_unsaturated(mu, params.family)
+        w = family.weights(mu)
+        require_spread_weights(w, context.policy)
+        z = np.ldexp(np.exp(-eta) - np.exp(eta), -Z_EXPONENT)
+        values = np.empty((n, len(SHARED)), dtype=np.uint64, order="F")
+        values[:, 0:2] = _limbs(mu, sizes["fm"])
+        values[:, 2:4] = _limbs(w, sizes["f2"])
+        values[:, 4:6] = _limbs(w, sizes["f3"])
+        values[:, 6:8] = _limbs(z, sizes["fm"])
+        masked = values - _label_shares(seed_l, iteration, n)
+        public = {"softplus": float(np.sum(np.logaddexp(0.0, eta))), "exp_sum": float(np.sum(np.exp(eta)))}
+        return np.ascontiguousarray(masked.T), public
 
     def _feature(self, params: VerticalGLMParams, round_no: int, broadcast: dict[str, Any],
                  context: SiteContext) -> Release:
@@ -349,105 +486,214 @@ class VerticalGLM(Analysis[VerticalGLMParams]):
         if round_no == 0:
             return Release(public={"rows": len(x), "columns": design["columns"], "exponents": design["exponents"]})
         self._check_own(design, broadcast, "p_feature")
-        sizes, n = self._sizes(broadcast), len(x)
+        if "beta" in broadcast:
+            raise BroadcastRefused("broadcast_not_newton", "the feature holder takes its coefficients from the label "
+                                                           "holder's Newton step, never from the researcher")
+        n = len(x)
+        sizes = self._sizes(broadcast)
         if round_no == 1:
-            scratch["seed_a"] = self._seed(self._message(context, params.dealer_site, "seed"))
-        if "seed_a" not in scratch:
-            raise AnalysisError("the pad seed of this task is lost")
-        if round_no <= sizes["parts"]:  # set-up: E = U - A, part by part
-            part = np.array_split(np.arange(sizes["k"]), sizes["parts"])[round_no - 1]
-            u = _encoded_u(x, sizes["bits"])[:, part]
-            e = u - shares.random_columns(scratch["seed_a"], n, part)
-            return Release(payloads={params.label_site: {"part": round_no - 1, "e": np.ascontiguousarray(e)}})
+            scratch["seed_d"] = self._seed(self._message(context, params.dealer_site, "seed"))
+            scratch["seed_s"] = self._seed(self._message(context, params.label_site, "seed"))
+        seed_d, seed_s = _required(scratch, "seed_d"), _required(scratch, "seed_s")
+        payloads = self._set_up(round_no, context, sizes, lambda columns: _encoded_u(x, None, sizes, columns),
+                                params.label_site, sizes["k_f"], sizes["k_l"])
+        if round_no < sizes["first_iteration_round"]:
+            return Release(payloads=payloads)
         iteration, phase = schedule(round_no, sizes["parts"])
+        gaussian = params.family == "gaussian"
+        label = params.label_site
         if phase == "a":
-            beta = finite_array(broadcast.get("beta"), (x.shape[1],))
-            return Release(payloads={params.label_site: {"eta": x @ beta}})
+            beta = (np.zeros(x.shape[1]) if iteration == 0
+                    else finite_array(self._message(context, label, "beta"), (x.shape[1],)))
+            eta = x @ beta
+            if gaussian:
+                if iteration == 0:
+                    return Release()
+                return Release(payloads={label: self._residual_cross(eta, beta, sizes, seed_d, scratch)})
+            masked = _encode_eta(eta) - shares.random_vector(shares.derive_seed(seed_s, f"mask {iteration}"), n)
+            order = shares.permutation(seed_s, f"rows {iteration}", n)
+            return Release(payloads={params.dealer_site: {"eta": masked[order]}})
         if phase == "c":
-            d = self._ring(self._message(context, params.label_site, "masked"), (n, sizes["m"]), "V - B")
-            size = shares.blocks_size(sizes["blocks"])
-            c_f = self._ring(self._message(context, params.dealer_site, "offset"), (size,), "the dealer's offset")
-            a = shares.random_matrix(scratch["seed_a"], n, sizes["k"])
-            share = shares.share_of_pad_holder(a, d, c_f, sizes["blocks"])
-            return Release(payloads={params.label_site: {"share": share}})
+            u = _cached(scratch, "u", lambda: _encoded_u(x, None, sizes))
+            if gaussian:  # beta = 0: mu = 0, w = 1 (w3 = 1/4), no link to evaluate
+                own = np.zeros((n, len(SHARED)), dtype=np.uint64, order="F")
+                own[:, 2:4] = _limbs(np.ones(n), sizes["f2"])
+                own[:, 4:6] = _limbs(np.full(n, 0.25), sizes["f3"])
+            else:
+                permuted = self._columns_in(context, params.dealer_site, "shares", n, len(SHARED),
+                                            "the dealer's shares")
+                own = _unpermute(permuted, shares.permutation(seed_s, f"rows {iteration}", n))
+            scratch["offset"] = self._ring(self._message(context, params.dealer_site, "offset"),
+                                           (shares.blocks_size(sizes["blocks_f"]),), "the dealer's offset")
+            p = x.shape[1]
+            v = _v_matrix(own, u[:, :p], u[:, p:2 * p], own[:, 6:8])
+            b, c = _iteration_pads(seed_d, iteration, n, sizes["m_f"], sizes["blocks_l"])
+            scratch["share_l"] = shares.share_of_masked_holder(_joined(scratch, n, sizes["k_l"], sizes["parts"]), v, c,
+                                                               sizes["blocks_l"])
+            scratch["local"] = shares.cross_blocks(u, own[:, :4], sizes["local_f"])
+            return Release(payloads={label: {"masked": np.ascontiguousarray((v - b).T)}})
+        if phase == "d":
+            masked = self._columns_in(context, label, "masked", n, sizes["m_l"], "V - B")
+            a = _pad(scratch, "a", seed_d, n, sizes["k_f"])
+            share_f = shares.share_of_pad_holder(a, masked, _required(scratch, "offset"), sizes["blocks_f"])
+            share_f = _with_local(share_f, sizes["blocks_f"], _required(scratch, "local"), sizes["local_f"], range(6))
+            return Release(payloads={label: {"f": share_f, "l": _required(scratch, "share_l")}})
         return Release()
+
+    def _residual_cross(self, eta: np.ndarray, beta: np.ndarray, sizes: dict[str, Any], seed_d: bytes,
+                        scratch: MutableMapping[str, Any]) -> dict[str, Any]:
+        """Gaussian, at the final beta: F's part of (y - eta_L)'eta_F (V = eta_F scaled by a power of
+        two bounding it, from beta alone) and sum eta_F^2."""
+        n = len(eta)
+        exponent = _eta_exponent(beta)
+        v = np.asfortranarray(_limbs(np.ldexp(eta, -exponent), sizes["fm"]))
+        b = shares.random_matrix(shares.derive_seed(seed_d, "B final"), n, 2)
+        c = shares.random_vector(shares.derive_seed(seed_d, "C final"), shares.blocks_size(sizes["final_l"]))
+        e = _joined(scratch, n, sizes["k_l"], sizes["parts"])
+        return {"masked": np.ascontiguousarray((v - b).T), "squares": float(eta @ eta),
+                "share": shares.share_of_masked_holder(e, v, c, sizes["final_l"])}
 
     def _label(self, params: VerticalGLMParams, round_no: int, broadcast: dict[str, Any],
                context: SiteContext) -> Release:
         design, scratch = self._design(params, context, label=True), context.scratch
-        x = design["x"]
+        x, y = design["x"], design["y"]
         if round_no == 0:
+            scratch["seed_s"] = shares.new_seed()
             return Release(public={"rows": len(x), "columns": design["columns"], "exponents": design["exponents"],
-                                   "y_exponent": design["y_exponent"]})
+                                   "y_exponent": design["y_exponent"]},
+                           payloads={params.feature_site: {"seed": scratch["seed_s"]}})
         self._check_own(design, broadcast, "p_label")
-        sizes, n = self._sizes(broadcast), len(x)
+        n, p = x.shape
+        sizes = self._sizes(broadcast)
         if round_no == 1:
-            scratch["seed_l"] = self._seed(self._message(context, params.dealer_site, "seed"))
-        if 2 <= round_no <= sizes["parts"] + 1:
-            part = self._message(context, params.feature_site, "part")
-            if part != round_no - 2:
-                raise BroadcastRefused("payload_malformed", "a part of E came out of order")
-            columns = np.array_split(np.arange(sizes["k"]), sizes["parts"])[part]
-            scratch[f"e{part}"] = np.asfortranarray(
-                self._ring(self._message(context, params.feature_site, "e"), (n, len(columns)), "E"))
+            scratch["seed_d"] = self._seed(self._message(context, params.dealer_site, "seed"))
+        seed_d, seed_s = _required(scratch, "seed_d"), _required(scratch, "seed_s")
+        y_scaled = np.ldexp(y, -design["y_exponent"])
+        payloads = self._set_up(round_no, context, sizes, lambda columns: _encoded_u(x, y_scaled, sizes, columns),
+                                params.feature_site, sizes["k_l"], sizes["k_f"])
         if round_no < sizes["first_iteration_round"]:
-            return Release()
+            return Release(payloads=payloads)
         iteration, phase = schedule(round_no, sizes["parts"])
-        if phase == "b":
-            return self._evaluate(params, iteration, broadcast, context, design, sizes)
+        gaussian, feature = params.family == "gaussian", params.feature_site
+        if phase == "a":
+            return self._check_and_send(params, iteration, broadcast, context, design, sizes)
+        if phase == "b" and gaussian and iteration == 1:
+            return Release(public=self._residual_sum(params, context, design, sizes, seed_d))
+        if phase == "c":
+            u = _cached(scratch, "u", lambda: _encoded_u(x, y_scaled, sizes))
+            if gaussian:
+                own = np.zeros((n, len(SHARED)), dtype=np.uint64, order="F")
+            else:
+                order = shares.permutation(seed_s, f"rows {iteration}", n)
+                own = _unpermute(_label_shares(seed_d, iteration, n), order)
+            scratch["offset"] = self._ring(self._message(context, params.dealer_site, "offset"),
+                                           (shares.blocks_size(sizes["blocks_l"]),), "the dealer's offset")
+            v = _v_matrix(own, u[:, :p], u[:, p + 1:2 * p + 1], _limbs(y_scaled, sizes["fm"]))
+            b, c = _iteration_pads(seed_d, iteration, n, sizes["m_l"], sizes["blocks_f"])
+            scratch["share_f"] = shares.share_of_masked_holder(_joined(scratch, n, sizes["k_f"], sizes["parts"]), v, c,
+                                                               sizes["blocks_f"])
+            local_v = np.asfortranarray(np.concatenate([own[:, :4], own[:, 6:8]], axis=1))
+            scratch["local"] = shares.cross_blocks(u, local_v, sizes["local_l"])
+            return Release(payloads={feature: {"masked": np.ascontiguousarray((v - b).T)}})
         if phase == "d":
-            size = shares.blocks_size(sizes["blocks"])
-            share_f = self._ring(self._message(context, params.feature_site, "share"), (size,), "F's share")
-            if "share" not in scratch:
-                raise AnalysisError("this site's share of the round is lost")
-            return Release(public={"cross": shares.reconstruct(scratch["share"], share_f)})
+            masked = self._columns_in(context, feature, "masked", n, sizes["m_f"], "V - B")
+            a = _pad(scratch, "a", seed_d, n, sizes["k_l"])
+            scratch["share_l"] = shares.share_of_pad_holder(a, masked, _required(scratch, "offset"), sizes["blocks_l"])
+            return Release()
+        if phase == "e":
+            return self._newton_at_label(params, iteration, broadcast, context, design, sizes)
         return Release()
 
-    def _evaluate(self, params: VerticalGLMParams, iteration: int, broadcast: dict[str, Any],
-                  context: SiteContext, design: dict[str, Any], sizes: dict[str, Any]) -> Release:
-        """Phase b at L: the fit at the current beta (deviance, own blocks), V - B_t to F, own share."""
-        x, y, scratch, policy = design["x"], design["y"], context.scratch, context.policy
-        beta = finite_array(broadcast.get("beta"), (x.shape[1],))
-        eta_f = np.asarray(self._message(context, params.feature_site, "eta"))
-        if eta_f.shape != (len(x),) or eta_f.dtype.kind != "f" or not np.all(np.isfinite(eta_f)):
-            raise BroadcastRefused("payload_malformed", "eta must be n finite numbers")
+    def _check_and_send(self, params: VerticalGLMParams, iteration: int, broadcast: dict[str, Any],
+                        context: SiteContext, design: dict[str, Any], sizes: dict[str, Any]) -> Release:
+        """Phase a at L: the researcher's beta_L must be L's own Newton step (zero at the start);
+        L's masked, permuted eta_L to D (binomial) and y'eta in the clear (for the deviance)."""
+        x, y, scratch = design["x"], design["y"], context.scratch
+        n, p = x.shape
+        own = np.asarray(_required(scratch, "beta")) if iteration > 0 else np.zeros(p + int(sizes["p_feature"]))
+        claimed = finite_array(broadcast.get("beta"), (p,))
+        if not np.allclose(claimed, own[:p], rtol=NEWTON_RTOL, atol=NEWTON_RTOL * max(1.0, float(np.max(np.abs(own))))):
+            raise BroadcastRefused("broadcast_not_newton", "the coefficients broadcast are not this site's own Newton "
+                                                           "step from the released gradient and Hessian")
+        eta = x @ own[:p]
+        y_eta = float(y @ eta) + (float(np.asarray(_required(scratch, "xf_y")) @ own[p:]) if iteration > 0 else 0.0)
         family = statsmodels_family(params.family)
-        eta = x @ beta + eta_f
-        mu = family.fitted(eta)
-        _require_unsaturated(mu, params.family)
-        w = family.weights(mu)
-        require_spread_weights(w, policy)
-        r = y - mu  # canonical links: the gradient is X'(y - mu)
-        xw = x * w[:, None]
-        public = {
-            "xtwx": xw.T @ x, "xtr": x.T @ r,
-            "deviance": float(family.deviance(y, mu)), "pearson": float(np.sum((y - mu) ** 2 / family.variance(mu))),
-            "ssr": float(np.sum((y - mu) ** 2)), "loglike": float(family.loglike(y, mu, scale=1.0)),
-        }
+        public: dict[str, Any] = {"y_eta": y_eta}
         if iteration == 0:
             public["null_deviance"] = float(family.deviance(y, np.full_like(y, y.mean())))
+        if params.family == "gaussian":
+            return Release(public=public)
+        seed_s = _required(scratch, "seed_s")
+        masked = _encode_eta(eta) + shares.random_vector(shares.derive_seed(seed_s, f"mask {iteration}"), n)
+        return Release(public=public, payloads={
+            params.dealer_site: {"eta": masked[shares.permutation(seed_s, f"rows {iteration}", n)]}})
+
+    def _newton_at_label(self, params: VerticalGLMParams, iteration: int, broadcast: dict[str, Any],
+                         context: SiteContext, design: dict[str, Any], sizes: dict[str, Any]) -> Release:
+        """Phase e at L: the shares added up and decoded into the gradient and Hessian (released),
+        L's own Newton step, and F's next coefficients sealed to F."""
+        x, y, scratch = design["x"], design["y"], context.scratch
+        p = x.shape[1]
+        total_f = shares.reconstruct(_required(scratch, "share_f"), self._ring(
+            self._message(context, params.feature_site, "f"), (shares.blocks_size(sizes["blocks_f"]),), "F's share"))
+        total_l = shares.reconstruct(_required(scratch, "share_l"), self._ring(
+            self._message(context, params.feature_site, "l"), (shares.blocks_size(sizes["blocks_l"]),), "F's share"))
+        total_l = _with_local(total_l, sizes["blocks_l"], _required(scratch, "local"), sizes["local_l"],
+                              [0, 1, 2, 3, 4, 5, 8, 9, 10])
+        gaussian = params.family == "gaussian"
+        blocks = decode_blocks(total_f, total_l, sizes, p, int(sizes["p_feature"]), design["y_exponent"],
+                               w3_factor=0.25 if gaussian else 1.0)
+        gradient = np.concatenate([x.T @ y - blocks["xl_mu"], blocks["xf_y"] - blocks["xf_mu"]])
+        hessian = blocks["hessian"]
+        public: dict[str, Any] = {"gradient": gradient, "hessian": hessian}
+        if not gaussian:
+            public["y_z"] = blocks["y_z"]  # Pearson = D's sum e^eta + y'(e^-eta - e^eta)
+        if iteration == 0:
+            scratch["xf_y"] = blocks["xf_y"]
         if broadcast.get("final"):
             return Release(public=public)
-        exponent = broadcast.get("residual_exponent", 0)
-        bits = sizes["bits"]
-        v = np.empty((len(x), sizes["m"]), dtype=np.uint64, order="F")
-        c = sizes["m"] // 2
-        v[:, :c], v[:, c:] = shares.encode_two_limbs(np.column_stack([xw, np.ldexp(r, -exponent)]), bits)
-        if not np.array_equal(x[:, 0], np.ones(len(x))):
-            raise AnalysisError("the label site's first design column must be the intercept")
-        b, c_l = _iteration_pads(_required(scratch, "seed_l"), iteration, len(x), sizes)
-        e = np.concatenate([_required(scratch, f"e{j}") for j in range(sizes["parts"])], axis=1)
-        scratch["share"] = shares.share_of_masked_holder(e, v, c_l, sizes["blocks"])
-        return Release(public=public, payloads={params.feature_site: {"masked": np.ascontiguousarray(v - b)}})
+        own = np.asarray(_required(scratch, "beta")) if iteration > 0 else np.zeros(len(gradient))
+        try:
+            step = np.linalg.solve(hessian, gradient)
+        except np.linalg.LinAlgError:
+            raise AnalysisError("the Hessian is singular: the design columns are collinear") from None
+        beta = own + step
+        scratch["beta"] = beta
+        return Release(public=public, payloads={params.feature_site: {"beta": beta[p:]}})
+
+    def _residual_sum(self, params: VerticalGLMParams, context: SiteContext, design: dict[str, Any],
+                      sizes: dict[str, Any], seed_d: bytes) -> dict[str, Any]:
+        """Gaussian phase b at the final beta: RSS = sum (y - eta_L)^2 - 2 (y - eta_L)'eta_F + sum eta_F^2,
+        the cross term from one product of [X_L | y] (L) and eta_F (F)."""
+        x, y, scratch = design["x"], design["y"], context.scratch
+        n, p = x.shape
+        beta = np.asarray(_required(scratch, "beta"))
+        feature = params.feature_site
+        size = shares.blocks_size(sizes["final_l"])
+        masked = self._columns_in(context, feature, "masked", n, 2, "V - B")
+        share_f = self._ring(self._message(context, feature, "share"), (size,), "F's share")
+        offset = self._ring(self._message(context, params.dealer_site, "offset"), (size,), "the dealer's offset")
+        squares = self._message(context, feature, "squares")
+        if not isinstance(squares, float) or not math.isfinite(squares):
+            raise BroadcastRefused("payload_malformed", "sum eta_F^2 must be a finite number")
+        a = _pad(scratch, "a", seed_d, n, sizes["k_l"])
+        total = shares.reconstruct(shares.share_of_pad_holder(a, masked, offset, sizes["final_l"]), share_f)
+        hi_hi, hi_lo, lo_hi = shares.split_blocks(total, sizes["final_l"])
+        products = np.ldexp(shares.combine_two_limbs(hi_hi, hi_lo, lo_hi, sizes["f3"], sizes["fm"])[:, 0],
+                            _eta_exponent(beta[p:]))  # [X_L | y_scaled]' eta_F
+        y_eta_f = products[p] * 2.0 ** design["y_exponent"]
+        residual_l = y - x @ beta[:p]
+        rss = float(residual_l @ residual_l - 2 * (y_eta_f - beta[:p] @ products[:p]) + squares)
+        return {"rss": rss}
 
     # --- the researcher's step ---------------------------------------------------------------
 
     def global_step(self, params: VerticalGLMParams, round_no: int, aggregated: Aggregated,
                     state: dict[str, Any]) -> NextRound | Finished:
-        label, feature = params.label_site, params.feature_site
+        label = params.label_site
         messages = _forward(aggregated)
         if round_no == 0:
-            facts_l, facts_f = aggregated.public.get(label, {}), aggregated.public.get(feature, {})
+            facts_l, facts_f = aggregated.public.get(label, {}), aggregated.public.get(params.feature_site, {})
             if facts_l.get("rows") != facts_f.get("rows"):
                 raise AnalysisError(f"the two sites' tables have {facts_l.get('rows')} and {facts_f.get('rows')} rows: "
                                     "align them first (fed.psi) or pass tables in one row order")
@@ -456,110 +702,244 @@ class VerticalGLM(Analysis[VerticalGLMParams]):
             if len(set(names)) != len(names):
                 raise AnalysisError("the two sites' design columns share names")
             constants = {"n": n, "p_label": len(facts_l["columns"]), "p_feature": len(facts_f["columns"])}
-            sizes = layout(**constants)
             state = {"constants": constants, "columns": names, "owner": [label] * constants["p_label"]
-                     + [feature] * constants["p_feature"], "exponents": list(facts_l["exponents"])
-                     + list(facts_f["exponents"]), "y_exponent": int(facts_l["y_exponent"]),
-                     "parts": sizes["parts"], "beta": np.zeros(len(names)), "deviances": [], "iteration": 0}
+                     + [params.feature_site] * constants["p_feature"], "exponents": list(facts_l["exponents"])
+                     + list(facts_f["exponents"]), "parts": layout(**constants)["parts"],
+                     "beta": np.zeros(len(names)), "deviances": [], "iteration": 0, "final": False, "converged": False}
             return NextRound(dict(constants), state, messages=messages)
         constants, parts = state["constants"], state["parts"]
         if round_no < parts:
             return NextRound(dict(constants), state, messages=messages)
-        if round_no == parts:  # next: iteration 0, phase a
+        if round_no == parts:
             return self._next_iteration(params, state, messages)
         iteration, phase = schedule(round_no, parts)
-        p_label = constants["p_label"]
-        if phase == "a":  # next: phase b, L evaluates at its beta
-            per_site = {label: {"beta": state["beta"][:p_label], "residual_exponent": state["residual_exponent"]}}
-            return NextRound(dict(constants, final=bool(state.get("final", False))), state, per_site=per_site,
-                             messages=messages)
-        if phase == "b":
-            return self._after_evaluation(params, aggregated.public.get(label, {}), state, messages)
-        if phase == "c":
-            return NextRound(dict(constants), state, messages=messages)
-        return self._newton(params, aggregated.public.get(label, {}), state, messages)
+        facts = aggregated.public.get(label, {})
+        broadcast = dict(constants, final=bool(state["final"]))
+        if phase == "a":
+            state = dict(state, y_eta=float(facts["y_eta"]))
+            if iteration == 0:
+                state["null_deviance"] = float(facts["null_deviance"])
+        elif phase == "b":
+            if params.family == "gaussian":
+                if iteration == 1:
+                    rss = float(facts["rss"])
+                    return Finished(self._result(params, state, deviance=rss, pearson=rss, ssr=rss, loglike=math.nan))
+            else:
+                state = self._after_link(params, aggregated.public.get(params.dealer_site, {}), state)
+                broadcast["final"] = bool(state["final"])
+        elif phase == "e":
+            if state["final"]:
+                pearson = state["exp_sum"] + float(facts["y_z"])
+                return Finished(self._result(params, state, deviance=state["deviances"][-1], pearson=pearson,
+                                             ssr=math.nan, loglike=state["loglike"]))
+            return self._newton(params, facts, state, messages)
+        return NextRound(broadcast, state, messages=messages)
 
     def _next_iteration(self, params: VerticalGLMParams, state: dict[str, Any],
                         messages: dict[str, list[dict]]) -> NextRound:
+        """Phase a next: the label holder is sent its beta (which it checks against its own step)."""
         p_label = state["constants"]["p_label"]
-        # residuals are y - mu: within [-1, 1] for 0/1 responses; a gaussian one is encoded only at
-        # beta = 0 (its one Newton step), where it is y, scaled by y's exponent
-        state = dict(state, residual_exponent=state["y_exponent"] if params.family == "gaussian" else 0)
-        return NextRound(dict(state["constants"]), state, per_site={params.feature_site: {"beta": state["beta"][p_label:]}},
-                         messages=messages)
+        return NextRound(dict(state["constants"], final=bool(state["final"])), state,
+                         per_site={params.label_site: {"beta": state["beta"][:p_label]}}, messages=messages)
 
-    def _after_evaluation(self, params: VerticalGLMParams, facts: dict[str, Any], state: dict[str, Any],
-                          messages: dict[str, list[dict]]) -> NextRound | Finished:
-        """Phase b: L's deviance at beta_t. Stop as statsmodels does (deviance change <= tol; a
-        gaussian fit after its one step), else wait for the cross blocks."""
-        deviances = state["deviances"] + [float(facts["deviance"])]
-        state = dict(state, deviances=deviances, local=facts, null_deviance=state.get("null_deviance",
-                                                                                     facts.get("null_deviance")))
+    @staticmethod
+    def _after_link(params: VerticalGLMParams, facts: dict[str, Any], state: dict[str, Any]) -> dict[str, Any]:
+        """Binomial phase b: the deviance at beta_t from D's sum and L's y'eta. Stop as statsmodels
+        does (deviance change <= tol), after one more c-e pass for the Pearson statistic."""
+        softplus = float(facts["softplus"])
+        deviance = 2.0 * (softplus - state["y_eta"])
+        deviances = state["deviances"] + [deviance]
         iteration = state["iteration"]
-        converged = iteration > 0 and (params.family == "gaussian" or abs(deviances[-1] - deviances[-2]) <= params.tol)
-        if converged or state.get("final") or iteration >= params.max_iter:
-            return Finished(self._result(params, state, facts, converged=converged))
-        return NextRound(dict(state["constants"]), state, messages=messages)
+        converged = iteration > 0 and abs(deviances[-1] - deviances[-2]) <= params.tol
+        final = converged or iteration >= params.max_iter
+        return dict(state, deviances=deviances, loglike=state["y_eta"] - softplus, exp_sum=float(facts["exp_sum"]),
+                    final=final, converged=converged)
 
     def _newton(self, params: VerticalGLMParams, facts: dict[str, Any], state: dict[str, Any],
                 messages: dict[str, list[dict]]) -> NextRound:
-        """Phase d: the full gradient and Hessian at beta_t, one Newton step to beta_t+1."""
-        constants, local = state["constants"], state["local"]
-        p_label, p_feature = constants["p_label"], constants["p_feature"]
-        sizes = layout(**constants)
-        cross = facts.get("cross")
-        if not isinstance(cross, np.ndarray) or cross.dtype != np.uint64:
-            raise AnalysisError("the label site released no cross products")
-        blocks = shares.split_blocks(cross, sizes["blocks"])
-        fl = shares.combine_two_limbs(*blocks[:3], sizes["bits"])  # X_F'[W X_L | r]
-        pairs = shares.combine_two_limbs(*blocks[3:], sizes["bits"])[:, 0]  # X_Fj X_Fk w, j <= k
-        h_fl, xtr_f = fl[:, :p_label], fl[:, p_label]
-        h_ff = np.empty((p_feature, p_feature))
-        for value, (j, k) in zip(pairs, [(j, k) for j in range(p_feature) for k in range(j, p_feature)]):
-            h_ff[j, k] = h_ff[k, j] = value
-        hessian = np.block([[np.asarray(local["xtwx"]), h_fl.T], [h_fl, h_ff]])
-        gradient = np.concatenate([np.asarray(local["xtr"]), np.ldexp(xtr_f, state["residual_exponent"])])
+        """Phase e: the gradient and Hessian at beta_t (from L), one Newton step to beta_t+1 (which L
+        takes too, and checks next round)."""
+        hessian = np.asarray(facts.get("hessian"), dtype=np.float64)
+        gradient = np.asarray(facts.get("gradient"), dtype=np.float64)
+        size = len(state["columns"])
+        if hessian.shape != (size, size) or gradient.shape != (size,):
+            raise AnalysisError("the label site released no gradient and Hessian")
         if state["iteration"] == 0:
             check_collinearity(hessian, state["columns"])
         beta = state["beta"] + np.linalg.solve(hessian, gradient)
-        final = params.family == "gaussian"  # one Newton step is the least-squares fit; then only its deviance
-        state = dict(state, beta=beta, hessian=hessian, iteration=state["iteration"] + 1, final=final)
+        final = params.family == "gaussian"  # one Newton step is the least-squares fit; then only its RSS
+        state = dict(state, beta=beta, hessian=hessian, iteration=state["iteration"] + 1, final=final,
+                     converged=final)
         return self._next_iteration(params, state, messages)
 
-    def _result(self, params: VerticalGLMParams, state: dict[str, Any], facts: dict[str, Any],
-                converged: bool) -> VerticalGLMResults:
+    def _result(self, params: VerticalGLMParams, state: dict[str, Any], deviance: float, pearson: float,
+                ssr: float, loglike: float) -> VerticalGLMResults:
         scale = np.ldexp(1.0, -np.asarray(state["exponents"], dtype=np.int64))  # x = x_scaled * 2^e
         if "hessian" not in state:
             raise AnalysisError("the fit stopped before its first Newton step")
         hessian = np.asarray(state["hessian"])
-        nobs = float(state["constants"]["n"])
         fit = VerticalGLMResults.from_sums(
             params=params, beta=state["beta"] * scale, xtwx=hessian * np.outer(1 / scale, 1 / scale),
-            columns=state["columns"], nobs=nobs, sum_log_weights=0.0, deviance=float(facts["deviance"]),
-            null_deviance=float(state["null_deviance"]), pearson=float(facts["pearson"]), ssr=float(facts["ssr"]),
-            loglike=float(facts["loglike"]), iterations=state["iteration"], converged=converged,
-            family=statsmodels_family(params.family))
+            columns=state["columns"], nobs=float(state["constants"]["n"]), sum_log_weights=0.0, deviance=deviance,
+            null_deviance=float(state["null_deviance"]), pearson=pearson, ssr=ssr, loglike=loglike,
+            iterations=state["iteration"], converged=bool(state["converged"]), family=statsmodels_family(params.family))
         owner = pd.Series(state["owner"], index=state["columns"], name="site")
         return fit.with_owner(owner)
 
 
-def _encoded_u(x: np.ndarray, bits: int) -> np.ndarray:
-    """F's U = [X_F | X_Fj * X_Fk, j <= k], each in two limbs (hi columns, then lo), in the ring
-    (Fortran order, for fast column products)."""
-    products, _ = shares.pair_columns(x)
+def _limbs(values: np.ndarray, bits: int) -> np.ndarray:
+    """Reals in [-1, 1] as ring columns [hi | lo] (a column's two limbs side by side), Fortran order."""
+    x = np.asarray(values, dtype=np.float64)
+    x2 = x.reshape(len(x), -1)
+    try:
+        hi, lo = shares.encode_two_limbs(x2, bits)
+    except shares.ShareError as exc:
+        raise AnalysisError(f"a value cannot be encoded: {exc}") from None
+    return np.asfortranarray(np.concatenate([hi, lo], axis=1))
+
+
+def _encoded_u(x: np.ndarray, y: np.ndarray | None, sizes: dict[str, Any], columns: Any = None) -> np.ndarray:
+    """A site's fixed U = [x̄ hi | x̄ lo | pairs hi | pairs lo]: x̄ its design (at L with y after
+    it) in f3-bit limbs, the pair products x_j x_k (j <= k) in f2-bit limbs (Fortran order); with
+    `columns`, only those columns of U (a part of E), computing only the pairs they need."""
+    limbs = _limbs(x if y is None else np.column_stack([x, y]), sizes["f3"])
     p = x.shape[1]
-    q = products.shape[1]
-    u = np.empty((len(x), 2 * p + 2 * q), dtype=np.uint64, order="F")
-    u[:, :p], u[:, p:2 * p] = shares.encode_two_limbs(x, bits)
-    u[:, 2 * p:2 * p + q], u[:, 2 * p + q:] = shares.encode_two_limbs(products, bits)
-    return u
+    pairs = [(j, k) for j in range(p) for k in range(j, p)]
+    wanted = np.arange(limbs.shape[1] + 2 * len(pairs)) if columns is None else np.asarray(columns)
+    out = np.empty((len(x), len(wanted)), dtype=np.uint64, order="F")
+    needed = sorted({(c - limbs.shape[1]) % len(pairs) for c in wanted if c >= limbs.shape[1]})
+    encoded = {}
+    if needed:
+        products = np.column_stack([x[:, pairs[i][0]] * x[:, pairs[i][1]] for i in needed])
+        hi, lo = shares.encode_two_limbs(products, sizes["f2"])
+        encoded = {i: (hi[:, position], lo[:, position]) for position, i in enumerate(needed)}
+    for position, column in enumerate(wanted):
+        if column < limbs.shape[1]:
+            out[:, position] = limbs[:, column]
+        else:
+            index = column - limbs.shape[1]
+            out[:, position] = encoded[index % len(pairs)][index // len(pairs)]
+    return out
 
 
-def _iteration_pads(seed_l: bytes, iteration: int, n: int, sizes: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-    """B_t (n x m) and C_L,t of iteration t, fresh every iteration, from the dealer's seed for L."""
-    b = shares.random_matrix(shares.derive_seed(seed_l, f"B {iteration}"), n, sizes["m"])
-    c_l = shares.random_vector(shares.derive_seed(seed_l, f"C {iteration}"), shares.blocks_size(sizes["blocks"]))
-    return b, c_l
+def _quantised(x: np.ndarray, bits: int) -> np.ndarray:
+    """x as its two f3-bit limbs represent it (what the ring's products of x use)."""
+    hi, lo = shares.encode_two_limbs(x, bits)
+    return shares.decode(hi, bits) + shares.decode(lo, 2 * bits)
+
+
+def _v_matrix(own: np.ndarray, x_hi: np.ndarray, x_lo: np.ndarray, extra: np.ndarray) -> np.ndarray:
+    """A site's per-iteration V = [mu hi, mu lo, w hi, w lo | w3 hi x hi, w3 lo x hi, w3 hi x lo |
+    extra hi, extra lo] from its shares (`SHARED` columns, row order) and its own x limbs: a share
+    times a value the site holds is a share of the product (ring multiplication wraps)."""
+    n, p = x_hi.shape
+    v = np.empty((n, 3 * p + 6), dtype=np.uint64, order="F")
+    v[:, :4] = own[:, :4]
+    v[:, 4:4 + p] = own[:, 4:5] * x_hi
+    v[:, 4 + p:4 + 2 * p] = own[:, 5:6] * x_hi
+    v[:, 4 + 2 * p:4 + 3 * p] = own[:, 4:5] * x_lo
+    v[:, 4 + 3 * p:] = extra
+    return v
+
+
+def _unpermute(permuted: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Rows given in the order `order` (row order[j] at position j) back in row order."""
+    rows = np.empty_like(permuted, order="F")
+    rows[order] = permuted
+    return rows
+
+
+def _label_shares(seed_l: bytes, iteration: int, n: int) -> np.ndarray:
+    """L's shares of the dealer's values at iteration t (in the permuted order): a pad from L's seed."""
+    return shares.random_matrix(shares.derive_seed(seed_l, f"shares {iteration}"), n, len(SHARED))
+
+
+def _iteration_pads(seed: bytes, iteration: int, n: int, width: int, blocks: list[Block]
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """The pads of the V-holder of one direction at iteration t: B_t (n x width) and its C_t,
+    from the dealer's seed for that site."""
+    b = shares.random_matrix(shares.derive_seed(seed, f"B {iteration}"), n, width)
+    c = shares.random_vector(shares.derive_seed(seed, f"C {iteration}"), shares.blocks_size(blocks))
+    return b, c
+
+
+def _encode_eta(eta: np.ndarray) -> np.ndarray:
+    """A partial linear predictor with ETA_BITS fractional bits (|eta| < 2^ETA_RANGE_BITS)."""
+    if not np.all(np.isfinite(eta)) or (eta.size and float(np.max(np.abs(eta))) >= 2.0**ETA_RANGE_BITS):
+        raise AnalysisError("the linear predictor is not finite or too large for the ring")
+    return shares.encode(np.ldexp(eta, -ETA_RANGE_BITS), ETA_BITS + ETA_RANGE_BITS)
+
+
+def _eta_exponent(beta: np.ndarray) -> int:
+    """A public power of two bounding |x'beta| for |x| <= 1 (from beta alone): sum |beta|."""
+    return shares.scale_exponent(np.array([float(np.sum(np.abs(beta)))]))
+
+
+def _joined(scratch: MutableMapping[str, Any], n: int, width: int, parts: int) -> np.ndarray:
+    """The peer's E (n x width), from its parts in scratch, in Fortran order."""
+    out = np.empty((n, width), dtype=np.uint64, order="F")
+    for part, columns in enumerate(np.array_split(np.arange(width), parts)):
+        if len(columns):
+            out[:, columns[0]:columns[-1] + 1] = _required(scratch, f"e{part}")
+    return out
+
+
+def _with_local(flat: np.ndarray, blocks: list[Block], local: np.ndarray, local_blocks: list[Block],
+                positions: Any) -> np.ndarray:
+    """A direction's flat blocks with a site's local ring terms added at `positions`."""
+    parts = shares.split_blocks(np.asarray(flat, dtype=np.uint64), blocks)
+    for position, term in zip(positions, shares.split_blocks(np.asarray(local, dtype=np.uint64), local_blocks)):
+        parts[position] = parts[position] + term
+    return np.concatenate([part.ravel() for part in parts])
+
+
+def decode_blocks(total_f: np.ndarray, total_l: np.ndarray, sizes: dict[str, Any], p_l: int, p_f: int,
+                  y_exponent: int, w3_factor: float) -> dict[str, Any]:
+    """The real blocks from the reconstructed ring sums of both directions: X_F'mu, X_L'mu, X_F'y,
+    y'z, and the Hessian [[X_L'W X_L, .], [X_F'W X_L, X_F'W X_F]] (scaled coordinates)."""
+    f2, f3, fm = sizes["f2"], sizes["f3"], sizes["fm"]
+    bf = shares.split_blocks(total_f, sizes["blocks_f"])
+    bl = shares.split_blocks(total_l, sizes["blocks_l"])
+    # X_F'W X_L: the limb terms (x_F, w3, x_L) 111, 121 (w's low limb), 112 (x_L's), 211 (x_F's), each the
+    # sum of its two cross products (F's direction as it is, L's transposed), added in the ring
+    t111 = bf[6][:, :p_l] + bl[6][:, :p_f].T
+    t121 = bf[6][:, p_l:2 * p_l] + bl[6][:, p_f:2 * p_f].T
+    t112 = bf[6][:, 2 * p_l:] + bl[7].T
+    t211 = bf[7] + bl[6][:, 2 * p_f:].T
+    h_fl = (shares.decode(t111, 3 * f3) + shares.decode(t121, 4 * f3) + shares.decode(t112, 4 * f3)
+            + shares.decode(t211, 4 * f3)) / w3_factor
+    h_ll, h_ff = _from_pairs(shares.combine_two_limbs(*bl[3:6], f2)[:, 0], p_l), \
+        _from_pairs(shares.combine_two_limbs(*bf[3:6], f2)[:, 0], p_f)
+    hessian = np.block([[h_ll, h_fl.T], [h_fl, h_ff]])
+    return {"hessian": hessian,
+            "xf_mu": shares.combine_two_limbs(*bf[0:3], f3, fm)[:, 0],
+            "xl_mu": shares.combine_two_limbs(*bl[0:3], f3, fm)[:p_l, 0],
+            "xf_y": np.ldexp(shares.combine_two_limbs(*bf[8:11], f3, fm)[:, 0], y_exponent),
+            "y_z": float(np.ldexp(shares.combine_two_limbs(*bl[8:11], f3, fm)[0, 0], Z_EXPONENT + y_exponent))}
+
+
+def _from_pairs(values: np.ndarray, p: int) -> np.ndarray:
+    """The symmetric p x p matrix from its entries (j, k), j <= k, in `pair_columns` order."""
+    out = np.empty((p, p))
+    rows, columns = np.triu_indices(p)  # row-major j <= k, the order of pair_columns
+    out[rows, columns] = values
+    out[columns, rows] = values
+    return out
+
+
+def _cached(scratch: MutableMapping[str, Any], key: str, build: Any) -> Any:
+    """A fixed matrix kept in scratch after it is first built (rebuilt whenever the scratch bound
+    dropped it): U, and the pads A, are the same every iteration."""
+    if key in scratch:  # Fortran order for the column products (a value read back from disk is in C order)
+        return np.asfortranarray(scratch[key])
+    value = build()
+    scratch[key] = value
+    return value
+
+
+def _pad(scratch: MutableMapping[str, Any], key: str, seed: bytes, n: int, width: int) -> np.ndarray:
+    """The fixed pad A (n x width) of one direction, from the dealer's seed for its U-holder."""
+    return _cached(scratch, key, lambda: shares.random_matrix(shares.derive_seed(seed, "A"), n, width))
 
 
 def _required(scratch: MutableMapping[str, Any], key: str) -> Any:

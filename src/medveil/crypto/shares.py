@@ -14,14 +14,19 @@ with the help of a third, non-colluding party, the dealer, who never sees data:
 Each share alone is uniform (C_L pads both). Only the blocks of U'V a protocol needs are
 computed (`Block`): the rest would disclose more than the protocol's output.
 
+A share times a value its holder knows is a share of the product (ring multiplication wraps),
+so a party holding shares [w] and its own columns x builds shares of w * x locally; the vertical
+GLM uses it for three-factor sums (x_L' W x_F = cross(x_F, [w]_L x_L) + cross(x_L, [w]_F x_F)').
+
 Fixed point: a real x with |x| <= 1 becomes round(x * 2^f) in two's complement. A product of
-two encodings carries 2f fractional bits, and a sum of n of them stays below 2^63 in magnitude
-when 2f + bit_length(n) <= 63, so `fraction_bits(n)` picks f = floor((63 - bit_length(n)) / 2)
-and decoding a sum of products is exact (no truncation protocol is needed: nothing is
-multiplied twice). Where a sum needs more precision than 2^-f per value (a gradient, whose zero
-is the fit), a value is sent as two limbs (`encode_two_limbs`): its encoding and its rounding
-error encoded again, for ~2^-2f. Callers scale each column by a public power of two (`scale_exponent`) so
-that its values lie in [-1, 1].
+encodings with f1 + f2 (+ f3) fractional bits summed over n rows stays below 2^63 in magnitude
+when the bits and bit_length(n) add up to at most 63: `fraction_bits(n)` picks f for two factors,
+`fraction_bits_triple(n)` for three (one of them an IRLS weight, at most 1/4), so decoding a sum
+of products is exact (no truncation protocol is needed: nothing is multiplied twice). Where a sum
+needs more precision than 2^-f per value, a value is sent as two limbs (`encode_two_limbs`): its
+encoding and its rounding error encoded again, for ~2^-2f. Callers scale each column by a public
+power of two (`scale_exponent`) so that its values lie in [-1, 1]. `permutation` gives two
+parties holding one seed the same fresh row order (to hide rows from a third).
 
 Why our own: no maintained Python library offers dealer-assisted matrix products over Z_2^64 on
 numpy arrays without a full MPC runtime (MP-SPDZ, CrypTen need their own processes and
@@ -97,6 +102,23 @@ def random_vector(seed: bytes, count: int) -> np.ndarray:
     return expand(derive_seed(seed, "vector"), count)
 
 
+def fraction_bits_triple(rows: int) -> int:
+    """Fractional bits f3 for sums of `rows` products of three values, one of them in [-1/4, 1/4]
+    (an IRLS weight) and two in [-1, 1]: 3 f3 - 2 + bit_length(rows) <= 63."""
+    if rows < 1:
+        raise ShareError("at least one row is needed")
+    bits = (RING_BITS + 1 - int(rows).bit_length()) // 3
+    if bits < 8:
+        raise ShareError(f"{rows} rows leave fewer than 8 fractional bits in the ring")
+    return bits
+
+
+def permutation(seed: bytes, label: str, count: int) -> np.ndarray:
+    """A uniformly random permutation of range(count) defined by `seed` and `label` (Philox)."""
+    key = int.from_bytes(derive_seed(seed, label)[:16], "little")
+    return np.random.Generator(np.random.Philox(key=key)).permutation(count)
+
+
 def fraction_bits(rows: int) -> int:
     """Fractional bits f for sums of `rows` products of values in [-1, 1]: 2f + bit_length(rows) <= 63."""
     if rows < 1:
@@ -143,9 +165,13 @@ def decode(ring: np.ndarray, bits: int) -> np.ndarray:
     return np.ldexp(np.asarray(ring, dtype=np.uint64).view(np.int64).astype(np.float64), -bits)
 
 
-def cross_blocks(u: np.ndarray, v: np.ndarray, blocks: Sequence[Block]) -> np.ndarray:
-    """The blocks of u'v (mod 2^64), each flattened row-major, concatenated."""
-    parts = [u[:, b.u[0]:b.u[1]].T @ v[:, b.v[0]:b.v[1]] for b in blocks]
+def cross_blocks(u: np.ndarray, v: np.ndarray, blocks: Sequence[Block],
+                 only: Sequence[int] | None = None) -> np.ndarray:
+    """The blocks of u'v (mod 2^64), each flattened row-major, concatenated; with `only`, just
+    those blocks are computed and the others are zeros (a party's local terms of some blocks)."""
+    wanted = set(range(len(blocks)) if only is None else only)
+    parts = [u[:, b.u[0]:b.u[1]].T @ v[:, b.v[0]:b.v[1]] if i in wanted else np.zeros(b.shape, dtype=np.uint64)
+             for i, b in enumerate(blocks)]
     return np.concatenate([p.ravel() for p in parts]) if parts else np.zeros(0, dtype=np.uint64)
 
 
@@ -193,9 +219,13 @@ def two_limb_blocks(u_hi: tuple[int, int], u_lo: tuple[int, int], v_hi: tuple[in
     return [Block(u_hi, v_hi), Block(u_hi, v_lo), Block(u_lo, v_hi)]
 
 
-def combine_two_limbs(hi_hi: np.ndarray, hi_lo: np.ndarray, lo_hi: np.ndarray, bits: int) -> np.ndarray:
-    """The real product from the three ring blocks of `two_limb_blocks`."""
-    return decode(hi_hi, 2 * bits) + decode(hi_lo, 3 * bits) + decode(lo_hi, 3 * bits)
+def combine_two_limbs(hi_hi: np.ndarray, hi_lo: np.ndarray, lo_hi: np.ndarray, bits: int,
+                      bits_v: int | None = None) -> np.ndarray:
+    """The real product from the three ring blocks of `two_limb_blocks`, U's limbs with `bits`
+    fractional bits and V's with `bits_v` (default the same)."""
+    bits_v = bits if bits_v is None else bits_v
+    return (decode(hi_hi, bits + bits_v) + decode(hi_lo, bits + 2 * bits_v)
+            + decode(lo_hi, 2 * bits + bits_v))
 
 
 def pair_columns(x: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int]]]:
