@@ -19,27 +19,30 @@ padded to the other once, V per iteration padded by the dealer's B_t):
     X_L'mu = X_L'[mu]_L + cross(X_L | [mu]_F),  X_F'mu = X_F'[mu]_F + cross(X_F | [mu]_L),
     X_L'W X_L, X_F'W X_F from the pair columns x_j x_k against the shares of w,
     X_F'W X_L = cross(X_F | [w]_L * X_L) + cross(X_L | [w]_F * X_F)',  X_F'y = cross(X_F | y).
-F seals its shares to L; L adds them, releases the gradient and Hessian (in scaled coordinates,
-as the researcher's Newton step needs them), computes the Newton step itself and seals F its
+F seals its shares to L (each three-factor limb term of one direction under a fresh mask that
+its partner term in the other carries negated: alone, sum x_F [w]_L x_L is a linear equation in
+F's column with coefficients L knows); L adds them, releases the gradient and Hessian (in scaled
+coordinates, as the researcher's Newton step needs them), computes the Newton step itself and seals F its
 next coefficients: F never takes coefficients from the researcher, and L refuses a broadcast
 beta_L that is not its own step (`broadcast_not_newton`), so nobody can steer the fit. The
 deviance is 2 (sum log(1 + e^eta) - y'eta), D's sum and L's y'eta = y'X_L beta_L + (X_F'y)'beta_F.
 
 Fixed point: each site scales its columns by public powers of two (multiples of 4 bits) so that
 |x| <= 1; values are two limbs (an encoding and its rounding error encoded again). With b =
-bit_length(n): three-factor products (w x_L x_F) use f3 = floor((65 - b) / 3) bits per factor
-(w <= 1/4), x against mu, y or z uses f3 and 63 - b - f3 bits, pairs against w f2 =
-floor((63 - b) / 2); every sum stays below 2^63, so nothing needs truncating. Each site takes
-its design as the two f3-bit limbs hold it (every value within 2^-2 f3 of its column's bound:
-2^-32 at n = 100,000), so the blocks, the linear predictor and the deviance are exact for one
+bit_length(n): three-factor products (w x_L x_F) use f3 = floor((64 - b) / 3) bits per factor
+(w's low limb, a rounding error, reaches half a unit), x against mu, y or z uses f3 and
+63 - b - f3 bits, pairs against w f2 = floor((63 - b) / 2); every sum stays below 2^63, so
+nothing needs truncating. Each site takes its design as the two f3-bit limbs hold it (every
+value within 2^-2 f3 of its column's bound: 2^-30 at n = 100,000), so the blocks, the linear predictor and the deviance are exact for one
 and the same design, and the fit is statsmodels' on the data to that resolution. The gaussian family needs no link: its one
 Newton step (OLS) is at beta = 0 (mu = 0, w = 1, no dealer evaluation), and its residual sum of
 squares at the fit is sum (y - eta_L)^2 (L) - 2 (y'eta_F - beta_L'X_L'eta_F) (a cross product
 of L's [X_L | y] and F's eta_F) + sum eta_F^2 (F).
 
-Rounds: 0 designs (row counts, column names, scale exponents), the dealer's seeds, L's seed to F;
-1..P the one-time padded U_F and U_L in parts (<= 16 MiB each); then per iteration five: a) L and
-F send D their masked, permuted linear predictors (L releases y'eta); b) D releases its sums,
+Rounds: 0 designs (row counts, column names, scale exponents), the dealer's seeds and L's seed
+to F (each with a digest of the sender's parameters), L's and F's sizes to D; 1..P the one-time
+padded U_F and U_L in parts (<= 16 MiB each); then per iteration five: a) L and F send D their
+masked, permuted linear predictors (L releases y'eta); b) D releases its sums,
 sends F its shares and both their offsets; c) L and F exchange V - B_t; d) F seals its shares to
 L; e) L releases the gradient and Hessian and seals F its next coefficients. The fit stops as
 statsmodels' does (deviance change <= `tol`, covariance from the last step's Hessian), after a
@@ -60,7 +63,9 @@ path only, since L checks every step.
 Guards: formula by the allow-list grammar (`formula_not_allowed`); indicator isolation, leverage
 and saturation at each site on its own design (as glm); at D every iteration the weight guards
 of glm (`weight_dominance`: fitted values at their bounds, weights on too few rows); at L the
-Newton check (`broadcast_not_newton`); every broadcast checked for its keys, shapes and constants
+Newton check (`broadcast_not_newton`); at every party the others' parameters (a digest with the
+round-0 seeds, `vertical_params_mismatch`); at D the sizes L and F sealed to it
+(`broadcast_not_released`); every broadcast checked for its keys, shapes and constants
 (`broadcast_malformed`, `broadcast_changed`), every payload for its type and shape
 (`payload_malformed`).
 """
@@ -104,6 +109,7 @@ from medveil.analyses.glm import (
     _require_unsaturated,
     statsmodels_family,
 )
+from medveil.analyses.psi import params_digest
 from medveil.analyses.vertical_results import VerticalGLMResults
 from medveil.crypto import shares
 from medveil.crypto.shares import Block
@@ -393,6 +399,25 @@ class VerticalGLM(Analysis[VerticalGLMParams]):
         """An n x width ring matrix sent transposed (width x n, C order): as n x width, Fortran order."""
         return self._ring(self._message(context, sender, key), (width, n), what).T
 
+    def _same_params(self, context: SiteContext, params: VerticalGLMParams, sender: str) -> None:
+        """The sender's round-0 seed came with a digest of its parameters: they must be this site's
+        (`vertical_params_mismatch`). The researcher signs each site's steps separately, so it could
+        give L and F different alignments (a join of rows neither agreed), formulas or families."""
+        if self._message(context, sender, "params") != params_digest(params):
+            raise BroadcastRefused("vertical_params_mismatch", f"{sender} runs this task with other parameters "
+                                                               "than this site (the researcher sent them different steps)")
+
+    def _check_released(self, context: SiteContext, params: VerticalGLMParams, broadcast: dict[str, Any]) -> None:
+        """Round 1 at D: the broadcast sizes are those L and F sealed to it in round 0. D holds no
+        data and builds n x k pads from these sizes: a researcher inflating them would make it
+        allocate without bound (`broadcast_not_released`)."""
+        released = {"n": {self._message(context, site, "rows") for site in (params.label_site, params.feature_site)},
+                    "p_label": {self._message(context, params.label_site, "columns")},
+                    "p_feature": {self._message(context, params.feature_site, "columns")}}
+        if any(values != {broadcast[name]} for name, values in released.items()):
+            raise BroadcastRefused("broadcast_not_released", "the sizes broadcast are not those the two sites sent "
+                                                             "the dealer")
+
     @staticmethod
     def _seed(value: Any) -> bytes:
         if not isinstance(value, bytes) or len(value) != shares.SEED_BYTES:
@@ -422,9 +447,12 @@ class VerticalGLM(Analysis[VerticalGLMParams]):
         scratch = context.scratch
         if round_no == 0:
             scratch["seed_l"], scratch["seed_f"] = shares.new_seed(), shares.new_seed()
-            return Release(payloads={params.feature_site: {"seed": scratch["seed_f"]},
-                                     params.label_site: {"seed": scratch["seed_l"]}})
+            digest = params_digest(params)
+            return Release(payloads={params.feature_site: {"seed": scratch["seed_f"], "params": digest},
+                                     params.label_site: {"seed": scratch["seed_l"], "params": digest}})
         seed_l, seed_f = _required(scratch, "seed_l"), _required(scratch, "seed_f")
+        if round_no == 1:  # the sizes of round 1 hold for the task (`broadcast_changed`)
+            self._check_released(context, params, broadcast)
         sizes = self._sizes(broadcast)
         if round_no < sizes["first_iteration_round"]:
             return Release()
@@ -484,7 +512,8 @@ class VerticalGLM(Analysis[VerticalGLMParams]):
         design, scratch = self._design(params, context, label=False), context.scratch
         x = design["x"]
         if round_no == 0:
-            return Release(public={"rows": len(x), "columns": design["columns"], "exponents": design["exponents"]})
+            return Release(public={"rows": len(x), "columns": design["columns"], "exponents": design["exponents"]},
+                           payloads={params.dealer_site: {"rows": len(x), "columns": x.shape[1]}})
         self._check_own(design, broadcast, "p_feature")
         if "beta" in broadcast:
             raise BroadcastRefused("broadcast_not_newton", "the feature holder takes its coefficients from the label "
@@ -492,6 +521,8 @@ class VerticalGLM(Analysis[VerticalGLMParams]):
         n = len(x)
         sizes = self._sizes(broadcast)
         if round_no == 1:
+            self._same_params(context, params, params.dealer_site)
+            self._same_params(context, params, params.label_site)
             scratch["seed_d"] = self._seed(self._message(context, params.dealer_site, "seed"))
             scratch["seed_s"] = self._seed(self._message(context, params.label_site, "seed"))
         seed_d, seed_s = _required(scratch, "seed_d"), _required(scratch, "seed_s")
@@ -537,7 +568,9 @@ class VerticalGLM(Analysis[VerticalGLMParams]):
             a = _pad(scratch, "a", seed_d, n, sizes["k_f"])
             share_f = shares.share_of_pad_holder(a, masked, _required(scratch, "offset"), sizes["blocks_f"])
             share_f = _with_local(share_f, sizes["blocks_f"], _required(scratch, "local"), sizes["local_f"], range(6))
-            return Release(payloads={label: {"f": share_f, "l": _required(scratch, "share_l")}})
+            share_f, share_l = _mask_three_factor(share_f, _required(scratch, "share_l"), sizes, int(sizes["p_label"]),
+                                                  x.shape[1])
+            return Release(payloads={label: {"f": share_f, "l": share_l}})
         return Release()
 
     def _residual_cross(self, eta: np.ndarray, beta: np.ndarray, sizes: dict[str, Any], seed_d: bytes,
@@ -561,11 +594,13 @@ class VerticalGLM(Analysis[VerticalGLMParams]):
             scratch["seed_s"] = shares.new_seed()
             return Release(public={"rows": len(x), "columns": design["columns"], "exponents": design["exponents"],
                                    "y_exponent": design["y_exponent"]},
-                           payloads={params.feature_site: {"seed": scratch["seed_s"]}})
+                           payloads={params.feature_site: {"seed": scratch["seed_s"], "params": params_digest(params)},
+                                     params.dealer_site: {"rows": len(x), "columns": x.shape[1]}})
         self._check_own(design, broadcast, "p_label")
         n, p = x.shape
         sizes = self._sizes(broadcast)
         if round_no == 1:
+            self._same_params(context, params, params.dealer_site)
             scratch["seed_d"] = self._seed(self._message(context, params.dealer_site, "seed"))
         seed_d, seed_s = _required(scratch, "seed_d"), _required(scratch, "seed_s")
         y_scaled = np.ldexp(y, -design["y_exponent"])
@@ -882,6 +917,23 @@ def _joined(scratch: MutableMapping[str, Any], n: int, width: int, parts: int) -
         if len(columns):
             out[:, columns[0]:columns[-1] + 1] = _required(scratch, f"e{part}")
     return out
+
+
+def _mask_three_factor(share_f: np.ndarray, share_l: np.ndarray, sizes: dict[str, Any], p_l: int, p_f: int
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """F's shares of both directions with a fresh mask R added to each three-factor limb term of one
+    and subtracted from its partner in the other, so that L, adding the two, learns only their sum
+    X_F'W X_L. Alone, the direction-f term is sum_i x_F,i [w]_L,i x_L,i with every [w]_L,i x_L,i
+    known to L: linear equations in F's column that L could solve for it, given enough of them."""
+    flat_f, flat_l = np.array(share_f, dtype=np.uint64), np.array(share_l, dtype=np.uint64)
+    bf, bl = shares.split_blocks(flat_f, sizes["blocks_f"]), shares.split_blocks(flat_l, sizes["blocks_l"])
+    masks = shares.random_vector(shares.new_seed(), 4 * p_f * p_l).reshape(4, p_f, p_l)
+    pairs = [(bf[6][:, :p_l], bl[6][:, :p_f]), (bf[6][:, p_l:2 * p_l], bl[6][:, p_f:2 * p_f]),
+             (bf[6][:, 2 * p_l:], bl[7]), (bf[7], bl[6][:, 2 * p_f:])]  # the terms decode_blocks adds up
+    for mask, (term_f, term_l) in zip(masks, pairs):
+        term_f += mask
+        term_l -= mask.T
+    return flat_f, flat_l
 
 
 def _with_local(flat: np.ndarray, blocks: list[Block], local: np.ndarray, local_blocks: list[Block],

@@ -21,7 +21,7 @@ GLM uses it for three-factor sums (x_L' W x_F = cross(x_F, [w]_L x_L) + cross(x_
 Fixed point: a real x with |x| <= 1 becomes round(x * 2^f) in two's complement. A product of
 encodings with f1 + f2 (+ f3) fractional bits summed over n rows stays below 2^63 in magnitude
 when the bits and bit_length(n) add up to at most 63: `fraction_bits(n)` picks f for two factors,
-`fraction_bits_triple(n)` for three (one of them an IRLS weight, at most 1/4), so decoding a sum
+`fraction_bits_triple(n)` for three (one of them an IRLS weight's limb, at most 1/2), so decoding a sum
 of products is exact (no truncation protocol is needed: nothing is multiplied twice). Where a sum
 needs more precision than 2^-f per value, a value is sent as two limbs (`encode_two_limbs`): its
 encoding and its rounding error encoded again, for ~2^-2f. Callers scale each column by a public
@@ -103,11 +103,12 @@ def random_vector(seed: bytes, count: int) -> np.ndarray:
 
 
 def fraction_bits_triple(rows: int) -> int:
-    """Fractional bits f3 for sums of `rows` products of three values, one of them in [-1/4, 1/4]
-    (an IRLS weight) and two in [-1, 1]: 3 f3 - 2 + bit_length(rows) <= 63."""
+    """Fractional bits f3 for sums of `rows` products of three values, one of them an IRLS weight
+    in [-1/4, 1/4] or its low limb (a rounding error of up to half a unit, so |encoding| <= 2^(f3-1))
+    and two in [-1, 1]: 3 f3 - 1 + bit_length(rows) <= 63."""
     if rows < 1:
         raise ShareError("at least one row is needed")
-    bits = (RING_BITS + 1 - int(rows).bit_length()) // 3
+    bits = (RING_BITS - int(rows).bit_length()) // 3
     if bits < 8:
         raise ShareError(f"{rows} rows leave fewer than 8 fractional bits in the ring")
     return bits
