@@ -93,8 +93,9 @@ def main() -> None:
         if not isinstance(end_to_end, str):
             assert end_to_end[1] == expected, (end_to_end[1], expected)
         rows.append((exponent, expected, t_open, t_crypto, t_one, end_to_end))
+        shown = end_to_end if isinstance(end_to_end, str) else f"{end_to_end[0]:.2f} s"
         print(f"2^{exponent}: openmined {t_open:.2f} s, crypto {t_crypto:.2f} s, 1 core {t_one:.2f} s,"
-              f" end to end {end_to_end}", flush=True)
+              f" end to end {shown}", flush=True)
     print("PSI, two sets of 2^k IDs, 50% shared, intersection revealed; times in seconds")
     print("ratio = openmined-psi time / medveil time (above 1: medveil faster)")
     print(f"{'size':>8} {'shared':>8} {'openmined':>10} {'crypto':>8} {'ratio':>6} {'1 core':>8} {'ratio':>6}"

@@ -17,14 +17,17 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Generic, TypeVar
+from typing import Annotated, Any, ClassVar, Generic, TypeVar
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from medveil.data.genotypes import GenotypeFile
 from medveil.privacy.disclosure import DisclosurePolicy
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"  # a site, study or researcher name (runtime.study uses it)
+SiteName = Annotated[str, Field(pattern=NAME_PATTERN)]
 
 
 class AnalysisError(Exception):

@@ -59,13 +59,13 @@ from medveil.analyses.base import (
     Params,
     Release,
     SiteContext,
+    SiteName,
     register,
 )
 from medveil.crypto.ids import IdKind, InvalidId, normalise_ids
 from medveil.crypto.psi import POINT_BYTES, PsiError, blind, hash_and_blind, new_key
 from medveil.privacy.disclosure import DisclosurePolicy, DisclosureRefused
 
-SiteName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")]  # as runtime.study.Name
 Column = Annotated[str, Field(min_length=1, max_length=256)]
 Reveal = Literal["left", "both", "size"]
 

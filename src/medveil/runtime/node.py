@@ -930,7 +930,9 @@ class Node:
         try:
             self.client.post_until_accepted_message(reply, stop=self._stop)
         except HubError as exc:
-            log.warning("%s: reply to task %s not delivered: %s", self.site, reply.header.get("task"), exc)
+            stopping = self._stop is not None and self._stop.is_set()  # shutting down: the hub may be gone first
+            log.log(logging.INFO if stopping else logging.WARNING, "%s: reply to task %s not delivered: %s",
+                    self.site, reply.header.get("task"), exc)
 
     def serve(self, stop: threading.Event) -> None:
         """Poll until `stop` is set, reconnecting with backoff when the hub is away; an unexpected

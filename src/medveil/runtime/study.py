@@ -13,16 +13,16 @@ against its pinned key, never against the keys the hub serves.
 from __future__ import annotations
 
 import hashlib
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from medveil.analyses.base import NAME_PATTERN, SiteName
 from medveil.crypto.sealed import parse_encryption_key
 from medveil.crypto.signing import SigningKey, VerifyKey, b64decode, b64encode
 from medveil.runtime.wire import canonical_json
 
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
-Name = Annotated[str, Field(pattern=NAME_PATTERN)]
+Name = SiteName
 Role = Literal["label_holder", "feature_holder", "dealer", "server", "client"]
 # Fields added after studies were first approved: left out of the digest while empty, so an
 # approval signed before they existed still covers the same spec.
