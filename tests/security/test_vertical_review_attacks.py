@@ -5,7 +5,9 @@
 - the researcher giving the two data sites different parameters (another alignment at one of
   them), which would fit a model on rows the sites never agreed to join;
 - fixed-point overflow of the three-factor sums on an all-indicator design (a silent error in
-  the Hessian, and so in the standard errors).
+  the Hessian, and so in the standard errors);
+- a curious label holder reading the limb parts of X_F'y (each a linear equation in F's column
+  with coefficients L knows) from the blocks it reconstructs: still open, see the xfail.
 """
 
 from __future__ import annotations
@@ -203,3 +205,42 @@ def test_sizes_the_dealer_was_not_given_by_the_sites_are_refused(cancer, monkeyp
         with pytest.raises(mv.RefusedError, match="broadcast_not_released") as error:
             fed.vertical_glm("mean_texture ~ mean_smoothness + mean_symmetry", family="gaussian")
     assert error.value.site == "dealer"
+
+
+@pytest.mark.xfail(strict=True, reason="open (issue 11 review): L reconstructs each limb part of a cross product "
+                                       "separately; combining them needs more than the 64-bit ring holds")
+def test_the_label_holder_reconstructs_no_limb_part_of_x_f_y(cancer, monkeypatch):
+    """The model needs X_F'y, one number per F column. L reconstructs it as three ring sums,
+    x_F,hi'y_hi, x_F,hi'y_lo and x_F,lo'y_hi (the fixed-point limbs, hi the encoding and lo its
+    rounding error), and L knows y_hi and y_lo: two more exact linear equations in F's column
+    (mod 2^64) than the model needs. A continuous response, so that y_lo is not zero."""
+    reconstructed, designs = [], {}
+    reconstruct, local = shares.reconstruct, VerticalGLM.local
+
+    def recording_reconstruct(*parts):
+        total = reconstruct(*parts)
+        reconstructed.append(np.array(total, copy=True))  # only the label holder reconstructs
+        return total
+
+    def recording_local(self, params, round_no, broadcast, context):
+        release = local(self, params, round_no, broadcast, context)
+        if "design" in context.scratch:
+            designs[context.site] = context.scratch["design"]
+        return release
+
+    monkeypatch.setattr(shares, "reconstruct", recording_reconstruct)
+    monkeypatch.setattr(VerticalGLM, "local", recording_local)
+    sites = {"hospital": cancer[["mean_texture", "mean_smoothness"]], "lab": cancer[FEATURE[1:]], "dealer": {}}
+    with mv.Federation.in_process(sites, roles=ROLES, secure_aggregation=False,
+                                  policy=DisclosurePolicy(differencing_guard=False)) as fed:
+        fed.vertical_glm("mean_texture ~ mean_smoothness + mean_symmetry + mean_fractal_dimension",
+                         family="gaussian")
+    label, feature = designs["hospital"], designs["lab"]
+    sizes = vertical.layout(len(feature["x"]), label["x"].shape[1], feature["x"].shape[1])
+    y_hi, y_lo = shares.encode_two_limbs(np.ldexp(label["y"], -label["y_exponent"]), sizes["fm"])  # L's own
+    assert np.any(y_lo)
+    seen = {int(v) for total in reconstructed for v in total}
+    for column in feature["x"].T:
+        x_hi, x_lo = shares.encode_two_limbs(column, sizes["f3"])  # F's secret
+        for extra in (x_hi @ y_lo, x_lo @ y_hi):  # sums mod 2^64 (uint64 products wrap)
+            assert int(extra) not in seen, "L holds a limb part of X_F'y: a linear equation in F's column"

@@ -82,6 +82,7 @@ import pandas as pd
 from pydantic import Field, field_validator, model_validator
 
 from medveil.analyses.base import (
+    NAME_PATTERN,
     Aggregated,
     Analysis,
     AnalysisError,
@@ -121,7 +122,6 @@ from medveil.privacy.disclosure import (
     require_spread_weights,
 )
 
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"
 PART_BYTES = 16 * 1024 * 1024  # E travels in parts of at most this many bytes (a step body is capped)
 MAX_COLUMNS = 2000  # variables listed per site
 MAX_DESIGN_COLUMNS = 200  # design columns per site (F's pair columns grow with the square)
