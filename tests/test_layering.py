@@ -16,8 +16,8 @@ import medveil
 ROOT = Path(__file__).resolve().parents[1]
 LINT_IMPORTS = shutil.which("lint-imports", path=str(Path(sys.executable).parent))
 SERVER_MODULES = ["uvicorn", "fastapi", "starlette", "sqlalchemy", "medveil.runtime.hub", "medveil.runtime.servers",
-                  "medveil.runtime.node"]
-PURE_CONTRACT = "crypto, privacy and analyses never import the runtime, the API, the CLI or the web console"
+                  "medveil.runtime.node", "torch"]
+PURE_CONTRACT = "crypto, privacy, analyses and models never import the runtime, the API, the CLI or the web console"
 
 needs_import_linter = pytest.mark.skipif(LINT_IMPORTS is None, reason="import-linter is in the test extra")
 

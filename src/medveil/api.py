@@ -26,6 +26,7 @@ from medveil.runtime.session import ResearcherSession, RunOutcome
 from medveil.runtime.study import StudySpec
 
 if TYPE_CHECKING:
+    from medveil.analyses.fl import FLResult
     from medveil.analyses.psi import PsiResult
     from medveil.runtime.grid import Grid
     from medveil.runtime.simulation import (
@@ -55,7 +56,8 @@ class Federation:
                  policy: Policies = None, timeout: float = 60.0, processes: bool = False,
                  workdir: str | Path | None = None, hub_db: str | None = None, secure_aggregation: bool = True,
                  secagg_threshold: int | None = None, allow_dropouts: bool = False,
-                 runs_dir: str | Path | None = None, roles: Mapping[str, str] | None = None) -> Federation:
+                 runs_dir: str | Path | None = None, roles: Mapping[str, str] | None = None,
+                 models: Sequence[str] | None = None) -> Federation:
         """Start a real hub and one real node per site on loopback HTTP (threads, or processes).
 
         The study set-up is the one `in_process` uses (runtime/simulation.py): a site is one
@@ -68,7 +70,8 @@ class Federation:
         lets a secure first round go on without it (down to the threshold; the provenance lists
         who took part). Party `roles` ({site: "label_holder" | "feature_holder" | "dealer" ...})
         go into the study, and each site is then approved for its own tables' columns only; a
-        site given as {} holds no table (a dealer). The hub keeps its state in `hub_db` (SQLAlchemy URL; a SQLite file in
+        site given as {} holds no table (a dealer). `models` lists the model recipes
+        ("name@version") the study may train (default: every one registered here). The hub keeps its state in `hub_db` (SQLAlchemy URL; a SQLite file in
         the work directory by default) and, with `record_hub_traffic`, every message it relayed
         (`hub_traffic`). Runs are checkpointed in `runs_dir` (default: `runs/` in the work
         directory) and resumable with `resume`.
@@ -81,7 +84,7 @@ class Federation:
         network = start_local_network(sites, workdir=workdir, record_hub_traffic=record_hub_traffic,
                                       policy=policy, processes=processes, hub_db=hub_db,
                                       secure_aggregation=secure_aggregation, secagg_threshold=secagg_threshold,
-                                      roles=roles)
+                                      roles=roles, models=None if models is None else list(models))
         return cls._over(network, network.researcher, timeout=timeout, allow_dropouts=allow_dropouts,
                          runs_dir=network.workdir / "runs" if runs_dir is None else runs_dir)
 
@@ -89,7 +92,8 @@ class Federation:
     def in_process(cls, sites: Mapping[str, SiteData], *, policy: Policies = None, timeout: float = 60.0,
                    workdir: str | Path | None = None, secure_aggregation: bool = True,
                    secagg_threshold: int | None = None, allow_dropouts: bool = False,
-                   runs_dir: str | Path | None = None, roles: Mapping[str, str] | None = None) -> Federation:
+                   runs_dir: str | Path | None = None, roles: Mapping[str, str] | None = None,
+                   models: Sequence[str] | None = None) -> Federation:
         """The study set-up of `simulate` (the same sites, keys, study, stewards' approvals and
         every node guard; the same keywords bar the hub's), with each step handed to the nodes in this process by
         an InProcessGrid: no hub, no HTTP; for fast tests. Results equal `simulate`'s to the last
@@ -102,7 +106,8 @@ class Federation:
         from medveil.runtime.simulation import start_in_process
 
         network = start_in_process(sites, workdir=workdir, policy=policy, secure_aggregation=secure_aggregation,
-                                   secagg_threshold=secagg_threshold, roles=roles)
+                                   secagg_threshold=secagg_threshold, roles=roles,
+                                   models=None if models is None else list(models))
         return cls._over(network, network.grid, timeout=timeout, allow_dropouts=allow_dropouts, runs_dir=runs_dir)
 
     @classmethod
@@ -264,6 +269,26 @@ class Federation:
         return self._result("vertical_glm", dataset, formula=formula, family=family, label_site=label,
                             feature_site=feature, dealer_site=dealer, columns=columns, aligned=alignment,
                             max_iter=max_iter, tol=tol)
+
+    def train(self, model: str = "mlp", *, target: str, features: Sequence[str], data: str | None = None,
+              version: str = "1", rounds: int = 10, local_epochs: int = 1, batch_size: int | None = None,
+              lr: float = 0.1, algorithm: str = "fedavg", mu: float = 0.0, hyper: Mapping[str, Any] | None = None,
+              seed: int = 0, progress: Callable[[int, int], None] | None = None) -> FLResult:
+        """Federated training (FedAvg, or FedProx with `mu`) of a model recipe installed at the sites
+        and approved by the study ("name@version" in `study.models`): the sites send no code and
+        run none of the researcher's; `hyper` is checked against the recipe's schema at each site.
+        Each round every site trains `local_epochs` of plain SGD (`batch_size` None: full batch)
+        from the global weights, and the new global weights are the row-weighted mean of the
+        sites' weights, summed under secure aggregation. `features` and the 0/1 `target` are
+        columns; `seed` fixes the initial weights and the shuffling. `progress(done, total)`
+        follows the rounds. Returns FLResult (weights, `predict_proba`, `state_dict`, loss
+        `history` and `plot`, provenance); needs torch at the sites and here."""
+        params = dict(model=model, version=version, features=list(features), target=target, hyper=dict(hyper or {}),
+                      rounds=rounds, local_epochs=local_epochs, batch_size=batch_size, lr=lr, algorithm=algorithm,
+                      mu=mu, seed=seed)
+        outcome = self.session.run("fl_train", params, self._dataset(data),
+                                   progress=None if progress is None else _variant_progress(progress))
+        return _with_provenance(outcome)
 
     def coxph(self, duration: str, event: str, covariates: Sequence[str], ties: str = "efron",
               strata: str | None = None, data: str | None = None, time_unit: float = 1.0,

@@ -22,7 +22,9 @@ pytest.importorskip("bed_reader")
 SITES = tuple(SITE_SIZES)
 ANALYSES = ["coxph", "crosstab", "describe", "distinct_patients", "glm", "gwas", "histogram", "kaplan_meier",
             "logrank", "pca", "ping", "psi"]
-PARTY_ANALYSES = {"vertical_glm"}  # needs party roles: tests/security/test_vertical_attacks.py runs it over HTTP
+# vertical_glm needs party roles (tests/security/test_vertical_attacks.py runs it over HTTP); fl_train needs
+# torch (tests/security/test_fl_attacks.py runs it over HTTP)
+OTHER_ANALYSES = {"vertical_glm", "fl_train"}
 
 
 def _sites(directory) -> dict[str, dict[str, Any]]:
@@ -58,7 +60,7 @@ def federations(tmp_path_factory):
 
 def test_the_list_covers_every_registered_analysis():
     assert sorted(CALLS) == ANALYSES == [name for name in registered_names() if name in ANALYSES]
-    assert set(registered_names()) <= set(ANALYSES) | PARTY_ANALYSES | {"grid_echo", "relay_secret"}  # test-only
+    assert set(registered_names()) <= set(ANALYSES) | OTHER_ANALYSES | {"grid_echo", "relay_secret"}  # test-only
 
 
 @pytest.mark.parametrize("name", ANALYSES)

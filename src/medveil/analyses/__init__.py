@@ -16,6 +16,7 @@ BUILTIN_MODULES = (
     "medveil.analyses.pca",
     "medveil.analyses.psi",
     "medveil.analyses.vertical",
+    "medveil.analyses.fl",
 )
 
 

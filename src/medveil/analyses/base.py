@@ -76,6 +76,7 @@ class SiteContext:
     data_sites: tuple[str, ...] = ()  # the approved study's sites that hold data (all but dealers)
     study_salt: bytes = b""  # 32 bytes from the study id and approved spec: the same at every site of one
     # study, different in every other (salt for hashing identifiers in private set intersection)
+    study_models: tuple[str, ...] = ()  # the model recipes ("name@version") the approved study may train
 
 
 @dataclass

@@ -139,11 +139,13 @@ class _Sites:
 
 def _prepare_sites(sites: Mapping[str, SiteData], root: Path, hub_url: str, *, policy: Policies, processes: bool,
                    study_id: str, analyses: list[str] | None, secure_aggregation: bool,
-                   secagg_threshold: int | None, roles: Mapping[str, str] | None = None) -> _Sites:
+                   secagg_threshold: int | None, roles: Mapping[str, str] | None = None,
+                   models: list[str] | None = None) -> _Sites:
     """The study set-up both simulated federations share: generate every party's keys, write each
     site's directory (keys 0600, site.yaml; with `processes`, in-memory tables as CSV files) and
     the study over every variable of every dataset, pinning each site's identity and encryption key.
-    With party `roles`, each site is approved for its own tables' columns only (`site_datasets`)."""
+    With party `roles`, each site is approved for its own tables' columns only (`site_datasets`).
+    `models`: the model recipes ("name@version") the study may train; None: every registered one."""
     tables = {site: dict(d) if isinstance(d, Mapping) else {DEFAULT_DATASET: d} for site, d in sites.items()}
     variables: dict[str, set[str]] = {}
     own: dict[str, dict[str, list[str]]] = {}
@@ -189,8 +191,16 @@ def _prepare_sites(sites: Mapping[str, SiteData], root: Path, hub_url: str, *, p
         analyses=analyses or registered_names(), secure_aggregation=secure_aggregation,
         secagg_threshold=secagg_threshold, roles=dict(roles or {}),
         site_datasets={site: own.get(site, {}) for site in tables} if roles else {},
+        models=_every_model() if models is None else list(models),
     )
     return _Sites(root, tables, identities, stewards, configs, frames, researcher_key, study)
+
+
+def _every_model() -> list[str]:
+    """Every model recipe registered here, as "name@version" (no torch needed to list them)."""
+    from medveil.models import registered_models
+
+    return [f"{name}@{version}" for name, version in registered_models()]
 
 
 def _workdir(sites: Mapping[str, SiteData], workdir: str | Path | None) -> tuple[Path, Any]:
@@ -208,7 +218,7 @@ def start_local_network(
     sites: Mapping[str, SiteData], *, workdir: str | Path | None = None, record_hub_traffic: bool = False,
     policy: Policies = None, processes: bool = False, study_id: str = "simulation",
     analyses: list[str] | None = None, hub_db: str | None = None, secure_aggregation: bool = True,
-    secagg_threshold: int | None = None, roles: Mapping[str, str] | None = None,
+    secagg_threshold: int | None = None, roles: Mapping[str, str] | None = None, models: list[str] | None = None,
 ) -> LocalNetwork:
     """Start hub and nodes, register everyone, create and approve one study over all variables
     (`_prepare_sites`, as `start_in_process`); `policy` may be one policy or one per site."""
@@ -221,7 +231,7 @@ def start_local_network(
     try:
         prepared = _prepare_sites(sites, root, hub.url, policy=policy, processes=processes, study_id=study_id,
                                   analyses=analyses, secure_aggregation=secure_aggregation,
-                                  secagg_threshold=secagg_threshold, roles=roles)
+                                  secagg_threshold=secagg_threshold, roles=roles, models=models)
         key = prepared.researcher_key
         researcher = HubClient(hub.url, "researcher", key,
                                invitation=hub.invite("researcher", "researcher", key.verify_key.to_text()))
@@ -297,7 +307,7 @@ class InProcessNetwork(_Federation):
 def start_in_process(
     sites: Mapping[str, SiteData], *, workdir: str | Path | None = None, policy: Policies = None,
     study_id: str = "simulation", analyses: list[str] | None = None, secure_aggregation: bool = True,
-    secagg_threshold: int | None = None, roles: Mapping[str, str] | None = None,
+    secagg_threshold: int | None = None, roles: Mapping[str, str] | None = None, models: list[str] | None = None,
 ) -> InProcessNetwork:
     """The same sites, keys, study and stewards' approvals as `start_local_network`, without a hub:
     `policy` may be one policy or one per site."""
@@ -306,7 +316,7 @@ def start_in_process(
     try:
         prepared = _prepare_sites(sites, root, "http://in-process.invalid", policy=policy, processes=False,
                                   study_id=study_id, analyses=analyses, secure_aggregation=secure_aggregation,
-                                  secagg_threshold=secagg_threshold, roles=roles)
+                                  secagg_threshold=secagg_threshold, roles=roles, models=models)
         study = prepared.study
         grid = InProcessGrid({}, study, prepared.researcher_key, party=study.researcher)
         published = grid.seal("study", {"spec": study.model_dump()}, study=study.id)

@@ -2,7 +2,7 @@
 
 A study spec names the researcher (and their key), the sites and each site's identity key, the
 datasets and variables it may read (one map for all sites, or a site's own map), the analyses
-it may run and the site services it may query, each site's party role in two-party protocols
+it may run, the model recipes it may train and the site services it may query, each site's party role in two-party protocols
 and the X25519 key each site receives per-recipient payloads under. A site's steward approves one
 exact spec by signing its digest, and only if the key pinned for the site is the node's own;
 the node keeps that signed approval and trusts nothing else, so neither the hub nor a
@@ -13,7 +13,7 @@ against its pinned key, never against the keys the hub serves.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -26,7 +26,8 @@ Name = SiteName
 Role = Literal["label_holder", "feature_holder", "dealer", "server", "client"]
 # Fields added after studies were first approved: left out of the digest while empty, so an
 # approval signed before they existed still covers the same spec.
-LATER_FIELDS = ("site_encryption_keys", "roles", "site_datasets", "services")
+LATER_FIELDS = ("site_encryption_keys", "roles", "site_datasets", "services", "models")
+MODEL_KEY = r"^[a-z][a-z0-9_\-]{0,63}@[0-9A-Za-z][0-9A-Za-z.\-]{0,31}$"  # "name@version" of a model recipe
 
 
 class StudySpec(BaseModel):
@@ -59,6 +60,8 @@ class StudySpec(BaseModel):
                                           "site instead of `datasets` (sites holding different tables)")
     services: list[Name] = Field(default_factory=list, description="site services (e.g. count_lookup) the "
                                                                    "researcher may query")
+    models: list[Annotated[str, Field(pattern=MODEL_KEY)]] = Field(
+        default_factory=list, description="model recipes (\"name@version\") federated training may train")
 
     @field_validator("site_encryption_keys")
     @classmethod
@@ -95,6 +98,8 @@ class StudySpec(BaseModel):
                 raise ValueError(f"{field} names sites outside the study: {outside}")
         if len(set(self.services)) != len(self.services):
             raise ValueError("services must not repeat")
+        if len(set(self.models)) != len(self.models):
+            raise ValueError("models must not repeat")
         return self
 
     def datasets_for(self, site: str) -> dict[str, list[str]]:
