@@ -235,9 +235,8 @@ class Federation:
         many sites (small counts missing, marked in `suppressed`); attrs["distinct"] the total.
         `counter` (default the first site in sorted order) sees how the sites' blinded sets
         overlap, never an ID."""
-        ring = sorted(site for site in self.sites if self.study.role_of(site) != "dealer")
-        return self._result("distinct_patients", data, on=on, sites=ring, id_kind=id_kind, invalid=invalid,
-                            counter=counter)
+        return self._result("distinct_patients", data, on=on, sites=sorted(self.study.data_sites()), id_kind=id_kind,
+                            invalid=invalid, counter=counter)
 
     def vertical_glm(self, formula: str, family: str = "binomial", label_site: str | None = None,
                      feature_site: str | None = None, dealer_site: str | None = None, aligned: Any = None,

@@ -32,7 +32,7 @@ from medveil.analyses.base import (
     SiteContext,
     get_analysis,
 )
-from medveil.analyses.psi import params_digest
+from medveil.analyses.base import params_digest
 from medveil.crypto.ids import normalise_id, resident_id_valid
 from medveil.crypto.psi import hash_and_blind, new_key
 from medveil.privacy.disclosure import DisclosurePolicy

@@ -14,6 +14,7 @@ Both steps are pure.
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field
 
+from medveil.crypto.encoding import canonical_json
 from medveil.data.genotypes import GenotypeFile
 from medveil.privacy.disclosure import DisclosurePolicy
 
@@ -203,6 +205,17 @@ class Analysis(ABC, Generic[P]):
         self, params: P, round_no: int, aggregated: Aggregated, state: dict[str, Any]
     ) -> NextRound | Finished:
         """Researcher-side step: sums -> next broadcast or the final result."""
+
+
+def params_digest(params: Params) -> str:
+    """A digest of a task's parameters as this site got them. Two-party protocols put it in every
+    payload and the recipient refuses a different one: the researcher signs each site's step
+    separately, so it could give the parties of one task different parameters (PSI reveal modes,
+    ID kinds, a vertical model's alignment). A "sites" list counts as a set (a ring is sorted)."""
+    fields = params.model_dump(mode="json")
+    if isinstance(fields.get("sites"), list):
+        fields["sites"] = sorted(fields["sites"])
+    return hashlib.sha256(canonical_json(fields)).hexdigest()
 
 
 _REGISTRY: dict[str, Analysis] = {}

@@ -53,13 +53,17 @@ from medveil.analyses.base import (
     finite_array,
     register,
 )
-from medveil.privacy.disclosure import DisclosurePolicy, DisclosureRefused, public_count, require_min_count
+from medveil.models.registry import MODEL_NAME, MODEL_VERSION
+from medveil.privacy.disclosure import (
+    DisclosurePolicy,
+    DisclosureRefused,
+    public_count,
+    require_min_count,
+)
 
 if TYPE_CHECKING:
     from medveil.models import ModelRecipe
 
-MODEL_NAME = r"^[a-z][a-z0-9_\-]{0,63}$"
-MODEL_VERSION = r"^[0-9A-Za-z][0-9A-Za-z.\-]{0,31}$"
 COLUMN = r"^[^\x00-\x1f]{1,200}$"
 MAX_SEED = 2**31 - 1
 

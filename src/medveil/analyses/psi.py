@@ -39,8 +39,6 @@ site that blinded the batch.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
@@ -60,6 +58,7 @@ from medveil.analyses.base import (
     Release,
     SiteContext,
     SiteName,
+    params_digest,
     register,
 )
 from medveil.crypto.ids import IdKind, InvalidId, normalise_ids
@@ -139,18 +138,6 @@ def _points(payload: Any, key: str, sender: str, rows: int | None = None) -> np.
         expected = f"({rows}, {POINT_BYTES})" if rows is not None else f"(n, {POINT_BYTES})"
         raise BroadcastRefused("psi_malformed", f"{sender} sent {key!r} that is not a {expected} array of points")
     return value
-
-
-def params_digest(params: Params) -> str:
-    """A digest of a task's parameters as this site got them. Every payload carries it and its
-    recipient refuses a different one (`psi_params_mismatch`): the researcher signs each site's
-    step separately, so it could give the two parties of one task different reveal modes (left
-    would then match against points right shuffled, keeping rows that are not the intersection),
-    ID kinds or columns."""
-    fields = params.model_dump(mode="json")
-    if isinstance(fields.get("sites"), list):
-        fields["sites"] = sorted(fields["sites"])  # a ring is the sorted sites, however listed
-    return hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def _same_params(payload: dict[str, Any], params: Params, sender: str) -> None:

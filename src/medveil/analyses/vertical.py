@@ -94,6 +94,7 @@ from medveil.analyses.base import (
     SiteContext,
     check_collinearity,
     finite_array,
+    params_digest,
     register,
 )
 from medveil.analyses.formula import (
@@ -110,7 +111,6 @@ from medveil.analyses.glm import (
     _require_unsaturated,
     statsmodels_family,
 )
-from medveil.analyses.psi import params_digest
 from medveil.analyses.vertical_results import VerticalGLMResults
 from medveil.crypto import shares
 from medveil.crypto.shares import Block

@@ -24,8 +24,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "medveil.models"
-_NAME = re.compile(r"[a-z][a-z0-9_\-]{0,63}")
-_VERSION = re.compile(r"[0-9A-Za-z][0-9A-Za-z.\-]{0,31}")
+MODEL_NAME = r"^[a-z][a-z0-9_\-]{0,63}$"
+MODEL_VERSION = r"^[0-9A-Za-z][0-9A-Za-z.\-]{0,31}$"
+MODEL_KEY = MODEL_NAME[:-1] + "@" + MODEL_VERSION[1:]  # "name@version", as a study lists a model
+_NAME = re.compile(MODEL_NAME)
+_VERSION = re.compile(MODEL_VERSION)
 
 
 class UnknownModel(KeyError):

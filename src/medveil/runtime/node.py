@@ -613,7 +613,7 @@ class Node:
             site=self.site, data=step.data, policy=self.config.policy, scratch=self.scratch.task(step.task),
             memory=MappingProxyType(step.state.memory), noise=noise,
             genotypes=None if genotype_name is None else self._genotypes(genotype_name),
-            messages=step.messages, role=spec.role_of(self.site), data_sites=tuple(s for s in spec.sites if spec.role_of(s) != "dealer"),
+            messages=step.messages, role=spec.role_of(self.site), data_sites=tuple(spec.data_sites()),
             study_salt=spec.study_salt(), study_models=tuple(spec.models))
         decision_id = self.audit.append(
             "decision", decision="run", study=spec.id, task=step.task, step=step.step, round=round_no,

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from medveil.analyses.base import NAME_PATTERN, SiteName
 from medveil.crypto.sealed import parse_encryption_key
 from medveil.crypto.signing import SigningKey, VerifyKey, b64decode, b64encode
+from medveil.models.registry import MODEL_KEY
 from medveil.runtime.wire import canonical_json
 
 Name = SiteName
@@ -27,7 +28,6 @@ Role = Literal["label_holder", "feature_holder", "dealer", "server", "client"]
 # Fields added after studies were first approved: left out of the digest while empty, so an
 # approval signed before they existed still covers the same spec.
 LATER_FIELDS = ("site_encryption_keys", "roles", "site_datasets", "services", "models")
-MODEL_KEY = r"^[a-z][a-z0-9_\-]{0,63}@[0-9A-Za-z][0-9A-Za-z.\-]{0,31}$"  # "name@version" of a model recipe
 
 
 class StudySpec(BaseModel):
@@ -109,6 +109,10 @@ class StudySpec(BaseModel):
     def role_of(self, site: str) -> str | None:
         """The party role of `site` in the study, or None when the study gives it none."""
         return self.roles.get(site)
+
+    def data_sites(self) -> list[str]:
+        """The study's sites that hold data: every site but dealers of correlated randomness."""
+        return [site for site in self.sites if self.role_of(site) != "dealer"]
 
     def encryption_key(self, site: str) -> str:
         """The X25519 key pinned for payloads to `site` (KeyError when the study pins none)."""
