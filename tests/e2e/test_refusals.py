@@ -28,12 +28,12 @@ def _frame(seed: int, n: int = 60) -> pd.DataFrame:
 @pytest.fixture(scope="module")
 def fed():
     sites = {"site_a": _frame(1), "site_b": _frame(2).drop(columns="bmi"), "site_c": _frame(3)}
-    with mv.Federation.simulate(sites, timeout=10) as federation:
+    with mv.Federation.simulate(sites, timeout=120) as federation:
         yield federation
 
 
 def _session(fed, spec) -> ResearcherSession:
-    return ResearcherSession(fed.network.researcher, spec, timeout=10)
+    return ResearcherSession(fed.network.researcher, spec, timeout=120)
 
 
 def test_unapproved_study_is_refused_by_each_site_that_did_not_approve(fed):
@@ -67,7 +67,7 @@ def test_unregistered_analysis_is_refused_by_the_node(fed):
                                step=0, phase="keys", round=0, analysis="run_python", dataset="default", recipients=fed.sites)
     session.grid.client.post_message(task)
     with pytest.raises(mv.RefusedError) as error:
-        session.grid.gather("t-unknown", 0, fed.sites, timeout=10)
+        session.grid.gather("t-unknown", 0, fed.sites, timeout=120)
     assert {rule for _, rule, _ in error.value.refusals} == {"unknown_analysis"}
 
 
@@ -92,7 +92,7 @@ def test_replayed_task_is_refused_by_hub_and_by_node(fed):
     task = client.seal("task", {"params": {}, "broadcast": {}}, study=fed.study.id, task="t-replay", step=0,
                        phase="compute", round=0, analysis="ping", dataset="default", recipients=fed.sites)
     client.post_message(task)
-    assert len(fed.session.grid.gather("t-replay", 0, fed.sites, timeout=10)) == 3
+    assert len(fed.session.grid.gather("t-replay", 0, fed.sites, timeout=120)) == 3
     with pytest.raises(HubError) as hub_error:
         client.post_message(task)
     assert hub_error.value.status == 409
@@ -105,7 +105,7 @@ def test_oversized_request_is_refused_before_parsing(fed):
     hub = fed.network.hub
     request = (f"POST /v1/messages HTTP/1.1\r\nHost: {hub.host}\r\nContent-Length: {hub.max_bytes + 1}\r\n"
                "Content-Type: application/x-medveil\r\n\r\nxx").encode()
-    with socket.create_connection((hub.host, hub.port), timeout=10) as connection:
+    with socket.create_connection((hub.host, hub.port), timeout=120) as connection:
         connection.sendall(request)
         status_line = connection.recv(4096).split(b"\r\n", 1)[0]
     assert b" 413 " in status_line
@@ -140,7 +140,7 @@ def test_csv_broken_after_start_is_refused_with_file_and_line(tmp_path):
     for name in ("a", "b"):
         paths[name] = tmp_path / f"{name}.csv"
         paths[name].write_text("age\n" + "\n".join(str(40 + i) for i in range(30)) + "\n")
-    with mv.Federation.simulate(paths, timeout=10) as fed:
+    with mv.Federation.simulate(paths, timeout=120) as fed:
         assert fed.describe("age").loc["age", "n"] == 60
         paths["b"].write_text("age\n41\n42,43\n")
         with pytest.raises(mv.RefusedError) as error:

@@ -126,12 +126,12 @@ def test_an_alignment_of_one_study_is_unknown_in_another():
     base.register(AlignedReader)
     try:
         frames = {"a": _ids("p", 0, 30), "b": _ids("p", 10, 40)}
-        with mv.Federation.simulate(frames, policy=NO_GUARD, timeout=30) as fed:
+        with mv.Federation.simulate(frames, policy=NO_GUARD, timeout=120) as fed:
             kept = fed.psi("a", "b", on="patient_id")
             same_study = fed.run("aligned_reader", aligned=kept.alignment).result
             assert {site: facts["aligned_rows"] for site, facts in same_study.items()} == {"a": 20, "b": 20}
             other = fed.network.add_study("other-study", {"default": ["patient_id"]})
-            session = ResearcherSession(fed.network.researcher, other, timeout=30)
+            session = ResearcherSession(fed.network.researcher, other, timeout=120)
             try:
                 with pytest.raises(mv.RefusedError) as error:
                     session.run("aligned_reader", {"aligned": kept.alignment}, "default")
