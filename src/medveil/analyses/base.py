@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from medveil.crypto.encoding import canonical_json
 from medveil.data.genotypes import GenotypeFile
+from medveil.data.images import ImageFolder
 from medveil.privacy.disclosure import DisclosurePolicy
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$"  # a site, study or researcher name (runtime.study uses it)
@@ -79,6 +80,10 @@ class SiteContext:
     study_salt: bytes = b""  # 32 bytes from the study id and approved spec: the same at every site of one
     # study, different in every other (salt for hashing identifiers in private set intersection)
     study_models: tuple[str, ...] = ()  # the model recipes ("name@version") the approved study may train
+    charge_privacy: Callable[[float], None] | None = None  # charge zCDP rho to the researcher's budget at
+    # this site before releasing what it pays for; raises DisclosureRefused("dp_budget_exhausted")
+    dp_required: bool = False  # the study releases only differentially private results (dp_rho_per_release set)
+    images: ImageFolder | None = None  # the approved dataset's images, read lazily, when it is an image folder
 
 
 @dataclass

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import threading
 import time
@@ -50,6 +51,7 @@ from medveil.crypto.sealed import SealedPayloadError, encryption_public_key, ope
 from medveil.crypto.secagg import FixedPointOverflow
 from medveil.crypto.signing import SignatureError, SigningKey, VerifyKey
 from medveil.data.genotypes import GenotypeFile
+from medveil.data.images import ImageFolder
 from medveil.data.sources import DataError, load_dataset
 from medveil.privacy.disclosure import DisclosureRefused, check_differencing_many
 from medveil.privacy.dp import BudgetExhausted, CountNoise, gaussian_count_noise
@@ -137,16 +139,29 @@ class TaskStep:
         return self.header["dataset"]
 
 
-class ChargedNoise:
-    """DP noise that charges the site's budget before each draw; `charged` is the rho spent."""
+class PrivacyCharger:
+    """Charges zCDP rho to the researcher's budget at this site, before what it pays for is
+    released; `charged` is the rho spent in this step (a refused release stays paid for)."""
 
-    def __init__(self, noise: CountNoise, rho: float, charge: Callable[[], None]):
-        self._noise, self._rho, self._charge = noise, rho, charge
+    def __init__(self, charge: Callable[[float], None]):
+        self._charge = charge
         self.charged = 0.0
 
+    def __call__(self, rho: float) -> None:
+        if not (isinstance(rho, (int, float)) and math.isfinite(rho) and rho > 0):
+            raise ValueError(f"a privacy charge must be a positive finite rho, got {rho!r}")
+        self._charge(float(rho))
+        self.charged += float(rho)
+
+
+class ChargedNoise:
+    """DP count noise that charges `rho` through the step's PrivacyCharger before each draw."""
+
+    def __init__(self, noise: CountNoise, rho: float, charger: PrivacyCharger):
+        self._noise, self._rho, self._charger = noise, rho, charger
+
     def __call__(self, counts: np.ndarray) -> np.ndarray:
-        self._charge()
-        self.charged += self._rho
+        self._charger(self._rho)
         return self._noise(counts)
 
 
@@ -607,14 +622,17 @@ class Node:
         """Run the LOCAL step on its SiteContext, charge any DP noise it drew, seal its payloads,
         mask the sums, record the release."""
         spec, analysis, round_no = step.spec, step.analysis, step.round_no
-        noise = self._dp_noise(spec, analysis)
+        charger = self._privacy_charger(spec)
+        noise = self._dp_noise(spec, analysis, charger)
         genotype_name = analysis.genotype_dataset(step.params)
         context = SiteContext(
             site=self.site, data=step.data, policy=self.config.policy, scratch=self.scratch.task(step.task),
             memory=MappingProxyType(step.state.memory), noise=noise,
             genotypes=None if genotype_name is None else self._genotypes(genotype_name),
             messages=step.messages, role=spec.role_of(self.site), data_sites=tuple(spec.data_sites()),
-            study_salt=spec.study_salt(), study_models=tuple(spec.models))
+            study_salt=spec.study_salt(), study_models=tuple(spec.models), charge_privacy=charger,
+            dp_required=spec.dp_rho_per_release is not None,
+            images=self._images(step.dataset) if step.reads_data else None)
         decision_id = self.audit.append(
             "decision", decision="run", study=spec.id, task=step.task, step=step.step, round=round_no,
             analysis=analysis.name, dataset=step.dataset, variables=step.variables,
@@ -633,8 +651,8 @@ class Node:
             raise Refusal("analysis_error", "a released sum is not an array of numbers")
         sealed = self._seal_payloads(step, release.payloads)
         alignment_id = self._keep_alignment(step, release.alignment) if release.alignment is not None else None
-        if noise is not None and noise.charged:
-            release.public["dp_rho"] = noise.charged
+        if charger.charged:
+            release.public["dp_rho"] = charger.charged
         payload = self._mask_release(spec, step.task, step.step, step.body, sums) if spec.secure_aggregation and sums \
             else {"sums": sums}
         payload["public"] = release.public
@@ -787,7 +805,21 @@ class Node:
         """The budget a DP release of this study is charged to: its researcher's account here."""
         return dp_account(spec.researcher)
 
-    def _dp_noise(self, spec: StudySpec, analysis: Any) -> "ChargedNoise | None":
+    def _privacy_charger(self, spec: StudySpec) -> PrivacyCharger:
+        """What a local step charges its differential privacy to: the study's researcher's budget
+        here (`dp_budget_exhausted` once a charge would pass the policy's dp_budget_rho)."""
+        account, budget = self.dp_account(spec), self.config.policy.dp_budget_rho
+
+        def charge(rho: float) -> None:
+            try:
+                self.store.charge_budget(account, rho, budget)
+            except OverflowError as exc:
+                exhausted = BudgetExhausted(spec.researcher, float(exc.args[0]), rho, budget)
+                raise DisclosureRefused(exhausted.rule, exhausted.detail) from exc
+
+        return PrivacyCharger(charge)
+
+    def _dp_noise(self, spec: StudySpec, analysis: Any, charger: PrivacyCharger) -> "ChargedNoise | None":
         """OpenDP noise for the local step when the study asks for DP; it charges the budget as it
         is drawn, so a release refused after its noise was drawn is still paid for."""
         rho = spec.dp_rho_per_release
@@ -795,20 +827,26 @@ class Node:
             return None
         if not analysis.supports_dp:
             raise Refusal("dp_unsupported", f"analysis {analysis.name!r} has no differentially private release yet")
-        account, budget = self.dp_account(spec), self.config.policy.dp_budget_rho
-        spent = self.store.budget_spent(account)
+        spent, budget = self.store.budget_spent(self.dp_account(spec)), self.config.policy.dp_budget_rho
         if spent + rho > budget * (1 + 1e-12):
             exhausted = BudgetExhausted(spec.researcher, spent, rho, budget)
             raise Refusal(exhausted.rule, exhausted.detail)
+        return ChargedNoise(gaussian_count_noise(rho), rho, charger)
 
-        def charge() -> None:
+    def _images(self, dataset: str) -> ImageFolder | None:
+        """The dataset's image folder (labels read, pixels not yet), when it is one (`data_error`)."""
+        config = self.config.datasets.get(dataset)
+        if config is None or config.kind != "images" or dataset in self.frames:
+            return None
+        key = f"images:{dataset}"
+        cached = self._cache.get(key)
+        if cached is None or cached[0] != config.fingerprint():
             try:
-                self.store.charge_budget(account, rho, budget)
-            except OverflowError as exc:
-                exhausted = BudgetExhausted(spec.researcher, float(exc.args[0]), rho, budget)
-                raise DisclosureRefused(exhausted.rule, exhausted.detail) from exc
-
-        return ChargedNoise(gaussian_count_noise(rho), rho, charge)
+                cached = (config.fingerprint(), ImageFolder.from_config(dataset, config))
+            except DataError as exc:
+                raise Refusal("data_error", f"{self.site}: {exc}") from exc
+            self._cache[key] = cached
+        return cached[1]
 
     # --- secure aggregation (the site's side) ------------------------------------------------
 
