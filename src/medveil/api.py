@@ -269,25 +269,41 @@ class Federation:
                             feature_site=feature, dealer_site=dealer, columns=columns, aligned=alignment,
                             max_iter=max_iter, tol=tol)
 
-    def train(self, model: str = "mlp", *, target: str, features: Sequence[str], data: str | None = None,
-              version: str = "1", rounds: int = 10, local_epochs: int = 1, batch_size: int | None = None,
-              lr: float = 0.1, algorithm: str = "fedavg", mu: float = 0.0, hyper: Mapping[str, Any] | None = None,
-              seed: int = 0, progress: Callable[[int, int], None] | None = None) -> FLResult:
+    def train(self, model: str = "mlp", *, target: str, features: Sequence[str] = (), data: str | None = None,
+              image: str | None = None, classes: int = 2, version: str = "1", rounds: int = 10,
+              local_epochs: int = 1, batch_size: int | None = None, lr: float = 0.1, algorithm: str = "fedavg",
+              mu: float = 0.0, hyper: Mapping[str, Any] | None = None, validation_fraction: float = 0.2,
+              sample_fraction: float = 1.0, dp: Mapping[str, float] | None = None, seed: int = 0,
+              progress: bool | Callable[[int, int], None] = False) -> FLResult:
         """Federated training (FedAvg, or FedProx with `mu`) of a model recipe installed at the sites
         and approved by the study ("name@version" in `study.models`): the sites send no code and
         run none of the researcher's; `hyper` is checked against the recipe's schema at each site.
-        Each round every site trains `local_epochs` of plain SGD (`batch_size` None: full batch)
-        from the global weights, and the new global weights are the row-weighted mean of the
-        sites' weights, summed under secure aggregation. `features` and the 0/1 `target` are
-        columns; `seed` fixes the initial weights and the shuffling. `progress(done, total)`
-        follows the rounds. Returns FLResult (weights, `predict_proba`, `state_dict`, loss
-        `history` and `plot`, provenance); needs torch at the sites and here."""
-        params = dict(model=model, version=version, features=list(features), target=target, hyper=dict(hyper or {}),
-                      rounds=rounds, local_epochs=local_epochs, batch_size=batch_size, lr=lr, algorithm=algorithm,
-                      mu=mu, seed=seed)
-        outcome = self.session.run("fl_train", params, self._dataset(data),
-                                   progress=None if progress is None else _variant_progress(progress))
-        return _with_provenance(outcome)
+
+        Tabular models read the numeric `features`; image models (cnn, resnet18) read the image
+        files named in the labels column `image` of an image-folder dataset. The `target` holds
+        0/1 (`classes`=2) or labels 0..classes-1. Each site holds out a seeded
+        `validation_fraction` of its rows; every round it evaluates the global weights there
+        (pooled loss, accuracy, AUC, calibration, securely summed) and, when the round's seeded
+        draw of `sample_fraction` of the sites picks it, trains `local_epochs` of plain SGD
+        (`batch_size` None: full batch); the new global weights are the row-weighted mean of the
+        drawn sites' weights, summed under secure aggregation. `dp` ({"noise_multiplier",
+        "max_grad_norm", "delta"}) trains with DP-SGD (Opacus) and charges each site's budget
+        for this researcher; a training the budget cannot pay is refused (`dp_budget_exhausted`).
+        `seed` fixes the initial weights, the split, the draws and the shuffling. `progress`:
+        True shows a progress bar (Rich) with the last validation AUC and loss; a callable
+        gets (rounds done, rounds in all). Returns FLResult (weights, `predict_proba`,
+        `state_dict`, `history` and `plot`, `calibration`, `privacy`, provenance); needs torch
+        at the sites and here. See docs/fl.md."""
+        params = dict(model=model, version=version, features=list(features), image=image, target=target,
+                      classes=classes, hyper=dict(hyper or {}), rounds=rounds, local_epochs=local_epochs,
+                      batch_size=batch_size, lr=lr, algorithm=algorithm, mu=mu,
+                      validation_fraction=validation_fraction, sample_fraction=sample_fraction,
+                      dp=None if dp is None else dict(dp), seed=seed)
+        dataset = self._dataset(data)
+        if progress is True:
+            return _with_provenance(_train_with_bar(self.session, params, dataset))
+        callback = None if progress is False or progress is None else _variant_progress(progress)
+        return _with_provenance(self.session.run("fl_train", params, dataset, progress=callback))
 
     def coxph(self, duration: str, event: str, covariates: Sequence[str], ties: str = "efron",
               strata: str | None = None, data: str | None = None, time_unit: float = 1.0,
@@ -385,6 +401,27 @@ def _with_provenance(outcome: RunOutcome) -> Any:
     if dataclasses.is_dataclass(result) and any(f.name == "provenance" for f in dataclasses.fields(result)):
         return dataclasses.replace(result, provenance=outcome.provenance)
     return result
+
+
+def _train_with_bar(session: ResearcherSession, params: dict[str, Any], dataset: str) -> RunOutcome:
+    """Run fl_train under a Rich progress bar, one step per round, its text the last round's
+    pooled validation AUC and loss (and training loss) as the researcher receives them."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from medveil.analyses.fl import round_summary
+
+    with Progress(TextColumn("fl_train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TextColumn("{task.description}")) as bar:
+        task = bar.add_task("", total=None)
+
+        def observe(round_no: int, aggregated: Any) -> None:
+            bar.update(task, description=round_summary(aggregated.sums, noisy=params["dp"] is not None))
+
+        def report(round_no: int, done: tuple[int, int] | None) -> None:
+            if done is not None:
+                bar.update(task, completed=done[0], total=done[1])
+
+        return session.run("fl_train", params, dataset, progress=report, observe=observe)
 
 
 def _variant_progress(callback: Callable[[int, int], None]) -> Callable[[int, tuple[int, int] | None], None]:

@@ -38,7 +38,8 @@ def _recipe(name: str, version: str) -> ModelRecipe:
 
 
 def test_builtins_are_registered():
-    assert {("logistic", "1"), ("mlp", "1")} <= set(registered_models())
+    assert {("logistic", "1"), ("mlp", "1"), ("cnn", "1"), ("resnet18", "1")} <= set(registered_models())
+    assert (get_model("cnn").inputs, get_model("resnet18").inputs, LOGISTIC.inputs) == ("image", "image", "tabular")
     assert get_model("logistic") is LOGISTIC
     assert get_model("mlp", "1") is MLP
     assert MLP.key == "mlp@1"
@@ -80,6 +81,38 @@ def test_recipe_needs_a_pydantic_hyper():
         ModelRecipe(name="x", version="1", Hyper=dict, build=LOGISTIC.build)
 
 
+def test_recipe_inputs_are_tabular_or_image_with_an_image_schema():
+    with pytest.raises(ValueError):
+        ModelRecipe(name="x", version="1", Hyper=NoHyper, build=LOGISTIC.build, inputs="audio")
+    with pytest.raises(TypeError, match="image_size and channels"):
+        ModelRecipe(name="x", version="1", Hyper=NoHyper, build=LOGISTIC.build, inputs="image")
+
+
+@pytest.mark.parametrize("recipe", ["cnn", "resnet18"])
+def test_image_hyper_defaults_and_bounds(recipe):
+    Hyper = get_model(recipe).Hyper
+    hyper = Hyper()
+    assert hyper.channels == 1 and 8 <= hyper.image_size <= 512
+    Hyper.model_validate({"image_size": 8, "channels": 3})
+    Hyper.model_validate({"image_size": 512})
+    for bad in ({"image_size": 7}, {"image_size": 513}, {"image_size": 32.0}, {"image_size": True},
+                {"channels": 2}, {"channels": "3"}, {"dropout": 0.5, "widths": [8], "base_width": 8}):
+        with pytest.raises(pydantic.ValidationError):
+            Hyper.model_validate(bad)
+
+
+def test_cnn_and_resnet_specific_bounds():
+    CNN, RESNET = get_model("cnn").Hyper, get_model("resnet18").Hyper
+    CNN.model_validate({"widths": [256, 1, 2, 3], "dropout": 0.9})
+    for bad in ({"widths": []}, {"widths": [8] * 5}, {"widths": [257]}, {"widths": [0]}, {"dropout": 1.0}):
+        with pytest.raises(pydantic.ValidationError):
+            CNN.model_validate(bad)
+    RESNET.model_validate({"base_width": 4, "stem": "imagenet"})
+    for bad in ({"base_width": 3}, {"base_width": 129}, {"stem": "vit"}, {"widths": [8]}):
+        with pytest.raises(pydantic.ValidationError):
+            RESNET.model_validate(bad)
+
+
 def test_mlp_hyper_defaults_and_bounds():
     hyper = MLP.Hyper()
     assert hyper.hidden and hyper.dropout == 0 and hyper.activation == "relu"
@@ -94,15 +127,27 @@ def test_mlp_hyper_defaults_and_bounds():
         LOGISTIC.Hyper.model_validate({"hidden": [8]})
 
 
-def test_builtins_give_one_logit_per_row():
+def test_builtins_give_one_logit_per_row_or_k():
     torch = pytest.importorskip("torch")
     for recipe, hyper in ((LOGISTIC, NoHyper()), (MLP, MLP.Hyper(hidden=[5, 3], dropout=0.5))):
-        module = recipe.build(4, hyper)
-        module.eval()
-        assert module(torch.zeros(7, 4)).shape == (7,)
-        assert module(torch.zeros(1, 4)).shape == (1,)
+        for outputs, shape in ((1, (7,)), (3, (7, 3)), (10, (7, 10))):
+            module = recipe.build(4, hyper, outputs)
+            module.eval()
+            assert module(torch.zeros(7, 4)).shape == shape
+        assert recipe.build(4, hyper)(torch.zeros(1, 4)).shape == (1,)
+    for recipe in (get_model("cnn"), get_model("resnet18")):
+        hyper = recipe.Hyper(image_size=8, channels=3)
+        for outputs, shape in ((1, (2,)), (4, (2, 4))):
+            module = recipe.build(3, hyper, outputs)
+            module.eval()
+            assert module(torch.zeros(2, 3, 8, 8)).shape == shape
+        with pytest.raises(ValueError, match="channel"):
+            recipe.build(1, hyper, 1)
     with pytest.raises(ValueError):
         LOGISTIC.build(0, NoHyper())
+    for outputs in (0, 2, 1001, True):
+        with pytest.raises(ValueError):
+            MLP.build(4, MLP.Hyper(), outputs)
 
 
 def test_import_needs_no_torch():
@@ -111,8 +156,11 @@ def test_import_needs_no_torch():
         sys.modules["torch"] = None  # any `import torch` now fails
         import medveil.models as models
         import medveil.models.partition
+        import medveil.privacy.dpsgd as dpsgd
         assert models.get_model("mlp").key == "mlp@1"
         models.MLP.Hyper(hidden=[8])
+        models.CNN.Hyper(image_size=8)
+        assert models.outputs_for(2) == 1 and dpsgd.dpsgd_rho(2.0, 8) == 1.0
         print("ok")
     """)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)

@@ -29,7 +29,7 @@ def test_noise_has_the_configured_spread_and_is_fresh_each_call():
     first, second = noise(counts), noise(counts)
     assert not np.array_equal(first, second)
     assert abs(np.std(first - counts) - gaussian_scale(rho)) < 0.05 * gaussian_scale(rho)
-    assert abs(np.mean(first - counts)) < 0.1
+    assert abs(np.mean(first - counts)) < 5 * gaussian_scale(rho) / np.sqrt(counts.size)  # 5 standard errors
 
 
 def test_noisy_counts_are_rounded_clipped_and_then_suppressed():

@@ -82,6 +82,7 @@ class SiteContext:
     study_models: tuple[str, ...] = ()  # the model recipes ("name@version") the approved study may train
     charge_privacy: Callable[[float], None] | None = None  # charge zCDP rho to the researcher's budget at
     # this site before releasing what it pays for; raises DisclosureRefused("dp_budget_exhausted")
+    privacy_remaining: float | None = None  # zCDP rho the researcher has left at this site (None: not known)
     dp_required: bool = False  # the study releases only differentially private results (dp_rho_per_release set)
     images: ImageFolder | None = None  # the approved dataset's images, read lazily, when it is an image folder
 
@@ -138,6 +139,8 @@ class Analysis(ABC, Generic[P]):
     Params: ClassVar[type[Params]]
     releases_sums: ClassVar[bool] = True  # False: nothing to add up, so no secure-aggregation set-up
     supports_dp: ClassVar[bool] = False  # True: `local` uses `context.noise` for its released counts
+    reads_images: ClassVar[bool] = False  # True: `local` reads `context.images`; only such an analysis may
+    # name an image dataset's file column (file names can be identifying: never a level or a statistic)
 
     def parse_params(self, raw: dict[str, Any]) -> P:
         return self.Params.model_validate(raw)  # type: ignore[return-value]

@@ -3,14 +3,37 @@
 The sites train only a model recipe installed at the site (`medveil.models`: a name and a
 version, never code) and approved by the study (`StudySpec.models`, "name@version"); the
 researcher sends the name and hyperparameters as data, which the site validates against the
-recipe's own schema. Round 0 checks the table (numeric features, a 0/1 target, enough rows)
-and counts rows; the researcher then makes the initial weights from the seed
-(`medveil.models.init_weights`, the same at every site, which checks round 1's broadcast
-against it). In every later round each site trains from the broadcast global weights for
-`local_epochs` with plain SGD (FedProx adds mu/2 ||w - w_global||^2) and releases, summed
-across sites, n_k * w_k, n_k and n_k times its mean loss before training; the new global
-weights are sum(n_k w_k) / sum(n_k). With one full-batch step per round this is exactly
-gradient descent on the pooled rows.
+recipe's own schema. A tabular recipe reads numeric `features`; an image recipe reads the image
+files named in the labels column `image` of an image-folder dataset (`medveil.data.images`),
+and anything else is refused (`model_input_mismatch`).
+
+Rounds (docs/fl.md):
+- 0: each site checks its table (numeric features or an image column, a target of `classes`
+  levels, enough rows in each class), splits off a seeded hold-out of `validation_fraction` of
+  its rows and publishes its training and validation row counts; the researcher makes the
+  initial weights from the seed (`medveil.models.init_weights`, the same at every site, which
+  checks round 1's broadcast against it).
+- 1..R: each site evaluates the broadcast weights on its validation rows (sums of the loss,
+  correct predictions and binned class probabilities, `models.evaluate`) and, if the round's
+  seeded draw of `sample_fraction` of the sites picks it, trains from them for `local_epochs`
+  (plain SGD; FedProx adds mu/2 ||w - w_global||^2; DP-SGD through Opacus when `dp` is set),
+  releasing n_k * w_k, n_k and n_k times its training loss before training; a site not drawn
+  releases zeros, so secure aggregation still runs over every site. The new global weights are
+  sum(n_k w_k) / sum(n_k). With one full-batch step per round and every site drawn this is
+  exactly gradient descent on the pooled rows.
+- R+1 (when validation_fraction > 0): each site evaluates the final weights.
+
+Differential privacy (`dp`): each drawn site trains with DP-SGD (per-sample clipping to
+max_grad_norm, Gaussian noise of noise_multiplier z times it, Poisson sampling) and charges
+rho = steps / (2 z^2) (`privacy.dpsgd.dpsgd_rho`: zCDP of the Gaussian mechanism, no
+amplification by subsampling credited) to the researcher's budget at the site before it
+releases anything; no training loss is released. Its validation sums are released with OpenDP
+Gaussian noise of the same multiplier z (rho 1 / (2 z^2) per evaluation, charged with the
+training; `noised_validation` gives the sensitivities). A study that releases only DP results
+refuses a training without `dp` (`dp_required`). A site refuses a delta of 1 / (training rows)
+or more (`dp_delta_too_large`). Each site publishes its steps and Poisson sampling rate per
+round, so the researcher reports epsilon from Opacus' RDP accountant beside the zCDP
+conversion (`FLResult.privacy`).
 
 Secure aggregation: the sums are fixed-point encoded (round(x * 2**52) in a 112-bit two's
 complement ring, crypto/secagg.py), so each n_k * w_k is carried to 2**-53 absolute (exactly,
@@ -18,27 +41,36 @@ once |n_k w_k| >= 1) and the sum over sites is exact in the ring; a value above 
 magnitude (e.g. weights of 1e9 at 1e6 rows, a diverged training) is refused (`secagg_overflow`
 or `analysis_error`) rather than wrapped.
 
-What each party learns: the researcher learns, per round, the row-weighted sum of the sites'
-trained weights, the total rows and the pooled mean training loss (hence the global model and
-its loss curve), and, per site, its row count (round 0); a site learns the parameters and the
-global weights of every round; the hub learns nothing beyond masked vectors.
+What each party learns: the researcher learns, per round, the row-weighted sum of the drawn
+sites' trained weights, their total rows and pooled training loss (hence the global model and
+its loss curve; no loss under DP), the pooled validation sums (loss, accuracy, binned class
+probabilities, hence AUC and calibration; noised under DP), and, per site, its training and
+validation row counts (round 0) and, under DP, its DP-SGD steps, sampling rate and rho charged;
+a site learns the parameters and the global weights of every round; the hub learns nothing
+beyond masked vectors and those public facts. A round draws at least two sites (or every site,
+when fewer take part), so no round's sum is one site's own update.
 
 Residual risk: from round 2 on the researcher chooses the broadcast weights, and the pooled
 update at weights of its choosing is a pooled gradient, from which crafted weights (e.g. a ReLU
 unit active on one row only) can reconstruct a row exactly when it stands alone in a site's
 batch ("Robbing the Fed", Fowl et al. 2022). Sites check only that the weights are finite, of
-the model's size, and the agreed initial ones in round 1; DP-SGD (issue 12) is the defence.
+the model's size, and the agreed initial ones in round 1; DP-SGD is the defence. The binned
+validation sums likewise describe the rows at weights of the researcher's choosing.
 """
 
 from __future__ import annotations
 
+import math
+import secrets
+import zlib
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from medveil.analyses.base import (
     Aggregated,
@@ -66,13 +98,33 @@ if TYPE_CHECKING:
 
 COLUMN = r"^[^\x00-\x1f]{1,200}$"
 MAX_SEED = 2**31 - 1
+MAX_CLASSES = 1000
+BINS = 20  # equal-width probability bins of the validation sums (AUC, calibration)
+MIN_DRAWN = 2  # sites trained per round at least (all of them when fewer take part)
+VALIDATION_PREFIX = "val_"
+HISTORY = ("round", "rows", "train_loss", "val_rows", "val_loss", "val_accuracy", "val_auc", "val_ece")
+
+
+class DPParams(Params):
+    """DP-SGD's settings: Gaussian noise of `noise_multiplier` times the per-sample clipping norm
+    `max_grad_norm`, and the delta at which epsilon is reported."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    noise_multiplier: float = Field(ge=0.1, le=100)
+    max_grad_norm: float = Field(gt=0, le=100)
+    delta: float = Field(1e-5, gt=0, le=1e-2)
 
 
 class FLParams(Params):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
     model: str = Field(pattern=MODEL_NAME, description="a model recipe registered at the sites")
     version: str = Field("1", pattern=MODEL_VERSION)
-    features: list[str] = Field(min_length=1, max_length=500)
-    target: str = Field(pattern=COLUMN, description="a 0/1 column")
+    features: list[str] = Field(default_factory=list, max_length=500, description="numeric columns (tabular)")
+    image: str | None = Field(None, pattern=COLUMN, description="the labels column naming each row's image file")
+    target: str = Field(pattern=COLUMN, description="0/1 for two classes, 0..classes-1 otherwise")
+    classes: int = Field(2, ge=2, le=MAX_CLASSES)
     hyper: dict[str, Any] = Field(default_factory=dict, description="checked against the recipe's Hyper schema")
     rounds: int = Field(10, ge=1, le=1000)
     local_epochs: int = Field(1, ge=1, le=100)
@@ -80,6 +132,9 @@ class FLParams(Params):
     lr: float = Field(0.1, gt=0, le=10)
     algorithm: Literal["fedavg", "fedprox"] = "fedavg"
     mu: float = Field(0.0, ge=0, le=100, description="FedProx's proximal weight")
+    validation_fraction: float = Field(0.2, ge=0, le=0.5, description="each site's seeded hold-out")
+    sample_fraction: float = Field(1.0, gt=0, le=1, description="sites drawn to train in each round")
+    dp: DPParams | None = None
     seed: int = Field(0, ge=0, le=MAX_SEED)
 
     @model_validator(mode="after")
@@ -88,11 +143,29 @@ class FLParams(Params):
             raise ValueError("features must be column names of 1 to 200 characters")
         if len(set(self.features)) != len(self.features) or self.target in self.features:
             raise ValueError("features must be distinct and must not include the target")
+        if self.image is None and not self.features:
+            raise ValueError("a tabular model needs features; an image model needs image (the file column)")
+        if self.image is not None and (self.features or self.image == self.target):
+            raise ValueError("an image model reads the image column and the target only: no features, "
+                             "and the image column is not the target")
+        if self.dp is not None and self.algorithm == "fedprox":
+            raise ValueError("DP-SGD trains with fedavg only: Opacus clips per-sample gradients and FedProx's "
+                             "proximal term is not a per-sample loss")
         return self
 
     @property
     def key(self) -> str:
         return f"{self.model}@{self.version}"
+
+    @property
+    def outputs(self) -> int:
+        """The network's outputs: one logit for two classes, K for K >= 3."""
+        return 1 if self.classes == 2 else self.classes
+
+    @property
+    def final_round(self) -> int:
+        """The last round: R, or R+1 when the final weights are evaluated."""
+        return self.rounds + (1 if self.validation_fraction > 0 else 0)
 
 
 def recipe_of(params: FLParams) -> ModelRecipe:
@@ -110,12 +183,18 @@ def hyper_of(params: FLParams) -> BaseModel:
     return recipe_of(params).Hyper.model_validate(params.hyper)
 
 
+def n_inputs(params: FLParams) -> int:
+    """What the recipe is built for: the number of features, or an image model's channels."""
+    return int(hyper_of(params).channels) if params.image is not None else len(params.features)
+
+
 def initial_weights(params: FLParams) -> np.ndarray:
     """Round 1's global weights: the recipe's deterministic initialisation from the seed."""
     from medveil.models import init_weights
 
     recipe, hyper = recipe_of(params), hyper_of(params)
-    return np.asarray(init_weights(recipe, len(params.features), hyper, params.seed), dtype=np.float64)
+    return np.asarray(init_weights(recipe, n_inputs(params), hyper, params.seed, outputs=params.outputs),
+                      dtype=np.float64)
 
 
 def round_seed(seed: int, round_no: int) -> int:
@@ -123,39 +202,166 @@ def round_seed(seed: int, round_no: int) -> int:
     return (seed * 1_000_003 + round_no) % MAX_SEED
 
 
-def _require_isolated_classes(y: np.ndarray, policy: DisclosurePolicy) -> None:
+def drawn_sites(sites: Sequence[str], fraction: float, seed: int, round_no: int) -> list[str]:
+    """The sites that train in a round: sample_fraction of them (nearest count, at least
+    MIN_DRAWN or all), drawn from the seed and the round, the same draw at every site."""
+    ordered = sorted(set(sites))
+    count = min(len(ordered), max(MIN_DRAWN, int(math.floor(fraction * len(ordered) + 0.5))))
+    picked = np.random.default_rng([seed, round_no]).choice(len(ordered), size=count, replace=False)
+    return [ordered[i] for i in sorted(picked)]
+
+
+def split_rows(rows: int, fraction: float, seed: int, site: str) -> tuple[np.ndarray, np.ndarray]:
+    """(training, validation) row positions of a site's complete rows, in table order: a seeded
+    hold-out of round(fraction * rows) rows, drawn from the seed and the site's name."""
+    held = int(round(fraction * rows))
+    order = np.random.default_rng([seed, zlib.crc32(site.encode())]).permutation(rows)
+    return np.sort(order[held:]), np.sort(order[:held])
+
+
+def _require_isolated_classes(y: np.ndarray, classes: int, policy: DisclosurePolicy) -> None:
     """Each class holds none or at least min_cell_count rows: a site's lone positive would
     otherwise stand alone behind its share of every gradient."""
-    positives = int(np.count_nonzero(y))
-    negatives = len(y) - positives
-    if 0 < positives < policy.min_cell_count or 0 < negatives < policy.min_cell_count:
+    counts = np.bincount(y.astype(np.int64), minlength=classes)
+    if np.any((counts > 0) & (counts < policy.min_cell_count)):
         raise DisclosureRefused("indicator_isolation", f"a class of the target holds fewer than "
                                                        f"{policy.min_cell_count} rows at this site")
 
 
-def site_design(params: FLParams, data: pd.DataFrame, policy: DisclosurePolicy) -> tuple[np.ndarray, np.ndarray, int]:
-    """(X float32, y float32, rows dropped for missing values) from the site's complete rows."""
-    frame = data[[*params.features, params.target]]
-    for name in frame.columns:
-        if not (pd.api.types.is_numeric_dtype(frame[name]) or pd.api.types.is_bool_dtype(frame[name])):
-            raise AnalysisError(f"column {name!r} is not numeric (dtype {frame[name].dtype})")
-    complete = frame.dropna().astype(np.float64)
-    x = complete[params.features].to_numpy(np.float64)
-    y = complete[params.target].to_numpy(np.float64)
-    if not np.all(np.isfinite(x)):
-        raise AnalysisError("a feature has values that are not finite")
-    if not np.all((y == 0) | (y == 1)):
-        raise AnalysisError(f"the target {params.target!r} must be 0 or 1")
+def _target(params: FLParams, values: pd.Series) -> np.ndarray:
+    """The target as float labels 0..classes-1 (a clear error for anything else)."""
+    if not (pd.api.types.is_numeric_dtype(values) or pd.api.types.is_bool_dtype(values)):
+        raise AnalysisError(f"column {params.target!r} is not numeric (dtype {values.dtype})")
+    y = values.to_numpy(np.float64)
+    if not np.all((y == np.round(y)) & (y >= 0) & (y < params.classes)):
+        levels = "0 or 1" if params.classes == 2 else f"an integer label 0..{params.classes - 1}"
+        raise AnalysisError(f"the target {params.target!r} must be {levels}")
+    return y
+
+
+@dataclass
+class SiteRows:
+    """A site's complete rows split for training and validation: X is a float32 array (tabular)
+    or lazily read images (models.training.LazyRows); y holds the labels."""
+
+    X_train: Any
+    y_train: np.ndarray
+    X_val: Any
+    y_val: np.ndarray
+    dropped: int
+
+
+def site_rows(params: FLParams, context: SiteContext) -> SiteRows:
+    """The site's training and validation rows: complete rows only, numeric features (or image
+    files read lazily at the model's size and channels), enough rows in each part and class."""
+    policy = context.policy
+    if params.image is None:
+        frame = context.data[[*params.features, params.target]]
+        for name in params.features:
+            if not (pd.api.types.is_numeric_dtype(frame[name]) or pd.api.types.is_bool_dtype(frame[name])):
+                raise AnalysisError(f"column {name!r} is not numeric (dtype {frame[name].dtype})")
+    else:
+        if context.images is None:
+            raise AnalysisError("an image model needs an image-folder dataset; this dataset is a table")
+        frame = context.data[[params.image, params.target]]
+    complete = frame.dropna()
+    y = _target(params, complete[params.target])
     require_min_count(len(y), policy, "this site's training set")
-    _require_isolated_classes(y, policy)
-    return x.astype(np.float32), y.astype(np.float32), len(frame) - len(complete)
+    train, val = split_rows(len(y), params.validation_fraction, params.seed, context.site)
+    require_min_count(len(train), policy, "this site's training set")
+    if params.validation_fraction > 0:
+        require_min_count(len(val), policy, "this site's validation set")
+    _require_isolated_classes(y[train], params.classes, policy)
+    if params.image is None:
+        x = complete[params.features].to_numpy(np.float64)
+        if not np.all(np.isfinite(x)):
+            raise AnalysisError("a feature has values that are not finite")
+        x = x.astype(np.float32)
+        X_train, X_val = x[train], x[val]
+    else:
+        hyper = hyper_of(params)
+        files = [str(name) for name in complete[params.image].tolist()]
+        X_train = context.images.rows([files[i] for i in train], int(hyper.channels), int(hyper.image_size))
+        X_val = context.images.rows([files[i] for i in val], int(hyper.channels), int(hyper.image_size))
+    return SiteRows(X_train, y[train].astype(np.float32), X_val, y[val].astype(np.float32),
+                    len(frame) - len(complete))
+
+
+def noised_validation(sums: Mapping[str, np.ndarray], noise_multiplier: float) -> tuple[dict[str, np.ndarray], float]:
+    """Validation sums with OpenDP Gaussian noise, and the zCDP rho it spends.
+
+    Adding or removing one row moves, in L2: "rows" and "correct" by at most 1, "loss" by at most
+    MAX_ROW_LOSS (each row's loss is clipped there), the histograms "hist_pos" and "hist_neg"
+    together by sqrt(C') (one count per one-vs-rest column: C' = 1 for two classes, K
+    otherwise), and "prob_sum" by at most 1 (its probabilities, one per column, sum to at most
+    1 in L2). Each of these five groups is divided by its sensitivity, so the joined vector has
+    L2 sensitivity sqrt(5), and noise of scale z * sqrt(5) is added: rho = 1 / (2 z^2), the
+    cost of one DP-SGD step at the same multiplier. Clipping and rounding afterwards (in
+    `validation_metrics`) are post-processing."""
+    import opendp.prelude as dp
+
+    from medveil.models.training import MAX_ROW_LOSS
+
+    columns = int(np.asarray(sums["hist_pos"]).shape[0])
+    scales = {"rows": 1.0, "loss": float(MAX_ROW_LOSS), "correct": 1.0, "hist_pos": math.sqrt(columns),
+              "hist_neg": math.sqrt(columns), "prob_sum": 1.0}
+    parts = [np.asarray(sums[key], dtype=np.float64) for key in scales]
+    vector = np.concatenate([part.ravel() / scales[key] for part, key in zip(parts, scales)])
+    sensitivity = math.sqrt(5.0)
+    dp.enable_features("contrib")
+    measurement = dp.m.make_gaussian(dp.vector_domain(dp.atom_domain(T=float, nan=False)), dp.l2_distance(T=float),
+                                     scale=float(noise_multiplier) * sensitivity)
+    rho = float(measurement.map(sensitivity))
+    noisy = np.asarray(measurement(vector.tolist()), dtype=np.float64)
+    out, offset = {}, 0
+    for part, key in zip(parts, scales):
+        out[key] = noisy[offset:offset + part.size].reshape(part.shape) * scales[key]
+        offset += part.size
+    return out, rho
+
+
+def validation_metrics(sums: Mapping[str, np.ndarray], noisy: bool = False) -> dict[str, Any] | None:
+    """Pooled validation metrics (`models.metrics.pooled_metrics`) from a round's summed
+    "val_*" arrays, None when the round evaluated nothing. Noisy sums (under DP) are first
+    rounded and clipped to what real sums can be (post-processing)."""
+    from medveil.models.metrics import pooled_metrics
+
+    picked = {key[len(VALIDATION_PREFIX):]: np.asarray(value) for key, value in sums.items()
+              if key.startswith(VALIDATION_PREFIX)}
+    if not picked:
+        return None
+    if noisy:
+        rows = max(float(np.rint(picked["rows"][0])), 1.0)
+        picked = {"rows": np.array([rows], dtype=np.int64),
+                  "loss": np.clip(picked["loss"], 0, None),
+                  "correct": np.clip(np.rint(picked["correct"]), 0, rows).astype(np.int64),
+                  "hist_pos": np.clip(np.rint(picked["hist_pos"]), 0, None).astype(np.int64),
+                  "hist_neg": np.clip(np.rint(picked["hist_neg"]), 0, None).astype(np.int64),
+                  "prob_sum": np.clip(picked["prob_sum"], 0, None)}
+    if float(picked["rows"][0]) <= 0:
+        return None
+    return pooled_metrics(picked)
+
+
+def round_summary(sums: Mapping[str, np.ndarray], noisy: bool = False) -> str:
+    """One line on a round's pooled sums (a progress bar's text): validation AUC and loss of the
+    weights the round started from, and the pooled training loss where it was released."""
+    parts = []
+    metrics = validation_metrics(sums, noisy=noisy)
+    if metrics is not None:
+        parts.append(f"val AUC {float(metrics['auc']):.3f}  val loss {float(metrics['loss']):.4f}")
+    if "loss" in sums and "rows" in sums and float(sums["rows"][0]) > 0:
+        parts.append(f"train loss {float(sums['loss'][0]) / float(sums['rows'][0]):.4f}")
+    return "  ".join(parts)
 
 
 @dataclass(frozen=True, eq=False)
 class FLResult:
     """A federated model: its recipe (name, version, hyperparameters), final flat weights, the
-    training history (round, train_loss: the pooled mean loss before that round's local
-    training, rows) and provenance."""
+    metric history (one row per round: rows trained, the pooled training loss before the round's
+    local training, and the pooled validation loss, accuracy, AUC and expected calibration error
+    of the weights the round started from; the evaluation round R+1 holds the final weights'),
+    the final weights' calibration table, the privacy spent under DP (per site) and provenance."""
 
     model: dict[str, Any]
     features: list[str]
@@ -163,17 +369,28 @@ class FLResult:
     weights: np.ndarray
     history: pd.DataFrame
     provenance: dict[str, Any] = field(default_factory=dict)
+    image: str | None = None
+    classes: int = 2
+    calibration: pd.DataFrame | None = None
+    privacy: pd.DataFrame | None = None
 
     def _recipe(self) -> ModelRecipe:
         from medveil.models import get_model
 
         return get_model(self.model["name"], self.model["version"])
 
+    @property
+    def _outputs(self) -> int:
+        return 1 if self.classes == 2 else self.classes
+
+    def _inputs(self) -> int:
+        return int(self.model["hyper"]["channels"]) if self.image is not None else len(self.features)
+
     def module(self):
         """The trained torch module, rebuilt from the recipe installed here, in eval mode."""
         from medveil.models import build_module, load_flat
 
-        module = build_module(self._recipe(), len(self.features), self.model["hyper"])
+        module = build_module(self._recipe(), self._inputs(), self.model["hyper"], outputs=self._outputs)
         load_flat(module, self.weights)
         return module.eval()
 
@@ -181,57 +398,146 @@ class FLResult:
         """The trained weights as a torch state dict."""
         return self.module().state_dict()
 
-    def predict_proba(self, frame: pd.DataFrame) -> np.ndarray:
-        """P(target = 1) for each row of `frame` (which holds the feature columns)."""
+    def predict_proba(self, data: pd.DataFrame | np.ndarray | Any) -> np.ndarray:
+        """Class probabilities: P(target = 1) per row, shape (rows,), for two classes; (rows, K)
+        for K >= 3. `data`: a table holding the feature columns (tabular), or images as a float32
+        array (rows, channels, S, S) in [0, 1] or lazily read rows (`ImageFolder.rows`)."""
         from medveil.models import predict_logits
 
-        logits = predict_logits(self._recipe(), self.model["hyper"], self.weights,
-                                frame[self.features].to_numpy(np.float32))
-        return 1.0 / (1.0 + np.exp(-logits))
+        X = data[self.features].to_numpy(np.float32) if isinstance(data, pd.DataFrame) else data
+        logits = np.asarray(predict_logits(self._recipe(), self.model["hyper"], self.weights, X,
+                                           classes=self.classes), dtype=np.float64)
+        if self._outputs == 1:
+            return 1.0 / (1.0 + np.exp(-logits))
+        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+        return shifted / shifted.sum(axis=1, keepdims=True)
 
     def plot(self, path: str | Path | None = None):
-        """The training loss by round (a matplotlib Figure), saved to `path` if given."""
+        """Loss (training and validation) and validation AUC by round, two panels (a matplotlib
+        Figure), saved to `path` if given."""
         import matplotlib
 
         if path is not None:
             matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
 
-        figure, axes = plt.subplots(figsize=(6, 4))
-        axes.plot(self.history["round"], self.history["train_loss"], marker="o")
-        axes.set_xlabel("round")
-        axes.set_ylabel("training loss (pooled mean, before the round)")
-        axes.set_title(f"{self.model['name']}@{self.model['version']}: federated training")
+        figure, (loss_axes, auc_axes) = plt.subplots(1, 2, figsize=(10, 4))
+        history = self.history
+        for column, label in (("train_loss", "training (before the round)"), ("val_loss", "validation")):
+            if history[column].notna().any():
+                loss_axes.plot(history["round"], history[column], marker="o", label=label)
+        loss_axes.set_xlabel("round")
+        loss_axes.set_ylabel("pooled mean loss")
+        loss_axes.legend()
+        auc_axes.plot(history["round"], history["val_auc"], marker="o", color="tab:green")
+        auc_axes.set_xlabel("round")
+        auc_axes.set_ylabel("validation AUC (binned" + (", macro one-vs-rest)" if self.classes > 2 else ")"))
+        figure.suptitle(f"{self.model['name']}@{self.model['version']}: federated training")
         if path is not None:
             figure.savefig(path, bbox_inches="tight")
         return figure
+
+
+def _site_accounting(public: Mapping[str, Any]) -> tuple[float, int, float | None]:
+    """(rho charged, DP-SGD steps, sampling rate) a site published for a round."""
+    rho = public.get("dp_rho", 0.0)
+    steps = public.get("dp_steps", 0)
+    rate = public.get("dp_sample_rate")
+    return (float(rho) if isinstance(rho, (int, float)) else 0.0, int(steps) if isinstance(steps, int) else 0,
+            float(rate) if isinstance(rate, (int, float)) else None)
+
+
+def privacy_table(params: FLParams, accounts: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
+    """Per site: rho charged (as its node published it), DP-SGD steps, sampling rate and noisy
+    evaluations, epsilon at delta by Opacus' RDP accountant over that history (the steps
+    subsampled at the site's rate, each evaluation a Gaussian mechanism of the same multiplier)
+    and by the zCDP conversion of the rho charged (`privacy.dpsgd.rho_epsilon`), which is larger:
+    it credits no amplification by subsampling."""
+    # Opacus' accountant directly, not privacy.dpsgd.opacus_epsilon: the history composes two
+    # mechanisms (subsampled steps and full-rate evaluations), which that function's one triple cannot.
+    from opacus.accountants import RDPAccountant
+
+    from medveil.privacy.dpsgd import rho_epsilon
+
+    z, delta = params.dp.noise_multiplier, params.dp.delta
+    rows = []
+    for site in sorted(accounts):
+        account = accounts[site]
+        accountant = RDPAccountant()
+        if account["steps"]:
+            accountant.history.append((z, float(account["sample_rate"]), int(account["steps"])))
+        if account["evaluations"]:
+            accountant.history.append((z, 1.0, int(account["evaluations"])))
+        epsilon = accountant.get_epsilon(delta) if accountant.history else 0.0
+        rows.append({"site": site, "rho": float(account["rho"]), "steps": int(account["steps"]),
+                     "sample_rate": account["sample_rate"], "evaluations": int(account["evaluations"]),
+                     "delta": delta, "epsilon": float(epsilon),
+                     "epsilon_zcdp": float(rho_epsilon(account["rho"], delta)) if account["rho"] > 0 else 0.0})
+    return pd.DataFrame(rows).set_index("site")
+
+
+def planned_rho(params: FLParams, site: str, sites: Sequence[str], train_rows: int) -> float:
+    """The zCDP rho a whole DP training charges at `site`: DP-SGD's steps in the rounds the
+    seeded draws pick it (local_epochs * ceil(rows / batch_size) steps each, Opacus' Poisson
+    batches) and one noisy evaluation per round when validation_fraction > 0."""
+    from medveil.privacy.dpsgd import dpsgd_rho
+
+    per_round = params.local_epochs * (1 if params.batch_size is None else math.ceil(train_rows / params.batch_size))
+    drawn = sum(site in drawn_sites(sites, params.sample_fraction, params.seed, r) for r in range(1, params.rounds + 1))
+    evaluations = params.final_round if params.validation_fraction > 0 else 0
+    z = params.dp.noise_multiplier
+    return (dpsgd_rho(z, drawn * per_round) if drawn else 0.0) + evaluations / (2 * z * z)
+
+
+def _require_planned_budget(params: FLParams, context: SiteContext, train_rows: int) -> None:
+    """Round 0 under DP: refuse (`dp_budget_exhausted`) a training whose planned charges at this
+    site exceed what is left of the researcher's budget here (the whole budget where the node does
+    not say); every round's charge is checked again by the node, so a training that outruns the
+    budget (another task spending it meanwhile) stops there."""
+    planned = planned_rho(params, context.site, context.data_sites or (context.site,), train_rows)
+    left = context.policy.dp_budget_rho if context.privacy_remaining is None else context.privacy_remaining
+    if planned > left * (1 + 1e-12):
+        raise DisclosureRefused("dp_budget_exhausted", f"the planned training charges rho={planned:g} at this "
+                                                       f"site, more than the {left:g} left of the budget: fewer "
+                                                       f"rounds, epochs or steps, or a larger noise_multiplier")
 
 
 @register
 class FederatedTraining(Analysis[FLParams]):
     name = "fl_train"
     Params = FLParams
+    reads_images = True  # image mode names the labels' file column
+    supports_dp = True  # DP-SGD and noisy validation sums, charged through context.charge_privacy
 
     def parse_params(self, raw: dict[str, Any]) -> FLParams:
-        """Typed parameters whose model is registered here (`unknown_model`) and whose
-        hyperparameters the recipe's schema accepts (a ValidationError: `invalid_parameters`)."""
+        """Typed parameters whose model is registered here (`unknown_model`), whose
+        hyperparameters the recipe's schema accepts (a ValidationError: `invalid_parameters`)
+        and whose recipe reads what the parameters give it (`model_input_mismatch`)."""
         params = super().parse_params(raw)
         hyper_of(params)
+        reads = recipe_of(params).inputs
+        if (params.image is not None) != (reads == "image"):
+            given = "an image column" if params.image is not None else "tabular features"
+            raise DisclosureRefused("model_input_mismatch", f"model {params.key} reads {reads} inputs, "
+                                                            f"the parameters give {given}")
         return params
 
     def variables(self, params: FLParams) -> list[str]:
-        return sorted({*params.features, params.target})
+        return sorted({*params.features, params.target, *([params.image] if params.image else [])})
 
     def progress(self, params: FLParams, state: dict[str, Any]) -> tuple[int, int] | None:
-        return len(state.get("history", {}).get("round", [])), params.rounds
+        return len(state.get("history", {}).get("round", [])), params.final_round
 
     def check_broadcast(self, params: FLParams, round_no: int, broadcast: dict[str, Any],
                         memory: dict[str, Any]) -> None:
-        """Round 0: nothing. Later: exactly {"weights"}, finite, of the model's size; in round 1,
-        exactly the initial weights of the agreed seed."""
+        """Round 0: nothing. Rounds 1..final: exactly {"weights"}, finite, of the model's size;
+        in round 1, exactly the initial weights of the agreed seed. No round after the last."""
         if round_no == 0:
             super().check_broadcast(params, round_no, broadcast, memory)
             return
+        if round_no > params.final_round:
+            raise BroadcastRefused("rounds_exceeded", f"fl_train has {params.final_round} rounds, "
+                                                      f"not {round_no}")
         if set(broadcast) != {"weights"}:
             raise BroadcastRefused("broadcast_malformed", f"round {round_no} of fl_train expects ['weights'], "
                                                           f"got {sorted(map(str, broadcast))[:10]}")
@@ -246,41 +552,111 @@ class FederatedTraining(Analysis[FLParams]):
     def local(self, params: FLParams, round_no: int, broadcast: dict[str, Any], context: SiteContext) -> Release:
         if params.key not in context.study_models:
             raise DisclosureRefused("model_not_approved", f"model {params.key} is not approved for this study")
-        x, y, dropped = site_design(params, context.data, context.policy)
+        if context.dp_required and params.dp is None:
+            raise DisclosureRefused("dp_required", "this study releases only differentially private results: "
+                                                   "train with dp={noise_multiplier, max_grad_norm, delta}")
+        if params.dp is not None and context.charge_privacy is None:
+            raise AnalysisError("this node cannot charge differential privacy to a budget")
+        rows = site_rows(params, context)
+        train_rows = len(rows.y_train)
+        if params.dp is not None and not params.dp.delta < 1.0 / train_rows:
+            raise DisclosureRefused("dp_delta_too_large", f"delta={params.dp.delta:g} is not below 1 / "
+                                                          f"{train_rows} (this site's training rows)")
         if round_no == 0:
-            return Release(public={"rows": len(y), "rows_dropped": public_count(dropped, context.policy),
-                                   "inputs": len(params.features)})
-        from medveil.models import train_local
+            if params.dp is not None:
+                _require_planned_budget(params, context, train_rows)
+            return Release(public={"rows": train_rows, "validation_rows": len(rows.y_val),
+                                   "rows_dropped": public_count(rows.dropped, context.policy),
+                                   "inputs": n_inputs(params)})
+        from medveil.models import evaluate, train_local
 
         weights = finite_array(broadcast["weights"], (int(context.memory.get("fl_size", -1)),))
         recipe, hyper = recipe_of(params), hyper_of(params)
-        trained, loss, rows = train_local(
-            recipe, hyper, weights, x, y, epochs=params.local_epochs, batch_size=params.batch_size,
-            lr=params.lr, algorithm=params.algorithm, mu=params.mu, seed=round_seed(params.seed, round_no))
-        trained = np.asarray(trained, dtype=np.float64)
-        if not (np.all(np.isfinite(trained)) and np.isfinite(loss)):
-            raise AnalysisError("local training diverged (weights or loss not finite): lower the learning rate")
-        return Release(sums={"weighted": rows * trained, "rows": np.array([rows], dtype=np.int64),
-                             "loss": np.array([rows * float(loss)])})
+        sums: dict[str, np.ndarray] = {}
+        public: dict[str, Any] = {}
+        rho = 0.0
+        if params.validation_fraction > 0:
+            evaluated = evaluate(recipe, hyper, weights, rows.X_val, rows.y_val, classes=params.classes, bins=BINS)
+            if params.dp is not None:
+                evaluated, rho = noised_validation(evaluated, params.dp.noise_multiplier)
+            sums.update({VALIDATION_PREFIX + key: np.asarray(value) for key, value in evaluated.items()})
+        if round_no <= params.rounds:
+            sites = context.data_sites or (context.site,)
+            if context.site in drawn_sites(sites, params.sample_fraction, params.seed, round_no):
+                dp, seed = None, round_seed(params.seed, round_no)
+                if params.dp is not None:
+                    from medveil.models.training import DPSGD
+
+                    dp = DPSGD(noise_multiplier=params.dp.noise_multiplier, max_grad_norm=params.dp.max_grad_norm)
+                    # DP-SGD's noise and Poisson sample must be secret: drawn from the researcher's seed, the
+                    # researcher could replay the noise and subtract it. The site draws its own seed.
+                    seed = secrets.randbelow(MAX_SEED)
+                update = train_local(recipe, hyper, weights, rows.X_train, rows.y_train, epochs=params.local_epochs,
+                                     batch_size=params.batch_size, lr=params.lr, algorithm=params.algorithm,
+                                     mu=params.mu, seed=seed, classes=params.classes, dp=dp,
+                                     measure_loss=params.dp is None)
+                trained = np.asarray(update.weights, dtype=np.float64)
+                loss = 0.0 if update.loss_before is None else float(update.loss_before)
+                if not (np.all(np.isfinite(trained)) and np.isfinite(loss)):
+                    raise AnalysisError("local training diverged (weights or loss not finite): lower the learning rate")
+                n = int(update.rows)
+                sums.update({"weighted": n * trained, "rows": np.array([n], dtype=np.int64)})
+                if params.dp is None:
+                    sums["loss"] = np.array([n * loss])
+                else:
+                    from medveil.privacy.dpsgd import dpsgd_rho
+
+                    rho += dpsgd_rho(params.dp.noise_multiplier, int(update.steps))
+                    public.update({"dp_steps": int(update.steps), "dp_sample_rate": float(update.sample_rate)})
+            else:
+                sums.update({"weighted": np.zeros_like(weights), "rows": np.zeros(1, dtype=np.int64)})
+                if params.dp is None:
+                    sums["loss"] = np.zeros(1)
+        if rho > 0:
+            context.charge_privacy(rho)  # before anything it pays for is released
+        return Release(sums=sums, public=public)
 
     def global_step(self, params: FLParams, round_no: int, aggregated: Aggregated,
                     state: dict[str, Any]) -> NextRound | Finished:
         if round_no == 0:
             weights = initial_weights(params)
-            history = {"round": [], "train_loss": [], "rows": []}
-            return NextRound({"weights": weights}, {"weights": weights, "history": history})
-        rows = int(round(float(aggregated.sums["rows"][0])))
-        if rows <= 0:
-            raise AnalysisError("no rows took part in this round")
-        weights = np.asarray(aggregated.sums["weighted"], dtype=np.float64) / rows
+            accounts = {site: {"rho": 0.0, "steps": 0, "sample_rate": None, "evaluations": 0}
+                        for site in aggregated.sites}
+            return NextRound({"weights": weights}, {"weights": weights, "history": {key: [] for key in HISTORY},
+                                                    "accounts": accounts})
         history = {key: list(values) for key, values in state["history"].items()}
+        accounts = {site: dict(account) for site, account in state["accounts"].items()}
+        noisy = params.dp is not None
+        for site, facts in aggregated.public.items():
+            rho, steps, rate = _site_accounting(facts)
+            account = accounts.setdefault(site, {"rho": 0.0, "steps": 0, "sample_rate": None, "evaluations": 0})
+            account["rho"] += rho
+            account["steps"] += steps
+            if rate is not None:
+                account["sample_rate"] = rate
+            if noisy and params.validation_fraction > 0:
+                account["evaluations"] += 1
+        metrics = validation_metrics(aggregated.sums, noisy=noisy)
+        training = round_no <= params.rounds
+        rows = int(round(float(aggregated.sums["rows"][0]))) if training else 0
+        if training and rows <= 0:
+            raise AnalysisError("no rows took part in this round")
         history["round"].append(round_no)
-        history["train_loss"].append(float(aggregated.sums["loss"][0]) / rows)
         history["rows"].append(rows)
-        if round_no < params.rounds:
-            return NextRound({"weights": weights}, {"weights": weights, "history": history})
+        history["train_loss"].append(float(aggregated.sums["loss"][0]) / rows if training and not noisy else math.nan)
+        evaluated = aggregated.sums.get(VALIDATION_PREFIX + "rows")
+        history["val_rows"].append(0 if evaluated is None else max(int(np.rint(float(evaluated[0]))), 0))
+        for key in ("loss", "accuracy", "auc", "ece"):
+            history[f"val_{key}"].append(float(metrics[key]) if metrics else math.nan)
+        weights = (np.asarray(aggregated.sums["weighted"], dtype=np.float64) / rows if training
+                   else np.asarray(state["weights"], dtype=np.float64))
+        next_state = {"weights": weights, "history": history, "accounts": accounts}
+        if round_no < params.final_round:
+            return NextRound({"weights": weights}, next_state)
         hyper = hyper_of(params).model_dump(mode="json")
+        calibration = None if metrics is None else pd.DataFrame(metrics["calibration"])
         return Finished(FLResult(model={"name": params.model, "version": params.version, "hyper": hyper},
                                  features=list(params.features), target=params.target, weights=weights,
-                                 history=pd.DataFrame(history)))
-
+                                 history=pd.DataFrame(history, columns=list(HISTORY)), image=params.image,
+                                 classes=params.classes, calibration=calibration,
+                                 privacy=None if params.dp is None else privacy_table(params, accounts)))

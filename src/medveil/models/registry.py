@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import metadata
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel
 
@@ -43,14 +43,19 @@ class ModelRecipe:
     """How a site builds one named model version: its hyperparameter schema and its network.
 
     `Hyper` is a pydantic model (extra="forbid", bounded fields) that validates the researcher's
-    hyperparameters; `build(n_inputs, hyper)` returns a torch module giving one logit per row.
+    hyperparameters; `build(n_inputs, hyper, outputs)` returns a torch module. `inputs` says what
+    it reads: "tabular" rows (rows, n_inputs) of features, or "image" batches (rows, n_inputs
+    channels, S, S) in [0, 1] with S = hyper.image_size (an image recipe's Hyper has `image_size`
+    and `channels`). outputs = 1 gives one logit per row, shape (rows,) (binary); outputs = K >= 3
+    gives (rows, K) logits.
     """
 
     name: str
     version: str
     Hyper: type[BaseModel]
-    build: Callable[[int, Any], torch.nn.Module]
+    build: Callable[[int, Any, int], torch.nn.Module]
     description: str = ""
+    inputs: Literal["tabular", "image"] = "tabular"
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
@@ -61,6 +66,10 @@ class ModelRecipe:
             raise TypeError("Hyper must be a pydantic BaseModel subclass")
         if not callable(self.build):
             raise TypeError("build must be callable")
+        if self.inputs not in ("tabular", "image"):
+            raise ValueError(f"model inputs must be 'tabular' or 'image', got {self.inputs!r}")
+        if self.inputs == "image" and not {"image_size", "channels"} <= set(self.Hyper.model_fields):
+            raise TypeError("an image recipe's Hyper must have the fields image_size and channels")
 
     @property
     def key(self) -> str:

@@ -473,6 +473,11 @@ class Node:
         if outside:
             raise Refusal("variable_not_approved", f"variables {outside} are not approved for dataset "
                                                    f"{step.dataset!r} in study {step.spec.id!r}")
+        config = self.config.datasets.get(step.dataset)
+        if config is not None and config.kind == "images" and config.file_column in step.variables \
+                and not step.analysis.reads_images:
+            raise Refusal("image_file_column", f"column {config.file_column!r} of image dataset {step.dataset!r} "
+                                               f"names files: only an analysis that reads the images may use it")
 
     def _guard_same_task(self, step: "TaskStep") -> None:
         """Every step of a task carries the study, analysis, dataset and parameters of its first step
@@ -631,7 +636,7 @@ class Node:
             genotypes=None if genotype_name is None else self._genotypes(genotype_name),
             messages=step.messages, role=spec.role_of(self.site), data_sites=tuple(spec.data_sites()),
             study_salt=spec.study_salt(), study_models=tuple(spec.models), charge_privacy=charger,
-            dp_required=spec.dp_rho_per_release is not None,
+            dp_required=spec.dp_rho_per_release is not None, privacy_remaining=self._privacy_remaining(spec),
             images=self._images(step.dataset) if step.reads_data else None)
         decision_id = self.audit.append(
             "decision", decision="run", study=spec.id, task=step.task, step=step.step, round=round_no,
@@ -644,6 +649,8 @@ class Node:
             raise Refusal(exc.rule, exc.detail) from exc
         except FixedPointOverflow as exc:
             raise Refusal("analysis_error", "a value is too large to be released") from exc
+        except DataError as exc:
+            raise Refusal("data_error", f"{self.site}: {exc}") from exc
         except (AnalysisError, ValueError, TypeError) as exc:
             raise Refusal("analysis_error", str(exc)) from exc
         sums = {k: np.asarray(v) for k, v in release.sums.items()}  # dtypes kept: ints stay ints
@@ -818,6 +825,10 @@ class Node:
                 raise DisclosureRefused(exhausted.rule, exhausted.detail) from exc
 
         return PrivacyCharger(charge)
+
+    def _privacy_remaining(self, spec: StudySpec) -> float:
+        """The zCDP rho the study's researcher has left at this site (never below 0)."""
+        return max(0.0, self.config.policy.dp_budget_rho - self.store.budget_spent(self.dp_account(spec)))
 
     def _dp_noise(self, spec: StudySpec, analysis: Any, charger: PrivacyCharger) -> "ChargedNoise | None":
         """OpenDP noise for the local step when the study asks for DP; it charges the budget as it

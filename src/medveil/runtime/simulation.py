@@ -49,13 +49,18 @@ DEFAULT_DATASET = "default"
 
 
 def _dataset_config(source: str | Path) -> DatasetConfig:
+    """A site's table given as a path: a folder is an image dataset (its labels.csv inside), a
+    file is CSV, Parquet or PLINK by its extension."""
     path = Path(source)
+    if path.is_dir():
+        return DatasetConfig(kind="images", path=path.resolve())
     suffix = path.suffix.lower()
     kind = "parquet" if suffix in (".parquet", ".pq") else "plink" if suffix == ".bed" else "csv"
     return DatasetConfig(kind=kind, path=path.resolve())
 
 
 def _columns(name: str, source: TableLike) -> list[str]:
+    """The variables a site's table offers the study: its columns (an image folder's: its labels')."""
     if isinstance(source, pd.DataFrame):
         return [str(c) for c in source.columns]
     config = _dataset_config(source)
