@@ -4,7 +4,7 @@ With one full-batch step per round and every site taking part, the row-weighted 
 sites' updated weights is one gradient-descent step on the pooled loss: the federated weights
 are compared step for step with gradient descent computed in the test (a hand-written numpy
 gradient for logistic regression, torch's full-batch SGD on the pooled rows for an MLP, binary
-and with three classes); with sample_fraction, on the drawn sites' pooled rows. On
+and with three classes); with sample_fraction (DP only), only the drawn sites train. On
 scikit-learn's breast cancer data, FedAvg over three uneven sites reaches the test AUC of the
 same model trained centrally (roc_auc_score computed here). The pooled validation metrics equal
 pooled_metrics of the union of the sites' validation rows computed here; under DP-SGD the
@@ -102,7 +102,7 @@ def test_fedprox_with_mu_zero_equals_fedavg_and_minibatches_run(fed):
     fedavg = fed.train("logistic", **common)
     fedprox = fed.train("logistic", algorithm="fedprox", mu=0.0, **common)
     np.testing.assert_array_equal(fedavg.weights, fedprox.weights)
-    pulled = fed.train("logistic", algorithm="fedprox", mu=50.0, **common)
+    pulled = fed.train("logistic", algorithm="fedprox", mu=5.0, **common)  # lr * mu < 2: pulled, not diverging
     assert not np.array_equal(pulled.weights, fedavg.weights)
 
 
@@ -133,7 +133,7 @@ def _validation_union(sites: dict[str, pd.DataFrame], fraction: float, seed: int
 
     xs, ys = [], []
     for site, frame in sites.items():
-        _, held = split_rows(len(frame), fraction, seed, site)
+        _, held = split_rows(len(frame), fraction, seed)
         xs.append(frame[features].to_numpy(np.float32)[held])
         ys.append(frame[target].to_numpy(np.float32)[held])
     return np.concatenate(xs), np.concatenate(ys)
@@ -157,27 +157,29 @@ def test_pooled_validation_metrics_equal_those_of_the_union_of_the_validation_ro
     pd.testing.assert_frame_equal(result.calibration, expected)
 
 
-def test_sampled_rounds_equal_gradient_descent_on_the_drawn_sites_rows(fed, sites):
-    """sample_fraction 1/3 of three sites draws two per round (never one site alone); with one
-    full-batch step, each round is a gradient step on the drawn sites' pooled rows."""
+def test_sampled_dp_rounds_train_and_charge_only_the_drawn_sites(sites):
+    """sample_fraction (only with dp) 1/3 of three sites draws two per round (never one site
+    alone): each round's rows are the drawn sites' training rows, and a site takes DP-SGD steps,
+    and is charged for them, only in the rounds that draw it. Without dp it is refused."""
     from medveil.analyses.fl import drawn_sites
-    from medveil.models import get_model, init_weights
+    from medveil.privacy.disclosure import DisclosureRefused
 
-    d, lr, rounds, seed = len(FEATURES), 0.5, 4, 21
-    weights = init_weights(get_model("logistic", "1"), d, {}, seed)
-    drawn_rows = []
-    for r in range(1, rounds + 1):
-        drawn = drawn_sites(list(sites), 1 / 3, seed, r)
-        assert len(drawn) == 2
-        x, y = _pooled({site: sites[site] for site in drawn})
-        drawn_rows.append(len(y))
-        p = 1 / (1 + np.exp(-(x @ weights[:d] + weights[d])))
-        weights = weights - lr * np.append(x.T @ (p - y), np.sum(p - y)) / len(y)
-    result = fed.train("logistic", target="y", features=FEATURES, rounds=rounds, lr=lr, seed=seed,
-                       validation_fraction=0.0, sample_fraction=1 / 3)
-    np.testing.assert_allclose(result.weights, weights, atol=1e-6, rtol=0)
-    assert list(result.history["rows"]) == drawn_rows
-    assert len({tuple(drawn_sites(list(sites), 1 / 3, seed, r)) for r in range(1, 9)}) > 1  # the draw changes
+    rounds, seed, batch, z = 4, 21, 32, 5.0
+    dp = {"noise_multiplier": z, "max_grad_norm": 1.0, "delta": 1e-4}
+    drawn = [drawn_sites(list(sites), 1 / 3, seed, r) for r in range(1, rounds + 1)]
+    assert all(len(pair) == 2 for pair in drawn) and len({tuple(pair) for pair in drawn}) > 1  # the draw changes
+    common = dict(target="y", features=FEATURES, rounds=rounds, lr=0.5, seed=seed, validation_fraction=0.0,
+                  sample_fraction=1 / 3)
+    with mv.Federation.in_process(sites) as federation:
+        with pytest.raises(DisclosureRefused) as refused:
+            federation.train("logistic", **common)
+        assert refused.value.rule == "sample_fraction_needs_dp"
+        result = federation.train("logistic", dp=dp, batch_size=batch, **common)
+    assert list(result.history["rows"]) == [sum(SIZES[site] for site in pair) for pair in drawn]
+    for site, n in SIZES.items():
+        steps = sum(site in pair for pair in drawn) * -(-n // batch)
+        assert result.privacy.loc[site, "steps"] == steps
+        assert result.privacy.loc[site, "rho"] == pytest.approx(steps / (2 * z * z), rel=1e-9)
 
 
 @pytest.fixture(scope="module")

@@ -74,7 +74,7 @@ def _own_release(site: str, frame: pd.DataFrame, weights: np.ndarray, params: di
     rows, and its own validation sums, on its seeded training / validation split."""
     from medveil.models import evaluate, get_model, train_local
 
-    train, held = split_rows(len(frame), 0.2, params["seed"], site)
+    train, held = split_rows(len(frame), 0.2, params["seed"])
     x, y = frame[FEATURES].to_numpy(np.float32), frame["y"].to_numpy(np.float32)
     recipe = get_model("logistic", "1")
     update = train_local(recipe, {}, weights, x[train], y[train], epochs=1, batch_size=None,
@@ -200,6 +200,13 @@ def test_a_delta_not_below_one_over_the_training_rows_is_refused(fed):
     # site_c trains on 120 rows (1/120 < 1e-2); the smaller sites' 1/rows stay above it
     assert {site for site, (status, _) in answers.items() if status != "ok"} == {"site_c"}
     assert refusal_rules(answers) == {"dp_delta_too_large"}
+
+
+def test_sample_fraction_below_one_without_dp_is_refused(fed):
+    answers = _send(fed, "fl-sampled", 0, 0, dict(BASE, sample_fraction=0.5))
+    assert refusal_rules(answers) == {"sample_fraction_needs_dp"} and all(s != "ok" for s, _ in answers.values())
+    answers = _send(fed, "fl-sampled-dp", 0, 0, dict(BASE, sample_fraction=0.5, dp=DP))
+    assert all(status == "ok" for status, _ in answers.values()), answers
 
 
 def test_a_study_that_releases_only_dp_results_refuses_a_training_without_dp(fed):

@@ -10,9 +10,10 @@ and anything else is refused (`model_input_mismatch`).
 Rounds (docs/fl.md):
 - 0: each site checks its table (numeric features or an image column, a target of `classes`
   levels, enough rows in each class), splits off a seeded hold-out of `validation_fraction` of
-  its rows and publishes its training and validation row counts; the researcher makes the
-  initial weights from the seed (`medveil.models.init_weights`, the same at every site, which
-  checks round 1's broadcast against it).
+  its rows (`split_rows`: from the seed and the row count, so the node's differencing guard can
+  recompute it, `FederatedTraining.row_sets`) and publishes its training and validation row
+  counts; the researcher makes the initial weights from the seed (`medveil.models.init_weights`,
+  the same at every site, which checks round 1's broadcast against it).
 - 1..R: each site evaluates the broadcast weights on its validation rows (sums of the loss,
   correct predictions and binned class probabilities, `models.evaluate`) and, if the round's
   seeded draw of `sample_fraction` of the sites picks it, trains from them for `local_epochs`
@@ -20,49 +21,66 @@ Rounds (docs/fl.md):
   releasing n_k * w_k, n_k and n_k times its training loss before training; a site not drawn
   releases zeros, so secure aggregation still runs over every site. The new global weights are
   sum(n_k w_k) / sum(n_k). With one full-batch step per round and every site drawn this is
-  exactly gradient descent on the pooled rows.
+  exactly gradient descent on the pooled rows. A sample_fraction below 1 needs `dp`
+  (`sample_fraction_needs_dp`): the researcher chooses the seed, hence the draws, and from round
+  2 on the weights, so rounds drawing {a, b}, {b, c} and {a, c} at one weight vector would solve
+  for each site's own update; under DP-SGD each site's update is private on its own.
 - R+1 (when validation_fraction > 0): each site evaluates the final weights.
 
 Differential privacy (`dp`): each drawn site trains with DP-SGD (per-sample clipping to
 max_grad_norm, Gaussian noise of noise_multiplier z times it, Poisson sampling) and charges
 rho = steps / (2 z^2) (`privacy.dpsgd.dpsgd_rho`: zCDP of the Gaussian mechanism, no
-amplification by subsampling credited) to the researcher's budget at the site before it
-releases anything; no training loss is released. Its validation sums are released with OpenDP
-Gaussian noise of the same multiplier z (rho 1 / (2 z^2) per evaluation, charged with the
-training; `noised_validation` gives the sensitivities). A study that releases only DP results
-refuses a training without `dp` (`dp_required`). A site refuses a delta of 1 / (training rows)
-or more (`dp_delta_too_large`). Each site publishes its steps and Poisson sampling rate per
-round, so the researcher reports epsilon from Opacus' RDP accountant beside the zCDP
-conversion (`FLResult.privacy`).
+amplification by subsampling credited) to the researcher's budget at the site; no training loss
+is released. Its validation sums are released with OpenDP Gaussian noise of the same multiplier
+z (rho 1 / (2 z^2) per evaluation; `noised_validation` gives the sensitivities, which hold for
+any broadcast: `models.evaluate` clamps every logit to +-MAX_LOGIT and every row's loss to
+MAX_ROW_LOSS). A round's whole planned rho (its steps and its evaluation) is charged at the
+start of its local step, before anything is computed, so no outcome of the round (a refusal
+included) is free. DP-SGD's seed is the site's own secret (63 random bits). A study that
+releases only DP results refuses a training without `dp` (`dp_required`); there round 0's
+row counts are released through the node's DP count noise (charged), and each site weights its
+update by its own noisy training count ñ_k (it releases ñ_k w_k and ñ_k, post-processing of DP
+outputs; ñ_k is read back from what round 0 released, so every round and a resumed run use the
+same value). Outside such a study the row counts are exact public facts, and under DP the
+sampling rate each site publishes, 1 / ceil(rows / batch_size), reveals ceil(rows / batch_size).
+A site refuses a delta of 1 / (training rows) or more (`dp_delta_too_large`). Each site
+publishes its steps and Poisson sampling rate per round, so the researcher reports epsilon from
+Opacus' RDP accountant beside the zCDP conversion (`FLResult.privacy`).
 
 Secure aggregation: the sums are fixed-point encoded (round(x * 2**52) in a 112-bit two's
 complement ring, crypto/secagg.py), so each n_k * w_k is carried to 2**-53 absolute (exactly,
 once |n_k w_k| >= 1) and the sum over sites is exact in the ring; a value above 2**50 in
 magnitude (e.g. weights of 1e9 at 1e6 rows, a diverged training) is refused (`secagg_overflow`
-or `analysis_error`) rather than wrapped.
+or `analysis_error`) rather than wrapped. A broadcast weight above MAX_WEIGHT in magnitude is
+refused (`broadcast_malformed`).
 
 What each party learns: the researcher learns, per round, the row-weighted sum of the drawn
 sites' trained weights, their total rows and pooled training loss (hence the global model and
 its loss curve; no loss under DP), the pooled validation sums (loss, accuracy, binned class
 probabilities, hence AUC and calibration; noised under DP), and, per site, its training and
-validation row counts (round 0) and, under DP, its DP-SGD steps, sampling rate and rho charged;
-a site learns the parameters and the global weights of every round; the hub learns nothing
-beyond masked vectors and those public facts. A round draws at least two sites (or every site,
-when fewer take part), so no round's sum is one site's own update.
+validation row counts (round 0; noisy in a DP-only study) and, under DP, its DP-SGD steps,
+sampling rate and rho charged; a site learns the parameters and the global weights of every
+round; the hub learns nothing beyond masked vectors and those public facts. A round draws at
+least two sites (or every site, when fewer take part), and secure aggregation decodes a sum only
+over at least its threshold of surviving sites; within one round no sum is one site's own.
 
-Residual risk: from round 2 on the researcher chooses the broadcast weights, and the pooled
-update at weights of its choosing is a pooled gradient, from which crafted weights (e.g. a ReLU
-unit active on one row only) can reconstruct a row exactly when it stands alone in a site's
-batch ("Robbing the Fed", Fowl et al. 2022). Sites check only that the weights are finite, of
-the model's size, and the agreed initial ones in round 1; DP-SGD is the defence. The binned
-validation sums likewise describe the rows at weights of the researcher's choosing.
+Residual risks: (1) across rounds or tasks with different survivor sets the researcher can
+difference two sums: a hub that drops one site's reply in one round (with dropouts allowed) and
+a second task, or a repeated broadcast, with every site gives that site's own update as the
+difference of the two sums. This is generic to secure aggregation with dropouts; DP-SGD is the
+defence (each site's update is then private on its own). (2) From round 2 on the researcher
+chooses the broadcast weights, and the pooled update at weights of its choosing is a pooled
+gradient, from which crafted weights (e.g. a ReLU unit active on one row only) can reconstruct a
+row exactly when it stands alone in a site's batch ("Robbing the Fed", Fowl et al. 2022). Sites
+check only that the weights are finite, at most MAX_WEIGHT in magnitude, of the model's size,
+and the agreed initial ones in round 1; DP-SGD is the defence. The binned validation sums
+likewise describe the rows at weights of the researcher's choosing.
 """
 
 from __future__ import annotations
 
 import math
 import secrets
-import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,6 +102,7 @@ from medveil.analyses.base import (
     SiteContext,
     finite_array,
     register,
+    released_in,
 )
 from medveil.models.registry import MODEL_NAME, MODEL_VERSION
 from medveil.privacy.disclosure import (
@@ -101,6 +120,7 @@ MAX_SEED = 2**31 - 1
 MAX_CLASSES = 1000
 BINS = 20  # equal-width probability bins of the validation sums (AUC, calibration)
 MIN_DRAWN = 2  # sites trained per round at least (all of them when fewer take part)
+MAX_WEIGHT = 1e6  # largest broadcast weight magnitude a site accepts (honest trainings stay far below)
 VALIDATION_PREFIX = "val_"
 HISTORY = ("round", "rows", "train_loss", "val_rows", "val_loss", "val_accuracy", "val_auc", "val_ece")
 
@@ -211,12 +231,20 @@ def drawn_sites(sites: Sequence[str], fraction: float, seed: int, round_no: int)
     return [ordered[i] for i in sorted(picked)]
 
 
-def split_rows(rows: int, fraction: float, seed: int, site: str) -> tuple[np.ndarray, np.ndarray]:
+def split_rows(rows: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """(training, validation) row positions of a site's complete rows, in table order: a seeded
-    hold-out of round(fraction * rows) rows, drawn from the seed and the site's name."""
+    hold-out of round(fraction * rows) rows, drawn from the seed and the row count only, so the
+    node's differencing guard recomputes it from the parameters and the table
+    (`FederatedTraining.row_sets`) and a resumed run gets the same split."""
     held = int(round(fraction * rows))
-    order = np.random.default_rng([seed, zlib.crc32(site.encode())]).permutation(rows)
+    order = np.random.default_rng([seed, rows]).permutation(rows)
     return np.sort(order[held:]), np.sort(order[:held])
+
+
+def _complete_rows(params: FLParams, data: pd.DataFrame) -> np.ndarray:
+    """Boolean mask of the table's rows complete in every column the training reads."""
+    columns = [*params.features, *([params.image] if params.image else []), params.target]
+    return data[columns].notna().all(axis=1).to_numpy()
 
 
 def _require_isolated_classes(y: np.ndarray, classes: int, policy: DisclosurePolicy) -> None:
@@ -264,10 +292,10 @@ def site_rows(params: FLParams, context: SiteContext) -> SiteRows:
         if context.images is None:
             raise AnalysisError("an image model needs an image-folder dataset; this dataset is a table")
         frame = context.data[[params.image, params.target]]
-    complete = frame.dropna()
+    complete = frame[_complete_rows(params, context.data)]
     y = _target(params, complete[params.target])
     require_min_count(len(y), policy, "this site's training set")
-    train, val = split_rows(len(y), params.validation_fraction, params.seed, context.site)
+    train, val = split_rows(len(y), params.validation_fraction, params.seed)
     require_min_count(len(train), policy, "this site's training set")
     if params.validation_fraction > 0:
         require_min_count(len(val), policy, "this site's validation set")
@@ -296,8 +324,11 @@ def noised_validation(sums: Mapping[str, np.ndarray], noise_multiplier: float) -
     otherwise), and "prob_sum" by at most 1 (its probabilities, one per column, sum to at most
     1 in L2). Each of these five groups is divided by its sensitivity, so the joined vector has
     L2 sensitivity sqrt(5), and noise of scale z * sqrt(5) is added: rho = 1 / (2 z^2), the
-    cost of one DP-SGD step at the same multiplier. Clipping and rounding afterwards (in
-    `validation_metrics`) are post-processing."""
+    cost of one DP-SGD step at the same multiplier. These bounds hold for any weights because
+    `models.evaluate` clamps each logit to +-MAX_LOGIT (NaN to 0) and each row's loss to
+    MAX_ROW_LOSS; a vector that is still not finite is refused (AnalysisError) before noising,
+    since OpenDP's Gaussian does not check its input's domain when invoked. Clipping and
+    rounding afterwards (in `validation_metrics`) are post-processing."""
     import opendp.prelude as dp
 
     from medveil.models.training import MAX_ROW_LOSS
@@ -307,6 +338,8 @@ def noised_validation(sums: Mapping[str, np.ndarray], noise_multiplier: float) -
               "hist_neg": math.sqrt(columns), "prob_sum": 1.0}
     parts = [np.asarray(sums[key], dtype=np.float64) for key in scales]
     vector = np.concatenate([part.ravel() / scales[key] for part, key in zip(parts, scales)])
+    if not np.all(np.isfinite(vector)):
+        raise AnalysisError("the validation sums are not finite; they are not released")
     sensitivity = math.sqrt(5.0)
     dp.enable_features("contrib")
     measurement = dp.m.make_gaussian(dp.vector_domain(dp.atom_domain(T=float, nan=False)), dp.l2_distance(T=float),
@@ -450,7 +483,8 @@ def _site_accounting(public: Mapping[str, Any]) -> tuple[float, int, float | Non
 def privacy_table(params: FLParams, accounts: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
     """Per site: rho charged (as its node published it), DP-SGD steps, sampling rate and noisy
     evaluations, epsilon at delta by Opacus' RDP accountant over that history (the steps
-    subsampled at the site's rate, each evaluation a Gaussian mechanism of the same multiplier)
+    subsampled at the site's rate, each evaluation a Gaussian mechanism of the same multiplier,
+    a DP-only study's noisy round-0 counts one Gaussian release of the rho charged for them)
     and by the zCDP conversion of the rho charged (`privacy.dpsgd.rho_epsilon`), which is larger:
     it credits no amplification by subsampling."""
     # Opacus' accountant directly, not privacy.dpsgd.opacus_epsilon: the history composes two
@@ -468,6 +502,8 @@ def privacy_table(params: FLParams, accounts: Mapping[str, Mapping[str, Any]]) -
             accountant.history.append((z, float(account["sample_rate"]), int(account["steps"])))
         if account["evaluations"]:
             accountant.history.append((z, 1.0, int(account["evaluations"])))
+        if account.get("count_rho", 0.0) > 0:  # round 0's noisy counts: sensitivity 1, sigma 1 / sqrt(2 rho)
+            accountant.history.append((1 / math.sqrt(2 * float(account["count_rho"])), 1.0, 1))
         epsilon = accountant.get_epsilon(delta) if accountant.history else 0.0
         rows.append({"site": site, "rho": float(account["rho"]), "steps": int(account["steps"]),
                      "sample_rate": account["sample_rate"], "evaluations": int(account["evaluations"]),
@@ -476,17 +512,68 @@ def privacy_table(params: FLParams, accounts: Mapping[str, Mapping[str, Any]]) -
     return pd.DataFrame(rows).set_index("site")
 
 
-def planned_rho(params: FLParams, site: str, sites: Sequence[str], train_rows: int) -> float:
-    """The zCDP rho a whole DP training charges at `site`: DP-SGD's steps in the rounds the
-    seeded draws pick it (local_epochs * ceil(rows / batch_size) steps each, Opacus' Poisson
-    batches) and one noisy evaluation per round when validation_fraction > 0."""
+def dp_steps_per_round(params: FLParams, train_rows: int) -> int:
+    """DP-SGD's steps in one round a site is drawn: local_epochs times Opacus' Poisson batches,
+    ceil(rows / batch_size) (one for full batch)."""
+    batch = train_rows if params.batch_size is None else min(params.batch_size, train_rows)
+    return params.local_epochs * math.ceil(train_rows / batch)
+
+
+def round_rho(params: FLParams, round_no: int, site: str, sites: Sequence[str], train_rows: int) -> float:
+    """The zCDP rho one DP round charges at `site`: DP-SGD's steps if the round's seeded draw
+    picks it (`dp_steps_per_round`), and one noisy evaluation when validation_fraction > 0."""
     from medveil.privacy.dpsgd import dpsgd_rho
 
-    per_round = params.local_epochs * (1 if params.batch_size is None else math.ceil(train_rows / params.batch_size))
-    drawn = sum(site in drawn_sites(sites, params.sample_fraction, params.seed, r) for r in range(1, params.rounds + 1))
-    evaluations = params.final_round if params.validation_fraction > 0 else 0
     z = params.dp.noise_multiplier
-    return (dpsgd_rho(z, drawn * per_round) if drawn else 0.0) + evaluations / (2 * z * z)
+    trains = round_no <= params.rounds and site in drawn_sites(sites, params.sample_fraction, params.seed, round_no)
+    training = dpsgd_rho(z, dp_steps_per_round(params, train_rows)) if trains else 0.0
+    return training + (1 / (2 * z * z) if params.validation_fraction > 0 else 0.0)
+
+
+def planned_rho(params: FLParams, site: str, sites: Sequence[str], train_rows: int) -> float:
+    """The zCDP rho a whole DP training charges at `site`: `round_rho` summed over its rounds."""
+    return sum(round_rho(params, r, site, sites, train_rows) for r in range(1, params.final_round + 1))
+
+
+def _noisy_counts(context: SiteContext) -> bool:
+    """Whether this site releases its row counts with DP noise: in a study that releases only DP
+    results, where the node hands the step its (charged) count noise."""
+    return context.dp_required and context.noise is not None
+
+
+def _round_zero_counts(context: SiteContext, rows: SiteRows) -> dict[str, Any]:
+    """Round 0's public counts: training, validation and dropped rows. In a DP-only study they
+    go through the node's count noise as one vector (one row, added or removed, moves one of the
+    three by 1: L2 sensitivity 1), charged by the node; elsewhere they are exact public facts
+    (rows_dropped withheld when small, like any small cell)."""
+    if _noisy_counts(context):
+        noisy = np.asarray(context.noise(np.array([len(rows.y_train), len(rows.y_val), rows.dropped])))
+        return {"rows": int(noisy[0]), "validation_rows": int(noisy[1]), "rows_dropped": int(noisy[2])}
+    return {"rows": len(rows.y_train), "validation_rows": len(rows.y_val),
+            "rows_dropped": public_count(rows.dropped, context.policy)}
+
+
+def _fedavg_rows(context: SiteContext, train_rows: int) -> int:
+    """n_k, the weight of this site's update in FedAvg: its training rows, or in a DP-only study
+    its noisy training count as round 0 released it (at least 1), so that neither n_k w_k nor the
+    summed n_k carries an exact count and every round (and a resumed run) uses the same value."""
+    if not _noisy_counts(context):
+        return train_rows
+    released = released_in(dict(context.memory), 0).get("rows")
+    if isinstance(released, bool) or not isinstance(released, int):
+        raise AnalysisError("this site recorded no noisy row count in round 0 of this task")
+    return max(released, 1)
+
+
+def _require_dp_for_sampling(params: FLParams) -> None:
+    """sample_fraction below 1 only with DP: the researcher picks the seed, hence each round's
+    draw, and from round 2 on the weights, so three rounds drawing {a, b}, {b, c}, {a, c} at
+    one weight vector would solve for each site's own update (under DP-SGD it is private)."""
+    if params.sample_fraction < 1 and params.dp is None:
+        raise DisclosureRefused("sample_fraction_needs_dp", f"sample_fraction below 1 needs dp (got "
+                                                            f"{params.sample_fraction:g}): without DP-SGD, rounds "
+                                                            f"drawing different sites would give each site's own "
+                                                            f"update")
 
 
 def _require_planned_budget(params: FLParams, context: SiteContext, train_rows: int) -> None:
@@ -511,9 +598,11 @@ class FederatedTraining(Analysis[FLParams]):
 
     def parse_params(self, raw: dict[str, Any]) -> FLParams:
         """Typed parameters whose model is registered here (`unknown_model`), whose
-        hyperparameters the recipe's schema accepts (a ValidationError: `invalid_parameters`)
-        and whose recipe reads what the parameters give it (`model_input_mismatch`)."""
+        hyperparameters the recipe's schema accepts (a ValidationError: `invalid_parameters`),
+        whose recipe reads what the parameters give it (`model_input_mismatch`) and which sample
+        sites only with DP (`sample_fraction_needs_dp`)."""
         params = super().parse_params(raw)
+        _require_dp_for_sampling(params)
         hyper_of(params)
         reads = recipe_of(params).inputs
         if (params.image is not None) != (reads == "image"):
@@ -525,13 +614,32 @@ class FederatedTraining(Analysis[FLParams]):
     def variables(self, params: FLParams) -> list[str]:
         return sorted({*params.features, params.target, *([params.image] if params.image else [])})
 
+    def row_sets(self, params: FLParams, data: pd.DataFrame, round_no: int = 0,
+                 broadcast: dict[str, Any] | None = None, policy: DisclosurePolicy | None = None
+                 ) -> list[np.ndarray]:
+        """Round 0: the complete rows, the training rows and the validation rows (`split_rows`),
+        as masks over `data`'s rows; the guard then refuses a task whose split differs from an
+        earlier one's by a few rows (nested hold-outs of two validation fractions or seeds would
+        otherwise give those rows' labels and features from two tasks' validation sums). Later
+        rounds rest on the same rows."""
+        if round_no != 0:
+            return []
+        complete = _complete_rows(params, data)
+        positions = np.flatnonzero(complete)
+        masks = [complete]
+        for part in split_rows(len(positions), params.validation_fraction, params.seed):
+            mask = np.zeros(len(data), dtype=bool)
+            mask[positions[part]] = True
+            masks.append(mask)
+        return masks
+
     def progress(self, params: FLParams, state: dict[str, Any]) -> tuple[int, int] | None:
         return len(state.get("history", {}).get("round", [])), params.final_round
 
     def check_broadcast(self, params: FLParams, round_no: int, broadcast: dict[str, Any],
                         memory: dict[str, Any]) -> None:
-        """Round 0: nothing. Rounds 1..final: exactly {"weights"}, finite, of the model's size;
-        in round 1, exactly the initial weights of the agreed seed. No round after the last."""
+        """Round 0: nothing. Rounds 1..final: exactly {"weights"}, finite, of the model's size,
+        each at most MAX_WEIGHT in magnitude; in round 1, exactly the initial weights of the agreed seed. No round after the last."""
         if round_no == 0:
             super().check_broadcast(params, round_no, broadcast, memory)
             return
@@ -545,6 +653,9 @@ class FederatedTraining(Analysis[FLParams]):
             initial = initial_weights(params)
             memory["fl_size"] = int(initial.size)
         weights = finite_array(broadcast["weights"], (memory["fl_size"],))
+        if weights.size and float(np.max(np.abs(weights))) > MAX_WEIGHT:
+            raise BroadcastRefused("broadcast_malformed", f"round {round_no}'s weights exceed {MAX_WEIGHT:g} in "
+                                                          f"magnitude (no honest training reaches that)")
         if round_no == 1 and not np.array_equal(weights, initial):
             raise BroadcastRefused("broadcast_not_initial", "round 1's weights are not the initial weights of "
                                                             "the agreed seed")
@@ -555,6 +666,7 @@ class FederatedTraining(Analysis[FLParams]):
         if context.dp_required and params.dp is None:
             raise DisclosureRefused("dp_required", "this study releases only differentially private results: "
                                                    "train with dp={noise_multiplier, max_grad_norm, delta}")
+        _require_dp_for_sampling(params)
         if params.dp is not None and context.charge_privacy is None:
             raise AnalysisError("this node cannot charge differential privacy to a budget")
         rows = site_rows(params, context)
@@ -562,26 +674,28 @@ class FederatedTraining(Analysis[FLParams]):
         if params.dp is not None and not params.dp.delta < 1.0 / train_rows:
             raise DisclosureRefused("dp_delta_too_large", f"delta={params.dp.delta:g} is not below 1 / "
                                                           f"{train_rows} (this site's training rows)")
+        sites = context.data_sites or (context.site,)
         if round_no == 0:
             if params.dp is not None:
                 _require_planned_budget(params, context, train_rows)
-            return Release(public={"rows": train_rows, "validation_rows": len(rows.y_val),
-                                   "rows_dropped": public_count(rows.dropped, context.policy),
-                                   "inputs": n_inputs(params)})
+            return Release(public={**_round_zero_counts(context, rows), "inputs": n_inputs(params)})
         from medveil.models import evaluate, train_local
 
         weights = finite_array(broadcast["weights"], (int(context.memory.get("fl_size", -1)),))
         recipe, hyper = recipe_of(params), hyper_of(params)
+        rho = 0.0 if params.dp is None else round_rho(params, round_no, context.site, sites, train_rows)
+        if rho > 0:
+            # The whole round is paid before anything is computed from the rows: no outcome of it
+            # (a refusal after a crafted broadcast included) is a free answer about them.
+            context.charge_privacy(rho)
         sums: dict[str, np.ndarray] = {}
         public: dict[str, Any] = {}
-        rho = 0.0
         if params.validation_fraction > 0:
             evaluated = evaluate(recipe, hyper, weights, rows.X_val, rows.y_val, classes=params.classes, bins=BINS)
             if params.dp is not None:
-                evaluated, rho = noised_validation(evaluated, params.dp.noise_multiplier)
+                evaluated, _ = noised_validation(evaluated, params.dp.noise_multiplier)
             sums.update({VALIDATION_PREFIX + key: np.asarray(value) for key, value in evaluated.items()})
         if round_no <= params.rounds:
-            sites = context.data_sites or (context.site,)
             if context.site in drawn_sites(sites, params.sample_fraction, params.seed, round_no):
                 dp, seed = None, round_seed(params.seed, round_no)
                 if params.dp is not None:
@@ -589,8 +703,8 @@ class FederatedTraining(Analysis[FLParams]):
 
                     dp = DPSGD(noise_multiplier=params.dp.noise_multiplier, max_grad_norm=params.dp.max_grad_norm)
                     # DP-SGD's noise and Poisson sample must be secret: drawn from the researcher's seed, the
-                    # researcher could replay the noise and subtract it. The site draws its own seed.
-                    seed = secrets.randbelow(MAX_SEED)
+                    # researcher could replay the noise and subtract it. The site draws its own 63-bit seed.
+                    seed = secrets.randbits(63)
                 update = train_local(recipe, hyper, weights, rows.X_train, rows.y_train, epochs=params.local_epochs,
                                      batch_size=params.batch_size, lr=params.lr, algorithm=params.algorithm,
                                      mu=params.mu, seed=seed, classes=params.classes, dp=dp,
@@ -599,29 +713,30 @@ class FederatedTraining(Analysis[FLParams]):
                 loss = 0.0 if update.loss_before is None else float(update.loss_before)
                 if not (np.all(np.isfinite(trained)) and np.isfinite(loss)):
                     raise AnalysisError("local training diverged (weights or loss not finite): lower the learning rate")
-                n = int(update.rows)
+                if params.dp is not None and int(update.steps) != dp_steps_per_round(params, train_rows):
+                    raise AnalysisError(f"DP-SGD took {update.steps} steps, not the "
+                                        f"{dp_steps_per_round(params, train_rows)} charged; nothing is released")
+                n = _fedavg_rows(context, int(update.rows))
                 sums.update({"weighted": n * trained, "rows": np.array([n], dtype=np.int64)})
                 if params.dp is None:
                     sums["loss"] = np.array([n * loss])
                 else:
-                    from medveil.privacy.dpsgd import dpsgd_rho
-
-                    rho += dpsgd_rho(params.dp.noise_multiplier, int(update.steps))
                     public.update({"dp_steps": int(update.steps), "dp_sample_rate": float(update.sample_rate)})
             else:
                 sums.update({"weighted": np.zeros_like(weights), "rows": np.zeros(1, dtype=np.int64)})
                 if params.dp is None:
                     sums["loss"] = np.zeros(1)
-        if rho > 0:
-            context.charge_privacy(rho)  # before anything it pays for is released
         return Release(sums=sums, public=public)
 
     def global_step(self, params: FLParams, round_no: int, aggregated: Aggregated,
                     state: dict[str, Any]) -> NextRound | Finished:
         if round_no == 0:
             weights = initial_weights(params)
-            accounts = {site: {"rho": 0.0, "steps": 0, "sample_rate": None, "evaluations": 0}
-                        for site in aggregated.sites}
+            # a DP-only study's noisy round-0 counts are charged too (one Gaussian count release)
+            accounts = {site: {"rho": _site_accounting(aggregated.public[site])[0], "steps": 0, "sample_rate": None,
+                               "evaluations": 0} for site in aggregated.sites}
+            for account in accounts.values():
+                account["count_rho"] = account["rho"]
             return NextRound({"weights": weights}, {"weights": weights, "history": {key: [] for key in HISTORY},
                                                     "accounts": accounts})
         history = {key: list(values) for key, values in state["history"].items()}

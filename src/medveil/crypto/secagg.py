@@ -20,6 +20,7 @@ Encoding refuses |x| > 2**50 and non-finite values instead of wrapping.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import numpy as np
@@ -56,20 +57,24 @@ class FixedPointOverflow(ValueError):
 def encode_fixed(values: np.ndarray) -> np.ndarray:
     """float64 array -> uint64 array of shape values.shape + (2,) (low limb, high limb)."""
     x = np.asarray(values, dtype=np.float64)
-    if not np.all(np.isfinite(x)):
+    lowest, highest = (float(np.min(x)), float(np.max(x))) if x.size else (0.0, 0.0)  # NaN if any is NaN
+    if not (math.isfinite(lowest) and math.isfinite(highest)):
         raise FixedPointOverflow("cannot encode NaN or infinite values")
-    if x.size and np.max(np.abs(x)) > MAX_ABS:
+    if max(-lowest, highest) > MAX_ABS:
         raise FixedPointOverflow(f"a value exceeds the fixed-point bound {MAX_ABS:.3g}")
-    scaled = np.rint(x * _SCALE)  # exact integers in float64 (53 significant bits at most)
-    magnitude = np.abs(scaled)
-    high = np.floor(magnitude / 2.0**LIMB_BITS)
-    low = np.asarray(magnitude - high * 2.0**LIMB_BITS).astype(np.uint64)  # exact: bits of the magnitude
-    high = np.asarray(high).astype(np.uint64)
-    negative = np.asarray(scaled < 0)
+    scaled = np.multiply(x, _SCALE, out=np.empty_like(x))
+    np.rint(scaled, out=scaled)  # exact integers in float64 (53 significant bits at most)
+    # scaled = a * 2**40 + b with a = floor(scaled / 2**40) (|a| < 2**63) and 0 <= b < 2**40, both
+    # exact in float64 and then int64; the 112-bit two's complement's limbs follow in integers alone
+    # (its low limb: the low 56 bits of a * 2**40 + b; its high limb: a shifted right by 16).
+    a = np.floor(scaled * 2.0**-40)
+    b = (scaled - a * 2.0**40).astype(np.int64)
+    high = a.astype(np.int64)
+    low = np.left_shift(high, 40) | b
+    high >>= LIMB_BITS - 40
     out = np.empty(x.shape + (LIMBS,), dtype=np.uint64)
-    # Two's complement over 112 bits, taken in integers (a float subtraction would round).
-    out[..., 0] = np.where(negative, (np.uint64(1 << LIMB_BITS) - low) & _LIMB_MASK, low)
-    out[..., 1] = np.where(negative, (_LIMB_MASK - high + (low == 0)) & _LIMB_MASK, high)
+    np.bitwise_and(low.view(np.uint64), _LIMB_MASK, out=out[..., 0])
+    np.bitwise_and(high.view(np.uint64), _LIMB_MASK, out=out[..., 1])
     return out
 
 
@@ -129,11 +134,43 @@ def mask_seed(secret: bytes, context: bytes) -> bytes:
     return _hkdf(secret, b"|mask|" + context)
 
 
+_BLOCK_WORDS = 1 << 16  # masks are expanded and added 512 KiB at a time, so the block stays in cache
+_ZEROS = bytes(_BLOCK_WORDS * 8)
+
+
+class _Keystream:
+    """The AES-256-CTR keystream under one seed, read in consecutive blocks of uint64 words
+    (the same words `expand` returns, without holding the whole stream in memory)."""
+
+    def __init__(self, seed: bytes):
+        self._encryptor = Cipher(algorithms.AES(seed), modes.CTR(b"\x00" * 16)).encryptor()
+        self._buffer = bytearray(_BLOCK_WORDS * 8 + 15)
+
+    def next(self, words: int) -> np.ndarray:
+        """The next `words` words (a view into a buffer that the following call overwrites)."""
+        written = self._encryptor.update_into(memoryview(_ZEROS)[:words * 8], self._buffer)
+        return np.frombuffer(self._buffer, dtype="<u8", count=written // 8)
+
+
 def expand(seed: bytes, count: int) -> np.ndarray:
     """`count` pseudo-random uint64 words: the AES-256-CTR keystream under `seed`."""
-    encryptor = Cipher(algorithms.AES(seed), modes.CTR(b"\x00" * 16)).encryptor()
-    stream = encryptor.update(bytes(count * 8)) + encryptor.finalize()
-    return np.frombuffer(stream, dtype="<u8").astype(np.uint64, copy=False)
+    out = np.zeros(count, dtype=np.uint64)
+    _add_streams(out, [(seed, 1)])
+    return out
+
+
+def _add_streams(target: np.ndarray, streams: list[tuple[bytes, int]]) -> None:
+    """target += sign * expand(seed) for each (seed, sign), modulo 2**64, in place, block by block:
+    each block of the target is read and written once whatever the number of streams."""
+    keystreams = [(_Keystream(seed), sign) for seed, sign in streams]
+    for start in range(0, target.size, _BLOCK_WORDS):
+        block = target[start:start + _BLOCK_WORDS]
+        for keystream, sign in keystreams:
+            words = keystream.next(block.size)
+            if sign > 0:
+                np.add(block, words, out=block)
+            else:
+                np.subtract(block, words, out=block)
 
 
 def pair_sign(me: str, peer: str) -> int:
@@ -145,33 +182,32 @@ def apply_masks(encoded: np.ndarray, me: str, seeds: dict[str, bytes], self_seed
     """Add (or subtract) one expanded mask per peer to the flat uint64 encoding, modulo 2**64,
     and the expanded self mask of `self_seed` when given (double masking)."""
     masked = np.array(encoded, dtype=np.uint64, copy=True).ravel()
-    if self_seed is not None:
-        masked += expand(self_seed, masked.size)
-    for peer, seed in seeds.items():
-        if pair_sign(me, peer) > 0:
-            masked += expand(seed, masked.size)
-        else:
-            masked -= expand(seed, masked.size)
+    streams = [] if self_seed is None else [(self_seed, 1)]
+    _add_streams(masked, streams + [(seed, pair_sign(me, peer)) for peer, seed in seeds.items()])
     return masked
 
 
 def dropped_mask_total(dropped: str, seeds_with_submitters: dict[str, bytes], count: int) -> np.ndarray:
     """The uncancelled masks that submitters added for a site that never submitted, to subtract."""
     total = np.zeros(count, dtype=np.uint64)
-    for submitter, seed in seeds_with_submitters.items():
-        if pair_sign(submitter, dropped) > 0:
-            total += expand(seed, count)
-        else:
-            total -= expand(seed, count)
+    _add_streams(total, [(seed, pair_sign(submitter, dropped)) for submitter, seed in seeds_with_submitters.items()])
     return total
 
 
 def self_mask_total(self_seeds: list[bytes], count: int) -> np.ndarray:
     """The submitters' self masks, summed, to subtract from the total once their seeds are rebuilt."""
     total = np.zeros(count, dtype=np.uint64)
-    for seed in self_seeds:
-        total += expand(seed, count)
+    _add_streams(total, [(seed, 1) for seed in self_seeds])
     return total
+
+
+def remove_masks(total: np.ndarray, self_seeds: list[bytes], dropped: dict[str, dict[str, bytes]]) -> None:
+    """In place: total -= self_mask_total(self_seeds) + the dropped_mask_total of each dropped site
+    ({dropped site: {submitter: seed}}), in one pass over `total`."""
+    streams = [(seed, -1) for seed in self_seeds]
+    for site, seeds in dropped.items():
+        streams += [(seed, -pair_sign(submitter, site)) for submitter, seed in seeds.items()]
+    _add_streams(total, streams)
 
 
 # --- Shamir secret sharing of the self-mask seeds -----------------------------------------

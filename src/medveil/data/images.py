@@ -22,9 +22,11 @@ at a time (`ImageFolder.rows(...).batch(indices)`), as float32 arrays in [0, 1] 
   that bright is dense in every image) and min-max scaled to [0, 1] per image.
 
 What leaves this module is the labels table and pixel arrays, nothing of a DICOM header and no
-file's contents: an error names the dataset, the image file (as the labels file lists it) and the
-labels file's line, and says what is wrong in its own words, never a decoder's message (which
-could quote the file). The site's analyses decide what of the pixels is released (a model's
+file's contents: an error names the dataset, the labels file and the labels line, and says what
+is wrong in its own words, never a decoder's message (which could quote the file), and never the
+labels entry itself: a file name can identify a patient and errors reach the researcher (the
+node refuses with them). The entry is logged at the site instead (this module's logger, at
+warning level), for the steward. The site's analyses decide what of the pixels is released (a model's
 weights under secure aggregation, for federated learning); BurnedInAnnotation can only be checked
 where a file sets it: a site steward who has images with burnt-in text not so marked must clean
 them before registering the folder.
@@ -33,10 +35,12 @@ them before registering the folder.
 from __future__ import annotations
 
 import csv
+import logging
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 
@@ -44,6 +48,8 @@ import numpy as np
 import pandas as pd
 
 from medveil.data.sources import DataError, DatasetConfig, read_csv
+
+logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = {".png": "png", ".dcm": "dicom", ".dicom": "dicom"}
 MAX_IMAGE_PIXELS = 40_000_000  # declared width x height (x samples for DICOM) of one image; a 6000 x 6000 radiograph fits
@@ -92,7 +98,8 @@ class ImageFolder:
         first_line: dict[str, str] = {}
         for entry, line in zip(table[column].tolist(), lines, strict=True):
             where = f"dataset {name!r}: labels file {labels_file}, {line}"
-            _checked_path(folder, entry, where)
+            with _logged(entry):
+                _checked_path(folder, entry, where)
             first_line.setdefault(entry, line)
         return cls(name, folder, table, column, labels_file, first_line)
 
@@ -118,19 +125,20 @@ class ImageFolder:
         if line is None:
             raise DataError(f"dataset {self.name!r}: a file asked for is not listed in file column "
                             f"{self.file_column!r} of labels file {self.labels_file}")
-        where = f"dataset {self.name!r}: image {_shown(entry)} (labels file {self.labels_file}, {line})"
-        path = _checked_path(self.folder, entry, where)  # again: the folder may have changed since
-        stat = path.stat()
-        key = (entry, channels, size, stat.st_ino, stat.st_size, stat.st_mtime_ns)
-        image = self._cache.get(key)
-        if image is None:
-            if IMAGE_EXTENSIONS[path.suffix.lower()] == "png":
-                planes = _read_png(path, channels, where)
-            else:
-                planes = _read_dicom(path, channels, where)
-            image = np.stack([_resized(plane, size) for plane in planes]).astype(np.float32, copy=False)
-            image.flags.writeable = False
-            self._cache.put(key, image)
+        where = f"dataset {self.name!r}: labels file {self.labels_file}, {line}"
+        with _logged(entry):
+            path = _checked_path(self.folder, entry, where)  # again: the folder may have changed since
+            stat = path.stat()
+            key = (entry, channels, size, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+            image = self._cache.get(key)
+            if image is None:
+                if IMAGE_EXTENSIONS[path.suffix.lower()] == "png":
+                    planes = _read_png(path, channels, where)
+                else:
+                    planes = _read_dicom(path, channels, where)
+                image = np.stack([_resized(plane, size) for plane in planes]).astype(np.float32, copy=False)
+                image.flags.writeable = False
+                self._cache.put(key, image)
         return image
 
 
@@ -219,9 +227,20 @@ def _refuse_nul(name: str, labels_file: Path) -> None:
 
 
 def _shown(entry: object) -> str:
-    """A labels entry as an error shows it: quoted, at most 80 characters."""
+    """A labels entry as the site's log shows it: quoted, at most 80 characters."""
     text = repr(entry)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+@contextmanager
+def _logged(entry: object) -> Iterator[None]:
+    """Log a DataError's labels entry at the site (warning), since the error itself, which may
+    leave the site, does not name it."""
+    try:
+        yield
+    except DataError as exc:
+        logger.warning("%s [labels entry %s]", exc, _shown(entry))
+        raise
 
 
 def _checked_path(folder: Path, entry: object, where: str) -> Path:
@@ -229,22 +248,22 @@ def _checked_path(folder: Path, entry: object, where: str) -> Path:
     if not isinstance(entry, str) or not entry.strip():
         raise DataError(f"{where}: the file name is empty")
     if PurePath(entry).is_absolute() or entry.startswith(("/", "\\")) or (len(entry) > 1 and entry[1] == ":"):
-        raise DataError(f"{where}: the file name {_shown(entry)} is absolute; it must be relative to the folder")
+        raise DataError(f"{where}: the file name is absolute; it must be relative to the folder")
     suffix = PurePath(entry).suffix.lower()
     if suffix not in IMAGE_EXTENSIONS:
-        raise DataError(f"{where}: the file {_shown(entry)} is not a .png, .dcm or .dicom file")
+        raise DataError(f"{where}: the file is not a .png, .dcm or .dicom file")
     try:
         path = (folder / entry).resolve()
     except (OSError, RuntimeError):  # a symlink loop
-        raise DataError(f"{where}: the file {_shown(entry)} cannot be resolved (a symlink loop?)") from None
+        raise DataError(f"{where}: the file cannot be resolved (a symlink loop?)") from None
     if not path.is_relative_to(folder):
-        raise DataError(f"{where}: the file {_shown(entry)} lies outside the image folder")
+        raise DataError(f"{where}: the file lies outside the image folder")
     if not path.exists():
-        raise DataError(f"{where}: the file {_shown(entry)} does not exist in the folder")
+        raise DataError(f"{where}: the file does not exist in the folder")
     if path.suffix.lower() not in IMAGE_EXTENSIONS:
-        raise DataError(f"{where}: the file {_shown(entry)} links to a file that is not .png, .dcm or .dicom")
+        raise DataError(f"{where}: the file links to a file that is not .png, .dcm or .dicom")
     if not path.is_file():
-        raise DataError(f"{where}: {_shown(entry)} is not a regular file")
+        raise DataError(f"{where}: the file is not a regular file")
     return path
 
 

@@ -31,6 +31,7 @@ _TORCH_RNG = threading.RLock()
 
 MAX_CLASSES = 1_000
 MAX_ROW_LOSS = 20.0  # nats: one row moves a summed loss by at most this much (evaluate clips each row's loss)
+MAX_LOGIT = 50.0  # evaluate clamps logits to +-this (NaN to 0): any weights give finite losses and probabilities
 PHYSICAL_BATCH = 256  # image rows (or lazily read rows) through the network at once
 MAX_BINS = 1_000
 
@@ -438,13 +439,21 @@ def evaluate(recipe: ModelRecipe, hyper: BaseModel | dict[str, Any] | None, weig
     clipped at MAX_ROW_LOSS), "correct", and per class column (one for two classes: P(class 1);
     K one-vs-rest otherwise) "hist_pos"/"hist_neg" (rows whose label is / is not that class, by
     bin of the predicted probability) and "prob_sum" (summed probabilities per bin). Sites add
-    them under secure aggregation; `medveil.models.metrics.pooled_metrics` turns the sums into metrics."""
+    them under secure aggregation; `medveil.models.metrics.pooled_metrics` turns the sums into metrics.
+
+    Whatever the weights (a hostile broadcast may overflow a float32 logit to inf, or give
+    inf - inf = NaN for one row only), each logit is taken in float64 with NaN as 0 and clamped
+    to [-MAX_LOGIT, MAX_LOGIT] before the loss and probabilities: every row's loss is finite and
+    at most MAX_ROW_LOSS, every probability in [0, 1], so one row moves each sum by a bounded
+    amount (the sensitivities DP noise is scaled to) and no row can make evaluation fail. An
+    honest model's logits beyond +-50 give the same bins and a loss already clipped."""
     import torch
 
     if isinstance(bins, bool) or not isinstance(bins, int) or not 1 <= bins <= MAX_BINS:
         raise ValueError(f"bins must be an int in 1..{MAX_BINS}, got {bins!r}")
     _, rows, labels, module = _prepared(recipe, hyper, weights, X, y, classes)
-    logits = _logits(module, rows).to(torch.float64)
+    logits = torch.nan_to_num(_logits(module, rows).to(torch.float64), nan=0.0, posinf=MAX_LOGIT, neginf=-MAX_LOGIT)
+    logits = logits.clamp(-MAX_LOGIT, MAX_LOGIT)
     if classes == 2:
         losses = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.to(torch.float64), reduction="none")
         probabilities = torch.sigmoid(logits).numpy()[:, None]

@@ -362,9 +362,10 @@ def create_hub_app(store: HubStore, *, operator_key: VerifyKey, max_bytes: int =
         task, step = store.task(task_id), store.step(task_id, number)
         if task is None or step is None or task.researcher != researcher:
             raise refuse(404, "not_found", f"no step {number} of task {task_id!r} for {researcher!r}")
-        items = await long_poll(
-            f"replies:{task_id}:{number}", wait, lambda: store.replies(task_id, number),
+        await long_poll(
+            f"replies:{task_id}:{number}", wait, lambda: store.reply_senders(task_id, number),
             lambda found: len(found) >= len(step.recipients) and all_replied(task_id, number, found))
+        items = store.replies(task_id, number)
         return Response(msgpack.packb([m.envelope for m in items], use_bin_type=True), media_type=BINARY)
 
     @app.get("/v1/tasks/{task_id}/steps/{number}/senders")
@@ -375,7 +376,7 @@ def create_hub_app(store: HubStore, *, operator_key: VerifyKey, max_bytes: int =
         task = store.task(task_id)
         if step is None or task is None or (party not in step.recipients and party != task.researcher):
             raise refuse(404, "not_found", f"no step {number} of task {task_id!r} for {party!r}")
-        return sorted({open_envelope(m.envelope, max_bytes).sender for m in store.replies(task_id, number)})
+        return sorted(set(store.reply_senders(task_id, number)))
 
     @app.post("/v1/tasks/{task_id}/result", openapi_extra=ENVELOPE_BODY)
     async def post_result(task_id: Id, request: Request) -> dict[str, Any]:

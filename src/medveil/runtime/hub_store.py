@@ -341,6 +341,12 @@ class HubStore:
             )
             return [self._stored(*row) for row in rows]
 
+    def reply_senders(self, task_id: str, number: int) -> list[str]:
+        """The senders of a step's replies (as verified when posted), without reading their bodies."""
+        with self._session() as s:
+            return list(s.scalars(select(Message.sender).where(Message.task == task_id, Message.step == number,
+                                                               Message.kind == "reply").order_by(Message.seq)))
+
     def set_result(self, task_id: str, status: str, result: dict[str, Any]) -> None:
         with self._lock, self._session() as s:
             task = s.get(Task, task_id)

@@ -583,9 +583,9 @@ class CoordinatorState:
         if len(layouts) != 1:
             raise ValueError("sites sent masked vectors of different layouts")
         layout = [(name, shape) for name, shape in next(iter(layouts))]
-        total = np.zeros_like(np.asarray(masked[submitters[0]]["masked"], dtype=np.uint64))
-        for body in masked.values():
-            total += np.asarray(body["masked"], dtype=np.uint64)
+        total = np.array(masked[submitters[0]]["masked"], dtype=np.uint64, copy=True)
+        for site in submitters[1:]:
+            np.add(total, np.asarray(masked[site]["masked"], dtype=np.uint64), out=total)
         self_seeds = []
         for q in submitters:
             shares = {participants.index(v) + 1: int(body["self_mask_shares"][q], 16)
@@ -594,11 +594,11 @@ class CoordinatorState:
                 raise SecureAggregationAborted(f"only {len(shares)} shares of a self mask came back "
                                                f"(threshold {self.threshold})")
             self_seeds.append(secagg.combine_secret(shares, self.threshold))
-        total -= secagg.self_mask_total(self_seeds, total.size)
+        dropped = {}
         for d in (p for p in participants if p not in masked):
             if not all(d in revealed.get(q, {}).get("dropped_seeds", {}) for q in submitters):
                 raise SecureAggregationAborted("a dropout's masks can be removed only when every submitter "
                                                "answers the unmask step")
-            seeds = {q: base64.b64decode(revealed[q]["dropped_seeds"][d]) for q in submitters}
-            total -= secagg.dropped_mask_total(d, seeds, total.size)
+            dropped[d] = {q: base64.b64decode(revealed[q]["dropped_seeds"][d]) for q in submitters}
+        secagg.remove_masks(total, self_seeds, dropped)
         return secagg.unflatten(secagg.decode_fixed(total.reshape(-1, secagg.LIMBS)), layout)
