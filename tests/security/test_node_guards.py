@@ -142,7 +142,8 @@ def test_noise_drawn_for_a_release_that_is_then_refused_is_still_charged(fed):
     spec = fed.network.add_study("dp-refused", {"default": ["x"]}, dp_rho_per_release=0.25)
     account = node.dp_account(spec)
     before = node.store.budget_spent(account)
-    noise = node._dp_noise(spec, get_analysis("histogram"))
+    charger = node._privacy_charger(spec)
+    noise = node._dp_noise(spec, get_analysis("histogram"), charger)
     noise(np.array([10.0, 20.0]))  # the release would be refused after this point
     assert node.store.budget_spent(account) == pytest.approx(before + 0.25)
-    assert json.loads(json.dumps(noise.charged)) == 0.25
+    assert json.loads(json.dumps(charger.charged)) == 0.25
