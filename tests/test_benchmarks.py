@@ -26,6 +26,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
     ("vertical.py", ["--rows", "3000", "--label", "3", "--features", "3"]),
     ("paillier.py", ["--rows", "2000", "--label-columns", "3", "--feature-columns", "3", "--samples", "4"]),
     ("fl.py", ["--sites", "3", "--rows", "200", "--features", "5", "--hidden", "16", "--rounds", "2", "--no-flower"]),
+    ("pir.py", ["--records", "5000", "--keyword-cols", "64", "--repeats", "1"]),
 ])
 def test_benchmark_runs(script, args):
     completed = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True,

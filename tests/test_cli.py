@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -34,7 +35,8 @@ def _invoke(*args: str) -> str:
 
 
 def test_help_everywhere():
-    for command in ([], ["hub"], ["hub", "invite"], ["node"], ["study"], ["run"], ["audit"], ["fingerprint"]):
+    for command in ([], ["hub"], ["hub", "invite"], ["node"], ["study"], ["run"], ["audit"], ["fingerprint"], ["pir"],
+                    ["pir", "build"], ["pir", "status"], ["run", "lookup"]):
         assert "Usage" in runner.invoke(app, [*command, "--help"]).output
 
 
@@ -199,3 +201,62 @@ def test_key_files_are_private_from_creation_whatever_the_umask(tmp_path):
     (tmp_path / "site" / "node.key").chmod(0o644)
     with pytest.raises(KeyFileError, match="open to other users"):
         Node.from_config_file(tmp_path / "site" / "site.yaml")
+
+
+@pytest.fixture(scope="module")
+def pir_federation(tmp_path_factory):
+    """Two sites with a PLINK fileset and a phenotype table each (tests/runtime/test_pir_service.py's
+    synthetic sites) over a real hub, and a study that lists variant_profile and the beacon."""
+    from tests.runtime.test_pir_service import MIN, synthetic_site
+
+    import medveil.analyses.beacon  # noqa: F401 - registers the beacon for the study's analyses
+    from medveil.privacy.disclosure import DisclosurePolicy
+
+    folder = tmp_path_factory.mktemp("pir")
+    sites, truth = {}, {}
+    for seed, site in enumerate(("north", "south")):
+        bed, table, variants, dosage = synthetic_site(folder / site, seed)
+        table.to_csv(folder / site / "pheno.csv", index=False)
+        sites[site], truth[site] = {"pheno": folder / site / "pheno.csv", "geno": bed}, (table, variants, dosage)
+    with mv.Federation.simulate(sites, timeout=120, policy=DisclosurePolicy(min_cell_count=MIN)) as fed:
+        spec = fed.network.add_study("lookups", {"pheno": ["iid"], "geno": []}, services=["variant_profile"])
+        key = folder / "researcher.key"
+        write_private_key(key, fed.network.researcher.key)
+        yield fed, spec, key, truth, folder
+
+
+@pytest.mark.e2e
+def test_pir_build_status_and_run_lookup(pir_federation):
+    from tests.runtime.test_pir_service import GROUPS, expected_records
+
+    fed, spec, key, truth, folder = pir_federation
+    network = fed.network
+    for site in spec.sites:
+        output = _invoke("pir", "build", "--config", str(network.workdir / site / "site.yaml"), "--dataset", "pheno",
+                         "--genotypes", "geno", "--steward-key", str(network.steward_key_path(site)),
+                         "--option", f"group_columns={','.join(GROUPS)}", "--option", "slots=4")
+        assert f"{site} built variant_profile" in output and "records" in output
+    status = _invoke("pir", "status", "--config", str(network.workdir / "north" / "site.yaml"))
+    assert _table_row(status, "stale")["value"] == "no"
+    assert _table_row(status, "p")["value"].isdigit() and _table_row(status, "layout")["value"].startswith("256 rows")
+    expected = expected_records(*truth["north"])
+    present = sorted(k for k, v in expected.items() if v is not None)[0]
+    output = _invoke("run", "lookup", "--variant", present, "--variant", "9:1:A:G", "--site", "north",
+                     "--cache-dir", str(network.workdir / "pir-cache"), "--hub", network.hub.url,
+                     "--identity", str(key), "--study", spec.id)
+    assert _table_row(output, "found") == {"field": "found", present: "yes", "9:1:A:G": "no record"}
+    assert _table_row(output, "carriers") == {"field": "carriers", present: str(expected[present]["total"]),
+                                              "9:1:A:G": "-"}
+    hom = expected[present]["hom_alt"]
+    assert _table_row(output, "hom_alt")[present] == ("suppressed" if hom is None else str(hom))
+    assert "whole column" in output
+    assert any((network.workdir / "pir-cache" / spec.id).glob("north.*.hint"))  # the hint is kept for next time
+    bad = runner.invoke(app, ["run", "lookup", "--variant", "1:100:A", "--site", "north", "--hub", network.hub.url,
+                              "--identity", str(key), "--study", spec.id])
+    assert bad.exit_code == 1 and "chrom:pos:REF:ALT" in bad.output
+    # the table changes: status reports the build stale (rebuilding is the steward's call, never automatic)
+    table_file = folder / "north" / "pheno.csv"
+    stat = table_file.stat()
+    os.utime(table_file, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    stale = _table_row(_invoke("pir", "status", "--config", str(network.workdir / "north" / "site.yaml")), "stale")
+    assert stale["value"].startswith("yes") and "dataset" in stale["value"]

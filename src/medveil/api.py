@@ -373,6 +373,153 @@ class Federation:
 
         return query_service(send, service, query)
 
+    def beacon(self, variant: str, granularity: str = "boolean", *, genotypes: str, data: str | None = None,
+               iid: str = "IID") -> dict[str, Any]:
+        """Does any site hold `variant` ("chrom:pos:REF:ALT"), and how many carriers? GA4GH Beacon v2
+        style: {"exists": bool} for granularity "boolean", {"count": int} for "count" (the sum of
+        each site's ALT carriers among the samples its table `data` lists in column `iid`, with a
+        site's count of 1..min_cell_count-1 read as 0; 0: no site holds at least that many).
+        `genotypes` names each site's PLINK dataset. Every query costs one of the researcher's
+        total budget of variant queries at each site (shared with `private_lookup`); past it the
+        sites refuse with `query_budget_exhausted` (RefusedError). See docs/pir.md.
+
+            >>> fed.beacon("1:12345:A:G", genotypes="geno", data="cohort")  # doctest: +SKIP
+            {'exists': True}
+        """
+        from medveil.analyses.beacon import Beacon
+
+        result = self.run(Beacon.name, data, variant=variant, granularity=granularity, genotypes=genotypes,
+                          iid=iid).result
+        return dict(result)
+
+    def private_lookup(self, site: str, variants: Sequence[str], *, service: str = "variant_profile",
+                       cache_dir: str | Path | None = None) -> pd.DataFrame:
+        """Carrier counts of up to 64 variants ("chrom:pos:REF:ALT") at one site, fetched by
+        SimplePIR so that the site never learns which variants were asked (runtime/pir_service.py).
+
+        The site's hint (its public parameters and the ~64 MiB hint, once per build) is fetched on
+        first use and kept in memory, and under `cache_dir` when given (a rebuilt service refuses
+        the old build, and the new hint is fetched once). Then one batched query carries one vector
+        per distinct variant; each costs one of the researcher's total budget of variant queries
+        at the site (shared with `beacon`). Returns one row per variant: `found` (False: the site
+        holds no record, absent or fewer carriers than its minimum), carriers, hom_alt, genotyped
+        and one column per phenotype group (suppressed or not found: missing), and `suppressed`
+        (some cell of the record was suppressed; attrs["suppressed"] says which). Each answer
+        decodes a whole column of the site's database, ~192 records of other variants too, all
+        disclosure-checked aggregates: attrs["note"] says so.
+
+            >>> fed.private_lookup("hospital_a", ["1:12345:A:G"])  # doctest: +SKIP
+        """
+        from medveil.analyses.beacon import parse_variant
+        from medveil.crypto import pir
+        from medveil.runtime.grid import RefusedError
+        from medveil.runtime.pir_service import MAX_BATCH
+
+        keys = [parse_variant(str(v)) for v in variants]
+        distinct = list(dict.fromkeys(keys))
+        if not 1 <= len(distinct) <= MAX_BATCH:
+            raise ValueError(f"a look-up asks for 1 to {MAX_BATCH} distinct variants")
+        view = self._pir_view(site, service, cache_dir)
+        try:
+            records = self._pir_answer(site, service, view, distinct)
+        except RefusedError as exc:
+            if exc.rule != "pir_build_changed":
+                raise
+            view = self._pir_view(site, service, cache_dir, stale=view["build"])
+            records = self._pir_answer(site, service, view, distinct)
+        groups = list(view["groups"])
+        rows, hidden = [], []
+        for key in keys:
+            record = records[key]
+            cells = [None] * (2 + len(groups)) if record is None else [record["hom_alt"], *record["groups"]]
+            rows.append({"variant": key, "found": record is not None,
+                         "carriers": None if record is None else record["total"],
+                         "hom_alt": cells[0], "genotyped": None if record is None else record["genotyped"],
+                         **dict(zip(groups, cells[1:]))})
+            hidden.append([record is not None and cell is None for cell in cells[:1 + len(groups)]])
+        table = pd.DataFrame(rows, columns=["variant", "found", "carriers", "hom_alt", "genotyped", *groups])
+        for column in ["carriers", "hom_alt", "genotyped", *groups]:
+            table[column] = table[column].astype("Int64")
+        suppressed = pd.DataFrame(hidden, columns=["hom_alt", *groups], dtype=bool)
+        table["suppressed"] = suppressed.any(axis=1).to_numpy()
+        table.attrs.update({
+            "site": site, "service": service, "build": view["build"], "min_count": view["min_count"],
+            "groups": groups, "scheme": pir.SCHEME, "queries": len(distinct), "suppressed": suppressed,
+            "note": (f"each answer decodes a whole column of {site}'s database (up to "
+                     f"{view['layout']['slots']} records of other variants, all disclosure-checked aggregates); "
+                     f"not found = no record: the variant is absent or has fewer than {view['min_count']} "
+                     "carriers there"),
+        })
+        return table
+
+    def _pir_view(self, site: str, service: str, cache_dir: str | Path | None, stale: str | None = None
+                  ) -> dict[str, Any]:
+        """The site's PIR client and public layout for its current build: from memory, else from
+        `cache_dir`, else fetched (the hint request is audited and limited per day at the site).
+        `stale`: a build the site refused; it is dropped and the hint fetched anew."""
+        import threading
+
+        import numpy as np
+
+        from medveil.crypto import pir
+        from medveil.runtime.wire import WireError, pack_body, unpack_body
+
+        lock = self.__dict__.setdefault("_pir_lock", threading.Lock())
+        with lock:
+            views = self.__dict__.setdefault("_pir_views", {})
+            view = views.get((site, service))
+            if view is not None and view["build"] != stale:
+                return view
+            path = None if cache_dir is None else \
+                Path(cache_dir).expanduser() / self.study.id / f"{site}.{service}.hint"
+            reply = None
+            if path is not None and path.exists():
+                try:
+                    reply = unpack_body(path.read_bytes(), 1 << 31)
+                except (OSError, WireError):
+                    reply = None
+                if reply is not None and reply.get("build") == stale:
+                    reply = None
+            if reply is None:
+                reply = self.query(site, service, op="hint")
+                if path is not None:
+                    from medveil.runtime.config import make_private_dir, write_private_file
+
+                    make_private_dir(path.parent)
+                    path.unlink(missing_ok=True)
+                    write_private_file(path, pack_body(reply))
+            params = pir.PirParams.from_dict(reply.get("params"))
+            hint = reply.get("hint")
+            if not isinstance(hint, np.ndarray) or hint.dtype != np.uint32:
+                raise pir.PirError(f"{site} sent no uint32 hint")
+            view = {"build": str(reply["build"]), "client": pir.PirClient(params, hint),
+                    "layout": dict(reply["layout"]), "groups": list(reply["groups"]),
+                    "min_count": int(reply["min_count"])}
+            views[(site, service)] = view
+            return view
+
+    def _pir_answer(self, site: str, service: str, view: dict[str, Any], keys: list[str]
+                    ) -> dict[str, dict[str, Any] | None]:
+        """One batched answer query for `keys` (one fresh query vector each); each key's record
+        found in its decoded column, or None."""
+        import numpy as np
+
+        from medveil.crypto import pir, pir_keyword
+
+        client, layout = view["client"], view["layout"]
+        salt, m = int(layout["salt"]), int(layout["m"])
+        states, vectors = [], []
+        for key in keys:
+            state, vector = client.query(pir_keyword.bucket_and_tag(key, salt, m)[0])
+            states.append(state)
+            vectors.append(vector.astype("<u4").tobytes())
+        reply = self.query(site, service, op="answer", build=view["build"], queries=vectors)
+        answers = reply.get("answers")
+        if not isinstance(answers, np.ndarray) or answers.dtype != np.uint32 or answers.shape[0] != len(keys):
+            raise pir.PirError(f"{site} answered {len(keys)} queries with something else")
+        return {key: pir_keyword.find_in_column(client.recover(state, row), key, salt)
+                for key, state, row in zip(keys, states, answers)}
+
     def hub_traffic(self) -> pd.DataFrame:
         """Every message the hub relayed, decoded: exactly what the operator can see (for an
         in-process federation, every envelope its grid handed to a node or got back)."""

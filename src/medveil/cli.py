@@ -22,12 +22,15 @@ study_app = typer.Typer(help="Create, approve and list studies.", no_args_is_hel
 run_app = typer.Typer(help="Run a federated analysis of a study.", no_args_is_help=True)
 audit_app = typer.Typer(help="Check a node's audit log.", no_args_is_help=True)
 service_app = typer.Typer(help="Build and list a site's services (as its steward).", no_args_is_help=True)
+pir_app = typer.Typer(help="Build and inspect a site's private variant look-up (variant_profile, SimplePIR).",
+                      no_args_is_help=True)
 app.add_typer(hub_app, name="hub")
 app.add_typer(node_app, name="node")
 app.add_typer(study_app, name="study")
 app.add_typer(run_app, name="run")
 app.add_typer(audit_app, name="audit")
 app.add_typer(service_app, name="service")
+app.add_typer(pir_app, name="pir")
 console = Console()
 err_console = Console(stderr=True)
 
@@ -573,6 +576,43 @@ def run_gwas(phenotype: str = typer.Argument(..., help="0/1 trait (or quantitati
             console.print(f"wrote {path}")
 
 
+@run_app.command("lookup")
+def run_lookup(variant: list[str] = typer.Option(..., help="chrom:pos:REF:ALT (repeat for up to 64)"),
+               site: list[str] = typer.Option([], help="a site to ask (repeatable; default: every site)"),
+               cache_dir: Path = typer.Option(Path("~/.medveil/pir"), help="where the sites' hints are kept "
+                                                                           "between runs (one download per build)"),
+               hub: str = HubOpt, identity: Path = IdentityOpt, study: str = StudyOpt) -> None:
+    """Private variant look-up: carriers by phenotype group at each site, the variants hidden from them (PIR)."""
+    from medveil.crypto.pir import PirError
+    from medveil.runtime.session import FederationError
+
+    with _connect(hub, identity, study) as fed:
+        for name in site or fed.sites:
+            start = time.monotonic()
+            try:
+                with console.status(f"private look-up at {name}..."):
+                    table = fed.private_lookup(name, variant, cache_dir=cache_dir)
+            except (FederationError, PirError, ValueError) as exc:
+                raise _fail(str(exc)) from exc
+            _show_lookup(table, f"{name}: build {table.attrs['build'][:12]}, min count {table.attrs['min_count']} "
+                                f"({time.monotonic() - start:.2f} s)")
+            console.print(f"[dim]{table.attrs['note']}[/]")
+
+
+def _show_lookup(frame, title: str) -> None:
+    """A look-up's answer with one column per variant: "no record" for a variant not found, a
+    suppressed cell as such."""
+    import pandas as pd
+
+    fields = [c for c in frame.columns if c not in ("variant", "found", "suppressed")]
+    table = Table("field", *frame["variant"], title=title)
+    table.add_row("found", *["yes" if found else "no record" for found in frame["found"]])
+    for field in fields:
+        table.add_row(field, *["-" if not found else "[dim]suppressed[/]" if value is pd.NA else str(value)
+                               for found, value in zip(frame["found"], frame[field])])
+    console.print(table)
+
+
 @audit_app.command("verify")
 def audit_verify(path: Path = typer.Argument(..., help="a node's audit.jsonl")) -> None:
     """Check every hash link of a node's audit log."""
@@ -634,4 +674,69 @@ def service_list(config: Path = typer.Option(..., help="site YAML config")) -> N
         else:
             when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(manifest["built_at"]))
             table.add_row(name, manifest["dataset"], f"{when} UTC", str(manifest["options"]), str(manifest["summary"]))
+    console.print(table)
+
+
+PIR_SERVICE = "variant_profile"
+
+
+@pir_app.command("build")
+def pir_build(config: Path = typer.Option(..., help="site YAML config"),
+              dataset: str = typer.Option(..., help="the phenotype table (sample ids and 0/1 group columns)"),
+              genotypes: str = typer.Option(..., help="the site's PLINK dataset (normalised with bcftools norm "
+                                                      "-f ref.fa -m -any before conversion)"),
+              steward_key: Path = typer.Option(..., help="the steward's private key"),
+              option: list[str] = typer.Option([], help="a build option KEY=VALUE (repeatable), e.g. "
+                                                        "group_columns=HP_0001250,HP_0001263 or iid_column=IID")) -> None:
+    """As the site's steward: build (or rebuild) the variant_profile service and its PIR hint."""
+    from medveil.crypto.signing import SignatureError
+    from medveil.runtime.services import ServiceError
+
+    options: dict[str, str] = {"genotypes": genotypes}
+    for item in option:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise _fail(f"--option {item!r} is not KEY=VALUE")
+        options[key.strip()] = value
+    node = _open_node(config)
+    try:
+        with console.status("building the look-up database and its hint..."):
+            manifest = node.build_service(PIR_SERVICE, dataset, options, _load_key(steward_key))
+    except ServiceError as exc:
+        raise _fail(f"[{exc.rule}] {exc}") from exc
+    except SignatureError as exc:
+        raise _fail(str(exc)) from exc
+    finally:
+        node.close()
+    summary = manifest["summary"]
+    console.print(f"{node.site} built [bold]{PIR_SERVICE}[/] from {dataset} + {genotypes}: {summary['records']:,} "
+                  f"records of {summary['variants']:,} variants, build {summary['build'][:12]}")
+
+
+@pir_app.command("status")
+def pir_status(config: Path = typer.Option(..., help="site YAML config")) -> None:
+    """Show the site's look-up database: layout, m, p, sizes, salt, build id, and whether its data changed."""
+    from medveil.runtime.node import Refusal
+
+    node = _open_node(config)
+    try:
+        status = node.services.status(PIR_SERVICE)
+    except Refusal as exc:
+        raise _fail(f"[{exc.rule}] {exc}") from exc
+    finally:
+        node.close()
+    summary = status["summary"]
+    table = Table("field", "value", title=f"{PIR_SERVICE} at {node.site}")
+    rows = [("build", summary["build"]), ("built", time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(status["built_at"]))),
+            ("dataset", status["dataset"]), ("genotypes", status["options"].get("genotypes", "")),
+            ("stale", "yes: " + ", ".join(status["changed"]) + " changed; rebuild" if status["stale"] else "no"),
+            ("records", f"{summary['records']:,} of {summary['variants']:,} variants"),
+            ("samples", f"{summary['samples']:,}"), ("groups", ", ".join(summary["groups"]) or "-"),
+            ("min count", str(summary["min_count"])),
+            ("layout", f"{summary['rows']:,} rows x {summary['slots']} slots of 64 B per column"),
+            ("m (columns)", f"{summary['m']:,}"), ("p", str(summary["p"])), ("salt", str(summary["salt"])),
+            ("hint", f"{summary['hint_bytes']:,} B"), ("query", f"{summary['query_bytes']:,} B"),
+            ("answer", f"{summary['answer_bytes']:,} B"), ("database", f"{summary['db_bytes']:,} B")]
+    for field, value in rows:
+        table.add_row(field, value)
     console.print(table)

@@ -62,8 +62,9 @@ def test_each_site_answers_from_its_own_data_and_suppresses_small_counts(federat
 
 
 def test_a_study_without_the_service_is_refused_through_the_hub(federation):
+    spec = federation.network.add_study("no-services", {"default": ["age"]}, services=[])
     with pytest.raises(RefusedError) as caught:
-        federation.query("north", "count_lookup", key="C18")  # the simulation study lists no service
+        _ask(HubGrid(federation.network.researcher, spec), "north", "C18")
     assert (caught.value.site, caught.value.rule) == ("north", "service_not_approved")
 
 

@@ -17,6 +17,7 @@ BUILTIN_MODULES = (
     "medveil.analyses.psi",
     "medveil.analyses.vertical",
     "medveil.analyses.fl",
+    "medveil.analyses.beacon",
 )
 
 

@@ -33,6 +33,9 @@ class DisclosurePolicy(BaseModel):
                                                          "finer grid are refused (e.g. 7 for weeks)")
     dp_budget_rho: float = Field(1.0, gt=0, description="zCDP budget (rho) each researcher may spend at this "
                                                          "site, across all of their studies")
+    variant_query_budget: int = Field(20, ge=0, description="beacon queries one researcher may ever send this "
+                                                             "site, across all of their studies (docs/pir.md: "
+                                                             "why 20)")
     max_leverage: float = Field(0.9, gt=0, le=1, description="largest hat value one row may have in a model's "
                                                               "design at this site (one row determining a "
                                                               "coefficient reads its response)")

@@ -6,7 +6,8 @@ ordered pipeline of guards, each a small method naming the rule it enforces (`ta
 researcher's signature and freshness, replay, the analysis, parameters, dataset and variables
 approved, the task's pinned parameters, rounds in order, a broadcast this site can vouch for
 from what it released itself earlier in the task (`Analysis.check_broadcast`), and the
-differencing guard on the rows behind each released statistic. Only aggregates that pass the
+differencing guard on the rows behind each released statistic, and the researcher's total query
+budget for an analysis that has one (the beacon: `query_budget_exhausted`). Only aggregates that pass the
 site's disclosure policy leave; differential-privacy noise is charged to the researcher's
 account at this site as it is drawn. A local step gets one `SiteContext` (its table, policy,
 durable per-task scratch on disk, DP noise, genotypes, role, and the payloads other sites
@@ -347,7 +348,7 @@ class Node:
     def compute_guards(self) -> list[Callable[["TaskStep"], None]]:
         """The further checks of a compute step, once the data are at hand."""
         return [self._guard_secure_participants, self._guard_columns_present, self._guard_broadcast_vouched,
-                self._guard_messages, self._guard_differencing]
+                self._guard_messages, self._guard_differencing, self._guard_query_budget]
 
     def _run(self, step: "TaskStep") -> tuple[dict[str, Any], list[str]]:
         for guard in self.task_guards():
@@ -548,6 +549,31 @@ class Node:
             row_sets = [_lifted(np.asarray(mask, dtype=bool), step.aligned_rows, step.base_rows) for mask in row_sets]
         if row_sets:
             self._check_differencing(step.spec.id, step.dataset, row_sets)
+
+    def _guard_query_budget(self, step: "TaskStep") -> None:
+        """Rule query_budget_exhausted: an analysis with a `budget_group` (the beacon) costs one query
+        of the researcher's total budget for that group here, charged before it computes anything.
+        The count is durable and never resets (a daily budget would let a membership probe go on
+        the next day); it is kept under the researcher's name and under their signing key and charged
+        to both, so a new study, task id, name or key does not refill it. Every charge and refusal
+        is audited."""
+        group = getattr(step.analysis, "budget_group", None)
+        if group is None:
+            return
+        from medveil.runtime.services import charge_budget, researcher_identities  # services builds on this module
+
+        spec, limit = step.spec, self.query_budget(group)
+        used, charged = charge_budget(self.store, group, researcher_identities(spec), 1, limit)
+        self.audit.append("query_budget", study=spec.id, task=step.task, analysis=step.analysis.name, group=group,
+                          researcher=spec.researcher, used=used + int(charged), limit=limit, charged=charged)
+        if not charged:
+            raise Refusal("query_budget_exhausted", f"researcher {spec.researcher!r} has used all {limit} queries "
+                                                    f"of budget {group!r} at {self.site}")
+
+    def query_budget(self, group: str) -> int:
+        """The total queries of a budget group one researcher may send this site (the policy's
+        variant_query_budget)."""
+        return self.config.policy.variant_query_budget
 
     def _guard_messages(self, step: "TaskStep") -> None:
         """Payloads other sites sealed to this site (body "messages", a list), each opened with this

@@ -1,11 +1,12 @@
 """A node's own durable state (SQLite): approvals its steward signed, seen nonces, progress,
-the state of each task it takes part in, and its differential-privacy accounts."""
+the state of each task it takes part in, its differential-privacy accounts and its query budgets."""
 
 from __future__ import annotations
 
 import hashlib
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +52,17 @@ class Budget(_Base):
     __tablename__ = "dp_accounts"
     account: Mapped[str] = mapped_column(String(256), primary_key=True)
     spent: Mapped[float] = mapped_column(Float, default=0.0)
+
+
+class QueryBudget(_Base):
+    """Queries a holder (a researcher's name, or their signing key) has spent in a budget group at
+    this site (e.g. "variant_queries": beacon and private look-ups); `day` set: a daily count."""
+
+    __tablename__ = "query_budgets"
+    group: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(512), primary_key=True)
+    day: Mapped[str] = mapped_column(String(16), default="")
+    used: Mapped[int] = mapped_column(Integer, default=0)
 
 
 class StoredTask(_Base):
@@ -169,6 +181,37 @@ class NodeStore:
             s.merge(row)
             s.commit()
             return row.spent
+
+    def queries_used(self, group: str, identities: Sequence[str], *, day: str | None = None) -> int:
+        """Queries spent in `group` by whoever the identities name (the most any of them spent)."""
+        with self._sessions() as s:
+            return self._used(s, group, identities, day)
+
+    def charge_queries(self, group: str, identities: Sequence[str], amount: int, limit: int, *,
+                       day: str | None = None) -> tuple[int, bool]:
+        """Charge `amount` queries of `group` to every identity, all or nothing, if the most any of
+        them has spent plus `amount` stays within `limit`; return (spent before, charged?).
+
+        One researcher is kept under several identities (their name and their signing key), so a
+        new study naming the same key under another name, or the same name with a new key, finds
+        the budget as spent as they left it. `day` None: a total that never resets (a probe cannot
+        wait for tomorrow); a day string: a count that starts from 0 on another day."""
+        if amount < 0 or not identities:
+            raise ValueError("a charge is a nonnegative amount to at least one identity")
+        with self._lock, self._sessions() as s:
+            used = self._used(s, group, identities, day)
+            if used + amount > limit:
+                return used, False
+            for holder in identities:
+                s.merge(QueryBudget(group=group, holder=holder, day=day or "", used=used + amount))
+            s.commit()
+            return used, True
+
+    @staticmethod
+    def _used(session: Any, group: str, identities: Sequence[str], day: str | None) -> int:
+        rows = session.scalars(select(QueryBudget).where(QueryBudget.group == group,
+                                                         QueryBudget.holder.in_(list(identities))))
+        return max((row.used for row in rows if row.day == (day or "")), default=0)
 
     def row_sets(self, study: str, dataset: str, version: str) -> list[np.ndarray]:
         with self._sessions() as s:

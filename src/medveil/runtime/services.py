@@ -12,25 +12,32 @@ its rule: is a well-formed query (`malformed`), the study approved by the stewar
 (`study_not_approved`), sent by the study's researcher (`wrong_researcher`), signed by them
 (`bad_signature`), fresh (`stale`), not a replay (`replay`), the service listed in the study
 (`service_not_approved`), registered (`unknown_service`) and built here (`service_not_built`),
-a query that fits the service's schema (`invalid_query`), the service's daily query quota per
-researcher (kept under both their name and their signing key, so an alias does not refill it),
-counted durably across restarts and studies (`service_quota_exhausted`); then the
-service answers under the node's disclosure policy (min_cell_count, never weakened by a
-service's options). The audit log gets `service_build`, `service_query` (a keyed digest of the
-query; the query itself only for services whose queries are not sensitive), and
-`service_answer` or `refusal`.
+a query that fits the service's schema and its built state (`invalid_query`, or a rule the
+service names), and the researcher's quota: by default a daily quota per service, or, for a
+service that says so, a total budget shared by every service of one budget group
+(`Service.charge`); either is kept under both their name and their signing key, so an alias
+does not refill it, counted durably across restarts and studies (`service_quota_exhausted`
+daily, `query_budget_exhausted` for a total); then the service answers under the node's
+disclosure policy (min_cell_count, never weakened by a service's options). A service that
+reads genotypes names its PLINK dataset in its `genotypes` option, and the manifest records
+the version (size and modification time) of each input, so `ServiceHost.status` reports a
+service whose data changed since as stale; only the steward's rebuild refreshes it. The audit
+log gets `service_build`, `service_query` (a keyed digest of the query; the query itself only
+for services whose queries are not sensitive), and `service_answer` or `refusal`.
 
 Built in: `count_lookup`, "how many patients have key K" (a diagnosis or variant code): a count
 below the minimum cell count is answered as suppressed, and a key nobody has is answered exactly
-the same way, so a researcher cannot tell absence from a small count, nor read one patient.
+the same way, so a researcher cannot tell absence from a small count, nor read one patient. And
+`variant_profile` (runtime/pir_service.py): per-variant carrier counts by phenotype group,
+looked up by single-server PIR so that the site never learns which variant was asked.
 
 What each party learns: the researcher learns the answers its queries get (counts of at least
 the minimum, never rows, and nothing that tells a small count from none). The hub relays the
 query and the answer, which are signed but not encrypted: it learns who queried which site's
 service, when, the message sizes, and can read both (TLS on every hop keeps them from the
 network); a service whose queries must stay hidden from the hub seals them as per-recipient
-payloads (crypto/sealed.py). The site learns every query (for `count_lookup` the key asked: a
-private look-up that hides it from the site is a later service on this seam). The audit log
+payloads (crypto/sealed.py). The site learns every query (for `count_lookup` the key asked;
+`variant_profile`'s PIR queries hide the variant from the site: runtime/pir_service.py). The audit log
 holds a keyed digest of a sensitive query, so its readers cannot recover a key by hashing
 candidates, while the node can confirm a given query (`ServiceHost.query_digest`). Residual
 risk: rebuilding a service on changed data lets a researcher compare answers before and after
@@ -45,7 +52,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -76,7 +83,9 @@ from medveil.runtime.wire import (
 )
 
 if TYPE_CHECKING:
+    from medveil.data.genotypes import GenotypeFile
     from medveil.runtime.node import Node
+    from medveil.runtime.node_store import NodeStore
 
 QUERY_PHASE = "query"
 QUERY_ANALYSIS = "service"
@@ -84,6 +93,7 @@ MAX_QUERY_BYTES = 64 * 1024
 MAX_SERVICE_FILE_BYTES = 4 * 1024 * 1024 * 1024
 SERVICE_FILE = "service.bin"
 AUDIT_KEY_SETTING = "services:audit_key"
+DAILY_PREFIX, TOTAL_PREFIX = "services:quota:", "services:budget:"
 QUERY_FIELDS = ("study", "task", "step", "round", "analysis", "dataset")
 CONTEXT_FIELDS = ("study", "task", "sender", "nonce", "dataset")
 
@@ -109,15 +119,37 @@ class ServiceOptions(BaseModel):
                                                                         "service per UTC day, across studies")
 
 
+@dataclass(frozen=True)
+class BuildInputs:
+    """What a build reads besides the table: the site's policy and, for a service that
+    `uses_genotypes`, the PLINK dataset its `genotypes` option names."""
+
+    policy: DisclosurePolicy
+    genotypes: GenotypeFile | None = None
+
+
+@dataclass(frozen=True)
+class Charge:
+    """What one query costs: `amount` from the budget `group`, of at most `limit` queries per
+    researcher, per UTC day or (`total`) ever."""
+
+    group: str
+    amount: int
+    limit: int
+    total: bool = False
+
+
 class Service:
-    """One registered service: subclasses set `name`, `Options`, `Query` and the three methods."""
+    """One registered service: subclasses set `name`, `Options`, `Query` and the three methods,
+    and may refine the hooks below (query size, checks against the built state, the charge)."""
 
     name: ClassVar[str]
     Options: ClassVar[type[ServiceOptions]] = ServiceOptions
     Query: ClassVar[type[BaseModel]]
     sensitive_query: ClassVar[bool] = True  # the audit log then holds only a keyed digest of each query
+    uses_genotypes: ClassVar[bool] = False  # its Options have `genotypes`, a PLINK dataset read at build
 
-    def build(self, data: pd.DataFrame, options: ServiceOptions) -> dict[str, Any]:
+    def build(self, data: pd.DataFrame, options: ServiceOptions, inputs: BuildInputs) -> dict[str, Any]:
         """The service's state from the site's table: wire-encodable, kept at the site, never sent."""
         raise NotImplementedError
 
@@ -129,6 +161,23 @@ class Service:
                policy: DisclosurePolicy) -> dict[str, Any]:
         """The public answer to one validated query, under the site's disclosure policy."""
         raise NotImplementedError
+
+    def max_query_bytes(self, state: dict[str, Any]) -> int:
+        """The largest query body this built service accepts."""
+        return MAX_QUERY_BYTES
+
+    def check(self, state: dict[str, Any], query: BaseModel, options: ServiceOptions,
+              policy: DisclosurePolicy) -> None:
+        """Refuse (raise a Refusal naming its rule) a schema-valid query the built state cannot
+        answer, before it is charged."""
+
+    def charge(self, query: BaseModel, options: ServiceOptions) -> Charge:
+        """What the query costs: one of the researcher's `queries_per_day` for this service."""
+        return Charge(self.name, 1, options.queries_per_day)
+
+    def wire_query(self, query: BaseModel) -> dict[str, Any]:
+        """The validated query as the researcher's side sends it (JSON-like values)."""
+        return query.model_dump(mode="json")
 
 
 _SERVICES: dict[str, Service] = {}
@@ -187,7 +236,7 @@ class CountLookup(Service):
     Options = CountLookupOptions
     Query = CountLookupQuery
 
-    def build(self, data: pd.DataFrame, options: ServiceOptions) -> dict[str, Any]:
+    def build(self, data: pd.DataFrame, options: ServiceOptions, inputs: BuildInputs) -> dict[str, Any]:
         assert isinstance(options, CountLookupOptions)
         columns = [options.key_column] + ([options.patient_column] if options.patient_column else [])
         missing = [c for c in columns if c not in data.columns]
@@ -272,12 +321,14 @@ class ServiceHost:
             raise ServiceError("invalid_options", f"invalid options for {name}: {_errors(exc)}") from exc
         try:
             data = self.node._data(dataset)
+            genotypes = self.node._genotypes(parsed.genotypes) if service.uses_genotypes else None
         except Refusal as exc:
             raise ServiceError(exc.rule, str(exc)) from exc
-        state = service.build(data, parsed)
+        inputs = self._input_versions(dataset, parsed)
+        state = service.build(data, parsed, BuildInputs(self.node.config.policy, genotypes))
         state_bytes = pack_body(state)
         manifest = {"service": name, "site": self.node.site, "dataset": dataset,
-                    "options": parsed.model_dump(mode="json"), "built_at": self.clock(),
+                    "options": parsed.model_dump(mode="json"), "built_at": self.clock(), "inputs": inputs,
                     "state_sha256": hashlib.sha256(state_bytes).hexdigest(), "summary": service.summary(state)}
         signature = steward_key.sign(canonical_json(manifest))
         self._write(name, pack_body({"manifest": manifest, "signature": b64encode(signature), "state": state_bytes}))
@@ -294,6 +345,33 @@ class ServiceHost:
                 if exc.rule != "service_not_built":
                     built.append({"service": name, "error": str(exc)})
         return built
+
+    def status(self, name: str) -> dict[str, Any]:
+        """A built service's manifest and whether it is `stale`: an input (the table, the genotype
+        fileset) changed since the build, listed in `changed`; rebuilding is the steward's call.
+        Raises a Refusal (service_not_built, service_corrupt) like a query would."""
+        built = self._load(name)
+        recorded = built.manifest.get("inputs") or {}
+        current = self._input_versions(built.manifest["dataset"], built.options)
+        changed = sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
+        return {**built.manifest, "stale": bool(changed), "changed": changed}
+
+    def _input_versions(self, dataset: str, options: ServiceOptions) -> dict[str, Any]:
+        """The version of each input a build reads: the stat (size, mtime) of its files; an
+        in-memory table has no version ("frame:<name>")."""
+        names = {"dataset": dataset}
+        if isinstance(getattr(options, "genotypes", None), str):
+            names["genotypes"] = options.genotypes
+        versions: dict[str, Any] = {}
+        for role, name in names.items():
+            config = self.node.config.datasets.get(name)
+            if config is None or name in self.node.frames or config.path is None:
+                versions[role] = f"frame:{name}"
+                continue
+            paths = [config.path.with_suffix(s) for s in (".bed", ".bim", ".fam")] if config.kind == "plink" \
+                else [config.path, *([config.labels_path] if config.kind == "images" else [])]
+            versions[role] = [_file_version(path) for path in paths]
+        return versions
 
     def _path(self, name: str) -> Path:
         return self.directory / name / SERVICE_FILE
@@ -424,11 +502,14 @@ class ServiceHost:
         query.built = self._load(query.service.name)
 
     def _guard_query_valid(self, query: Query) -> None:
-        """The body is {"query": map} of at most MAX_QUERY_BYTES, and the map fits the service's schema."""
-        if len(query.envelope.body_bytes) > MAX_QUERY_BYTES:
-            raise Refusal("invalid_query", f"a query body has at most {MAX_QUERY_BYTES} bytes")
+        """The body is {"query": map} of at most the service's max_query_bytes (MAX_QUERY_BYTES
+        unless it says otherwise), the map fits the service's schema and its built state."""
+        built = query.built
+        limit = query.service.max_query_bytes(built.state)
+        if len(query.envelope.body_bytes) > limit:
+            raise Refusal("invalid_query", f"a query body has at most {limit} bytes")
         try:
-            body = query.envelope.body(MAX_QUERY_BYTES)
+            body = query.envelope.body(limit)
         except WireError as exc:
             raise Refusal("malformed", str(exc)) from exc
         if set(body) != {"query"} or not isinstance(body["query"], dict):
@@ -437,34 +518,37 @@ class ServiceHost:
             query.query = query.service.Query.model_validate(body["query"])
         except ValidationError as exc:
             raise Refusal("invalid_query", f"invalid query for {query.service.name}: {_errors(exc)}") from exc
+        query.service.check(built.state, query.query, built.options, self.node.config.policy)
 
     def _guard_quota(self, query: Query) -> None:
-        """Charge one query to the researcher's daily quota for the service (durable), after
-        recording the query; refused once the quota is spent. The quota is kept twice, under the
-        researcher's name and under their signing key, and a query is charged to both: a study
-        that names the same key under another name (or the same name with a new key) finds the
-        quota as spent as the researcher left it."""
+        """Charge the query (`Service.charge`: by default one of the researcher's daily queries
+        of the service; or several from a total budget shared by a group of services) durably,
+        after recording the query; refused, uncharged, when the budget cannot cover it. The
+        budget is kept twice, under the researcher's name and under their signing key, and a
+        query is charged to both: a study that names the same key under another name (or the
+        same name with a new key) finds it as spent as the researcher left it."""
         spec, service, built = query.spec, query.service, query.built
-        day = datetime.fromtimestamp(self.clock(), tz=UTC).date().isoformat()
-        settings = ["services:quota:" + hashlib.sha256(f"{service.name}\0{who}".encode()).hexdigest()[:48]
-                    for who in (spec.researcher, f"key:{spec.researcher_key}")]
-        limit = built.options.queries_per_day
-        with self._lock:
-            stored = [self.node.store.get(setting) or {} for setting in settings]
-            used = max(int(s.get("used", 0)) if s.get("day") == day else 0 for s in stored)
-            if used < limit:
-                for setting in settings:
-                    self.node.store.put(setting, {"day": day, "used": used + 1})
+        cost = service.charge(query.query, built.options)
+        day = None if cost.total else datetime.fromtimestamp(self.clock(), tz=UTC).date().isoformat()
+        used, charged = charge_budget(self.node.store, cost.group, researcher_identities(spec), cost.amount,
+                                      cost.limit, day=day)
         plain = query.query.model_dump(mode="json")
         entry: dict[str, Any] = {"service": service.name, "study": spec.id, "task": query.header["task"],
                                  "researcher": spec.researcher, "query_digest": self._query_digest(service, plain),
-                                 "quota_day": day, "quota_used": min(used + 1, limit), "quota_limit": limit}
+                                 "quota_used": min(used + cost.amount if charged else used, cost.limit),
+                                 "quota_limit": cost.limit, "charge": cost.amount, "budget_group": cost.group}
+        entry.update({"quota_total": True} if cost.total else {"quota_day": day})
         if not service.sensitive_query:
             entry["query"] = plain
         query.audit_ids.append(self.node.audit.append("service_query", **entry))
-        if used >= limit:
-            raise Refusal("service_quota_exhausted", f"researcher {spec.researcher!r} has used all {limit} queries "
-                                                     f"of {service.name!r} at {self.node.site} today (UTC)")
+        if charged:
+            return
+        if cost.total:
+            raise Refusal("query_budget_exhausted", f"researcher {spec.researcher!r} has used {used} of the "
+                                                    f"{cost.limit} look-ups of budget {cost.group!r} at "
+                                                    f"{self.node.site}; this query needs {cost.amount}")
+        raise Refusal("service_quota_exhausted", f"researcher {spec.researcher!r} has used all {cost.limit} "
+                                                 f"queries of {cost.group!r} at {self.node.site} today (UTC)")
 
     def _query_digest(self, service: Service, query: dict[str, Any]) -> str:
         """HMAC-SHA256 of the query under a key kept in the node's store: readers of the audit log
@@ -481,6 +565,40 @@ class ServiceHost:
         """The digest the audit log records for `query` to `service` (for a steward confirming one)."""
         parsed = get_service(service).Query.model_validate(dict(query))
         return self._query_digest(get_service(service), parsed.model_dump(mode="json"))
+
+
+_BUDGET_LOCK = threading.Lock()
+
+
+def researcher_identities(spec: StudySpec) -> list[str]:
+    """The names a researcher's budgets are kept under: their name and their signing key."""
+    return [spec.researcher, f"key:{spec.researcher_key}"]
+
+
+def charge_budget(store: NodeStore, group: str, identities: Sequence[str], amount: int, limit: int, *,
+                  day: str | None = None) -> tuple[int, bool]:
+    """Charge `amount` to budget `group` of the researcher known by `identities` (all of them
+    charged; the most spent of them counts), if it stays within `limit`: per `day` (a UTC date)
+    or, with day None, in total, never reset. Returns (used before, whether it was charged);
+    all or nothing, kept durably in the node's store."""
+    prefix = DAILY_PREFIX if day is not None else TOTAL_PREFIX
+    settings = [prefix + hashlib.sha256(f"{group}\0{who}".encode()).hexdigest()[:48] for who in identities]
+    with _BUDGET_LOCK:
+        stored = [store.get(setting) or {} for setting in settings]
+        used = max((int(s.get("used", 0)) if s.get("day") == day else 0 for s in stored), default=0)
+        charged = used + amount <= limit
+        if charged:
+            for setting in settings:
+                store.put(setting, {"day": day, "used": used + amount} if day is not None else {"used": used + amount})
+    return used, charged
+
+
+def _file_version(path: Path) -> list[Any]:
+    try:
+        stat = path.stat()
+    except OSError:
+        return [path.name, None, None]
+    return [path.name, stat.st_size, stat.st_mtime_ns]
 
 
 def _errors(exc: ValidationError) -> str:
@@ -507,17 +625,21 @@ def query_service(send: Callable[[str, dict[str, Any]], dict[str, Any]], service
         parsed = get_service(service).Query.model_validate(dict(query))
     except ValidationError as exc:
         raise ValueError(f"invalid query for {service}: {_errors(exc)}") from exc
-    body = send(f"query-{secrets.token_hex(12)}", {"query": parsed.model_dump(mode="json")})
+    body = send(f"query-{secrets.token_hex(12)}", {"query": get_service(service).wire_query(parsed)})
     answer = body.get("public") if isinstance(body, dict) else None
     if not isinstance(answer, dict):
         raise FederationError(f"the reply of service {service!r} holds no answer")
     return answer
 
 
+from medveil.runtime import pir_service  # noqa: F401 - registers variant_profile (it builds on this module)
+
 __all__ = [
     "MAX_QUERY_BYTES",
     "QUERY_ANALYSIS",
     "QUERY_PHASE",
+    "BuildInputs",
+    "Charge",
     "CountLookup",
     "CountLookupOptions",
     "CountLookupQuery",
@@ -526,10 +648,12 @@ __all__ = [
     "ServiceHost",
     "ServiceOptions",
     "UnknownService",
+    "charge_budget",
     "get_service",
     "lookup_key",
     "query_service",
     "query_step",
     "register_service",
+    "researcher_identities",
     "service_names",
 ]

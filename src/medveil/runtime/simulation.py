@@ -37,6 +37,7 @@ from medveil.runtime.config import (
 )
 from medveil.runtime.grid import InProcessClient, InProcessGrid
 from medveil.runtime.node import Node
+from medveil.runtime.services import service_names
 from medveil.runtime.study import StudySpec
 
 if TYPE_CHECKING:
@@ -196,7 +197,7 @@ def _prepare_sites(sites: Mapping[str, SiteData], root: Path, hub_url: str, *, p
         analyses=analyses or registered_names(), secure_aggregation=secure_aggregation,
         secagg_threshold=secagg_threshold, roles=dict(roles or {}),
         site_datasets={site: own.get(site, {}) for site in tables} if roles else {},
-        models=_every_model() if models is None else list(models),
+        models=_every_model() if models is None else list(models), services=service_names(),
     )
     return _Sites(root, tables, identities, stewards, configs, frames, researcher_key, study)
 
