@@ -147,3 +147,20 @@ def test_noise_drawn_for_a_release_that_is_then_refused_is_still_charged(fed):
     noise(np.array([10.0, 20.0]))  # the release would be refused after this point
     assert node.store.budget_spent(account) == pytest.approx(before + 0.25)
     assert json.loads(json.dumps(charger.charged)) == 0.25
+
+
+def test_a_second_study_of_the_same_researcher_cannot_difference_the_first():
+    """Row sets are kept per researcher (name and key), not per study: two histograms whose first
+    bins differ by one patient at site a are refused even when each runs in its own study."""
+    frame = _frame(1)
+    positive = np.sort(frame["x"][frame["x"] > 0].to_numpy())
+    one_more = float((positive[0] + positive[1]) / 2)  # [-2, one_more) holds exactly one row more than [-2, 0)
+    with mv.Federation.simulate({"a": frame, "b": _frame(2)}, timeout=30) as federation:
+        first = federation.network.add_study("diff-one", {"default": ["x"]})
+        second = federation.network.add_study("diff-two", {"default": ["x"]})
+        ResearcherSession(federation.network.researcher, first, timeout=30).run(
+            "histogram", {"variable": "x", "edges": [-10.0, 0.0, 10.0]}, "default")
+        with pytest.raises(mv.RefusedError) as error:
+            ResearcherSession(federation.network.researcher, second, timeout=30).run(
+                "histogram", {"variable": "x", "edges": [-10.0, one_more, 10.0]}, "default")
+    assert ("a", "differencing") in {(site, rule) for site, rule, _ in error.value.refusals}

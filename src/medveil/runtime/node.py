@@ -548,7 +548,7 @@ class Node:
         if row_sets and step.aligned_rows is not None:
             row_sets = [_lifted(np.asarray(mask, dtype=bool), step.aligned_rows, step.base_rows) for mask in row_sets]
         if row_sets:
-            self._check_differencing(step.spec.id, step.dataset, row_sets)
+            self._check_differencing(step.spec, step.dataset, row_sets)
 
     def _guard_query_budget(self, step: "TaskStep") -> None:
         """Rule query_budget_exhausted: an analysis with a `budget_group` (the beacon) costs one query
@@ -825,14 +825,20 @@ class Node:
         config = self.config.datasets.get(dataset)
         return repr(config.fingerprint()) if config is not None and dataset not in self.frames else f"frame:{dataset}"
 
-    def _check_differencing(self, study: str, dataset: str, row_sets: list[np.ndarray]) -> None:
-        version = self._data_version(dataset)
-        earlier = self.store.row_sets(study, dataset, version)
+    def _check_differencing(self, spec: StudySpec, dataset: str, row_sets: list[np.ndarray]) -> None:
+        """Compare with every row set released earlier on this dataset to the same researcher, in
+        any of their studies: kept under their name and under their signing key (as budgets are),
+        so a second study, or a second key under one name, differences nothing."""
+        from medveil.runtime.services import researcher_identities  # services builds on this module
+
+        version, accounts = self._data_version(dataset), [f"researcher:{i}" for i in researcher_identities(spec)]
+        earlier = [row_set for account in accounts for row_set in self.store.row_sets(account, dataset, version)]
         try:
             check_differencing_many(row_sets, earlier, self.config.policy)
         except DisclosureRefused as exc:
             raise Refusal(exc.rule, exc.detail) from exc
-        self.store.add_row_sets(study, dataset, version, row_sets)
+        for account in accounts:
+            self.store.add_row_sets(account, dataset, version, row_sets)
 
     def dp_account(self, spec: StudySpec) -> str:
         """The budget a DP release of this study is charged to: its researcher's account here."""

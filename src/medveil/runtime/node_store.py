@@ -113,7 +113,9 @@ class TaskState:
 
 
 class RowSet(_Base):
-    """Rows an earlier query of a study used (a bitmap), for the differencing guard; never leaves."""
+    """Rows an earlier query released to a researcher used (a bitmap), for the differencing guard;
+    never leaves. `study` holds the account the set is kept under ("researcher:<name>" and
+    "researcher:key:<key>"; the column kept its first name)."""
 
     __tablename__ = "row_sets"
     study: Mapped[str] = mapped_column(String(128), primary_key=True)
