@@ -377,8 +377,9 @@ class Federation:
                iid: str = "IID") -> dict[str, Any]:
         """Does any site hold `variant` ("chrom:pos:REF:ALT"), and how many carriers? GA4GH Beacon v2
         style: {"exists": bool} for granularity "boolean", {"count": int} for "count" (the sum of
-        each site's ALT carriers among the samples its table `data` lists in column `iid`, with a
-        site's count of 1..min_cell_count-1 read as 0; 0: no site holds at least that many).
+        each site's ALT carriers among the samples its table `data` lists in its PLINK IID column,
+        `iid` = "IID" or "iid", no other; a site's count of 1..min_cell_count-1, or one whose
+        complement among its samples is, read as 0; 0: no site holds at least that many).
         `genotypes` names each site's PLINK dataset. Every query costs one of the researcher's
         total budget of variant queries at each site (shared with `private_lookup`); past it the
         sites refuse with `query_budget_exhausted` (RefusedError). See docs/pir.md.
@@ -492,9 +493,8 @@ class Federation:
             hint = reply.get("hint")
             if not isinstance(hint, np.ndarray) or hint.dtype != np.uint32:
                 raise pir.PirError(f"{site} sent no uint32 hint")
-            view = {"build": str(reply["build"]), "client": pir.PirClient(params, hint),
-                    "layout": dict(reply["layout"]), "groups": list(reply["groups"]),
-                    "min_count": int(reply["min_count"])}
+            view = {"build": str(reply.get("build")), "client": pir.PirClient(params, hint),
+                    **_pir_reply_layout(site, params, reply)}
             views[(site, service)] = view
             return view
 
@@ -536,6 +536,38 @@ class Federation:
                 "bytes": len(envelope.body_bytes), "body": envelope.body(),
             })
         return pd.DataFrame(rows)
+
+
+def _pir_reply_layout(site: str, params: Any, reply: dict[str, Any]) -> dict[str, Any]:
+    """The layout, groups and min count of a site's hint reply, checked against its PIR
+    parameters before any query is made (PirError naming the site otherwise): a server that lies
+    about the column count or the salt could make which vectors the client sends, or whether it
+    sends any, depend on the keys asked."""
+    import re
+    from numbers import Integral
+
+    from medveil.crypto import pir, pir_keyword
+
+    def whole(value: Any) -> bool:
+        return isinstance(value, Integral) and not isinstance(value, bool)
+
+    layout, groups, minimum = reply.get("layout"), reply.get("groups"), reply.get("min_count")
+    if not isinstance(reply.get("build"), str) or not re.fullmatch(r"[0-9a-f]{64}", reply["build"]):
+        raise pir.PirError(f"{site} sent a malformed build id")
+    if not isinstance(layout, dict) or set(layout) != {"m", "salt", "slots", "record_bytes", "records"} \
+            or not all(whole(v) for v in layout.values()):
+        raise pir.PirError(f"{site} sent a malformed record layout")
+    if layout["m"] != params.cols or layout["record_bytes"] != pir_keyword.RECORD_BYTES \
+            or not 1 <= layout["slots"] <= pir_keyword.DEFAULT_SLOTS \
+            or layout["slots"] * pir_keyword.RECORD_BYTES != params.rows \
+            or not 0 <= layout["salt"] < 1 << 64 or not 0 <= layout["records"] <= layout["m"] * layout["slots"]:
+        raise pir.PirError(f"{site}'s record layout does not match its PIR parameters: refused before any query")
+    if not isinstance(groups, list) or len(groups) > pir_keyword.MAX_GROUPS \
+            or not all(isinstance(g, str) and g for g in groups) or len(set(groups)) != len(groups):
+        raise pir.PirError(f"{site} sent malformed group names")
+    if not whole(minimum) or not 1 <= minimum <= pir_keyword.MAX_COUNT:
+        raise pir.PirError(f"{site} sent a malformed minimum count")
+    return {"layout": {k: int(v) for k, v in layout.items()}, "groups": list(groups), "min_count": int(minimum)}
 
 
 def _with_provenance(outcome: RunOutcome) -> Any:

@@ -22,7 +22,7 @@ from medveil.crypto import pir
 from medveil.crypto.pir_keyword import bucket_and_tag, find_in_column, normalise_variant
 from medveil.crypto.signing import SigningKey
 from medveil.data.sources import DatasetConfig
-from medveil.privacy.disclosure import DisclosurePolicy
+from medveil.privacy.disclosure import DisclosurePolicy, secondary_suppression
 from medveil.runtime.audit import read_audit_log
 from medveil.runtime.config import SiteConfig
 from medveil.runtime.grid import HubGrid, RefusedError
@@ -79,7 +79,8 @@ def expected_records(table: pd.DataFrame, variants: pd.DataFrame, dosage: np.nda
                      ref_allele: str = "A2") -> dict[str, dict | None]:
     """What the site should publish per key, computed from the dosages here: None for a variant
     with fewer than `minimum` carriers; a cell hidden (None) when it or its complement among the
-    carriers is in 1..minimum-1."""
+    carriers or in its group is in 1..minimum-1, with secondary suppression where the group cells
+    sum to the total; every count hidden when the non-carriers are 1..minimum-1."""
     ref, alt = ("A2", "A1") if ref_allele == "A2" else ("A1", "A2")
     cohort = table.iloc[:N_COHORT]
     keys = {}
@@ -98,12 +99,25 @@ def expected_records(table: pd.DataFrame, variants: pd.DataFrame, dosage: np.nda
         carrier = a >= 1
         total = int(carrier.sum())
 
-        def cell(x: int, total: int = total) -> int | None:
-            return None if 0 < x < minimum or 0 < total - x < minimum else x
+        genotyped = int((~np.isnan(d)).sum())
 
-        out[key] = None if total < minimum else {
-            "total": total, "hom_alt": cell(int((a == 2).sum())), "genotyped": int((~np.isnan(d)).sum()),
-            "groups": [cell(int((carrier & (cohort[g].to_numpy() == 1)).sum())) for g in GROUPS]}
+        def small(*values: int) -> bool:
+            return any(0 < v < minimum for v in values)
+
+        if total < minimum:
+            out[key] = None
+            continue
+        if small(len(cohort) - total, genotyped - total):  # few non-carriers: every count hidden
+            out[key] = {"total": None, "hom_alt": None, "genotyped": None, "groups": [None] * len(GROUPS)}
+            continue
+        hom = int((a == 2).sum())
+        members = [cohort[g].to_numpy() == 1 for g in GROUPS]
+        cells = np.array([int((carrier & member).sum()) for member in members])
+        hidden = np.array([small(c, total - c, int(member.sum()) - c) for c, member in zip(cells, members)])
+        if cells.sum() == total and hidden.any():  # the groups cover each carrier once: a line total
+            hidden = secondary_suppression(cells, hidden, DisclosurePolicy(min_cell_count=minimum))
+        out[key] = {"total": total, "hom_alt": None if small(hom, total - hom) else hom, "genotyped": genotyped,
+                    "groups": [None if off else int(c) for c, off in zip(cells, hidden)]}
     return out
 
 
@@ -139,7 +153,7 @@ def federation(tmp_path_factory):
         sites[site] = {"pheno": folder / site / "pheno.csv", "geno": bed, "_truth": (table, variants, dosage)}
     truth = {site: data.pop("_truth") for site, data in sites.items()}
     with mv.Federation.simulate(sites, record_hub_traffic=True, timeout=120,
-                                policy=DisclosurePolicy(min_cell_count=MIN)) as fed:
+                                policy=DisclosurePolicy(min_cell_count=MIN, variant_query_budget=60)) as fed:
         network = fed.network
         spec = network.add_study("profiles", {"pheno": ["iid"]}, services=["variant_profile"])
         for site in spec.sites:
@@ -223,9 +237,10 @@ def spec(study: str = "s1", researcher: str = "alice", key: SigningKey = ALICE) 
                      analyses=["describe"], services=["variant_profile"])
 
 
-def make_node(tmp_path: Path, min_cell_count: int = MIN) -> Node:
+def make_node(tmp_path: Path, min_cell_count: int = MIN, variant_query_budget: int = 20) -> Node:
     config = SiteConfig(site="site_a", hub="http://127.0.0.1:9", state_dir=tmp_path / "state",
-                        policy=DisclosurePolicy(min_cell_count=min_cell_count),
+                        policy=DisclosurePolicy(min_cell_count=min_cell_count,
+                                                variant_query_budget=variant_query_budget),
                         datasets={"geno": DatasetConfig(kind="plink", path=tmp_path / "data" / "geno0.bed"),
                                   "pheno": DatasetConfig(kind="csv", path=tmp_path / "data" / "pheno.csv")})
     node = Node(config, SITE, STEWARD.verify_key)
@@ -238,7 +253,7 @@ def prepared_site(tmp_path: Path) -> Node:
     """A node over a fresh synthetic site's files; `node.truth` holds (table, variants, dosages)."""
     _, table, variants, dosage = synthetic_site(tmp_path / "data", 0)
     table.to_csv(tmp_path / "data" / "pheno.csv", index=False)
-    node = make_node(tmp_path)
+    node = make_node(tmp_path, variant_query_budget=1000)  # the tests here read many records
     node.truth = (table, variants, dosage)
     return node
 

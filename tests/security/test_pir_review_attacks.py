@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,7 +36,8 @@ from medveil.runtime.client import HubClient
 from medveil.runtime.config import SiteConfig
 from medveil.runtime.grid import RefusedError
 from medveil.runtime.node import Node
-from medveil.runtime.pir_service import MAX_BATCH, VariantProfile
+from medveil.runtime import pir_service
+from medveil.runtime.pir_service import COLUMNS_PER_VECTOR, MAX_BATCH, MIN_COLUMNS, VariantProfile
 from medveil.runtime.study import StudySpec, sign_approval
 from medveil.runtime.wire import seal
 from tests.runtime.test_pir_service import (
@@ -124,30 +126,39 @@ def _used(node: Node) -> int:
 
 
 def _solve_mod_q(a_t: np.ndarray, rhs: np.ndarray) -> np.ndarray:
-    """x with a_t @ x = rhs mod 2^32 for a_t (n, m) of full column rank mod 2 (odd pivots)."""
+    """A solution x of a_t @ x = rhs mod 2^32 for a_t (n, m), by elimination with odd pivots, the
+    unknowns without a pivot set to 0: the unique solution when m <= n and a_t has full column
+    rank mod 2, one of q^(m-n) solutions when m > n."""
     mask = np.uint64(Q - 1)
     m_ = a_t.astype(np.uint64)
     r = rhs.astype(np.uint64)
+    pivots: list[int] = []
     for j in range(m_.shape[1]):
-        pivot = j + int(np.flatnonzero(m_[j:, j] & np.uint64(1))[0])
-        m_[[j, pivot]], r[[j, pivot]] = m_[[pivot, j]], r[[pivot, j]]
-        inverse = np.uint64(pow(int(m_[j, j]), -1, Q))
-        m_[j], r[j] = (m_[j] * inverse) & mask, (r[j] * inverse) & mask
+        row = len(pivots)
+        if row == m_.shape[0]:
+            break
+        odd = np.flatnonzero(m_[row:, j] & np.uint64(1))
+        if not len(odd):
+            continue
+        pivot = row + int(odd[0])
+        m_[[row, pivot]], r[[row, pivot]] = m_[[pivot, row]], r[[pivot, row]]
+        inverse = np.uint64(pow(int(m_[row, j]), -1, Q))
+        m_[row], r[row] = (m_[row] * inverse) & mask, (r[row] * inverse) & mask
         factor = m_[:, j].copy()
-        factor[j] = 0
-        m_ = (m_ - np.outer(factor, m_[j])) & mask
-        r = (r - np.outer(factor, r[j])) & mask
-    return r[:m_.shape[1]]
+        factor[row] = 0
+        m_ = (m_ - np.outer(factor, m_[row])) & mask
+        r = (r - np.outer(factor, r[row])) & mask
+        pivots.append(j)
+    x = np.zeros((m_.shape[1], r.shape[1]), np.uint64)
+    x[pivots] = r[:len(pivots)]
+    return x
 
 
-@pytest.mark.xfail(strict=True, reason="FINDING: the hint (uncharged, 4 a day) is D A with public A; for m <= 1024 "
-                                       "columns (every site under ~196k records) linear algebra mod 2^32 gives the "
-                                       "whole database, so the look-up budget bounds nothing")
 def test_the_hint_alone_does_not_reveal_the_database(site):
     _build(site)
     hint = asker(site)({"op": "hint"})
     params = pir.PirParams.from_dict(hint["params"])
-    assert params.cols <= pir.LWE_N
+    assert params.cols >= MIN_COLUMNS == 2 * pir.LWE_N  # 44 records would fit one column: padded
     a = pir.matrix_a(params.seed, params.cols)
     centred = _solve_mod_q(a.T, hint["hint"].T).T.astype(np.uint32).view(np.int32)  # D = D' - 128, (l, m)
     recovered = (centred.astype(np.int64) + 128).astype(np.uint8)
@@ -155,14 +166,14 @@ def test_the_hint_alone_does_not_reveal_the_database(site):
     assert not np.array_equal(recovered, _db(site))
 
 
-@pytest.mark.xfail(strict=True, reason="FINDING: a noiseless vector A s + sum_j 2^(8j) u_(c_j) decodes four whole "
-                                       "columns exactly for one charged look-up (docs say two, 'bounded the same')")
-def test_one_vector_reads_at_most_one_column(site):
+def test_one_vector_reads_at_most_the_four_columns_the_docs_state(site):
+    """A noiseless vector A s + sum_j 2^(8j) u_(c_j) decodes four whole columns for one charged
+    look-up (the docs once said two): the bound is four, stated in the docs, and no more fit in an
+    answer (l entries of 32 bits over 8-bit database entries)."""
     _build(site)
     hint = asker(site)({"op": "hint"})
     params = pir.PirParams.from_dict(hint["params"])
     m = params.cols
-    assert m >= 4
     columns = [0, 1, m - 2, m - 1]
     a = pir.matrix_a(params.seed, m)
     secret = np.frombuffer(os.urandom(4 * params.n), "<u4").astype(np.uint32)
@@ -174,12 +185,13 @@ def test_one_vector_reads_at_most_one_column(site):
     packed = reply["answers"][0] - hint["hint"] @ secret - np.uint32(128 * int(masked.sum(dtype=np.uint64)) % Q)
     read = np.stack([(packed >> np.uint32(8 * j)) & np.uint32(255) for j in range(4)], axis=1).astype(np.uint8)
     assert _used(site) == 1
-    assert not np.array_equal(read, _db(site)[:, columns])
+    assert np.array_equal(read, _db(site)[:, columns])  # the documented bound is reached
+    assert len(columns) == COLUMNS_PER_VECTOR and reply["answers"][0].nbytes == COLUMNS_PER_VECTOR * params.rows
+    docs = " ".join((Path(__file__).parents[2] / "docs" / "pir.md").read_text().split())
+    assert "up to 4 columns" in docs and "4 x the budget" in docs
+    assert "four columns" in " ".join(pir_service.__doc__.split())
 
 
-@pytest.mark.xfail(strict=True, reason="FINDING: variant_profile charges against its own option queries_total "
-                                       "(here 1000), never capped by the policy's variant_query_budget (20) that the "
-                                       "beacon sharing the same counter obeys")
 def test_the_service_never_grants_more_look_ups_than_the_policy_budget(site):
     _build(site, queries_total=1000)
     budget = site.config.policy.variant_query_budget
@@ -189,8 +201,6 @@ def test_the_service_never_grants_more_look_ups_than_the_policy_budget(site):
     assert refused.value.rule == "query_budget_exhausted"
 
 
-@pytest.mark.xfail(strict=True, reason="FINDING: groups that partition the samples but are not declared a partition "
-                                       "get no secondary suppression: the one hidden cell is total minus the others")
 def test_a_suppressed_cell_cannot_be_recovered_by_subtraction(site):
     _build(site)
     record = fetch(asker(site), ["1:200:A:G"])[0][0]
@@ -201,9 +211,6 @@ def test_a_suppressed_cell_cannot_be_recovered_by_subtraction(site):
     assert not (len(visible) == len(GROUPS) - 1 and 0 < recovered < MIN)
 
 
-@pytest.mark.xfail(strict=True, reason="FINDING: 'genotyped' is released next to 'total', so the non-carriers "
-                                       "(genotyped - total) are published even when they are 1..min-1 (the complement "
-                                       "rule applies to group and hom-ALT cells only)")
 def test_the_non_carrier_complement_is_not_published_below_the_minimum(site):
     _build(site)
     record = fetch(asker(site), ["1:100:A:G"])[0][0]
@@ -218,7 +225,11 @@ def test_small_cells_their_complements_and_sub_threshold_variants_are_hidden_eve
     assert "1:300:A:G" not in records  # 3 carriers: no record at all
     assert records["1:400:A:G"]["hom_alt"] is None  # 8 hom-ALT of 10: the 2 het ones would show
     assert records["1:200:A:G"]["groups"][0] is None  # 2 carriers in gA
+    assert all(records["1:100:A:G"][k] is None for k in ("total", "hom_alt", "genotyped"))  # 2 non-carriers
     for record in records.values():
+        if record["total"] is None:  # few non-carriers: every count of the record is hidden
+            assert record["genotyped"] is None and record["hom_alt"] is None and set(record["groups"]) <= {None}
+            continue
         for cell in [record["hom_alt"], *record["groups"]]:
             assert cell is None or not (0 < cell < MIN or 0 < record["total"] - cell < MIN)
         assert record["total"] >= MIN
@@ -251,7 +262,17 @@ def test_batches_charge_every_vector_refusals_are_free_and_the_budget_survives_a
         restarted.close()
 
 
-def test_hostile_vectors_are_answered_exactly_or_refused_without_a_crash(site):
+@pytest.fixture
+def wide_site(tmp_path):
+    """The site under a policy that lets one full batch of 64 look-ups through."""
+    _write_site(tmp_path)
+    node = make_node(tmp_path, variant_query_budget=1000)
+    yield node
+    node.close()
+
+
+def test_hostile_vectors_are_answered_exactly_or_refused_without_a_crash(wide_site):
+    site = wide_site
     _build(site, queries_total=1000)
     hint = asker(site)({"op": "hint"})
     m, rows = hint["params"]["cols"], hint["params"]["rows"]
@@ -306,9 +327,6 @@ def _lies_about_m(reply: dict) -> dict:
     return {**reply, "layout": {**reply["layout"], "m": 2 * reply["params"]["cols"]}}
 
 
-@pytest.mark.xfail(strict=True, reason="FINDING: private_lookup trusts layout['m'] without checking it equals "
-                                       "params.cols: a server sending 2m makes the client send nothing for a key "
-                                       "hashing to the upper half, and something for the lower: a bit of the key")
 def test_a_lying_layout_cannot_make_the_client_reveal_which_variant(site):
     _build(site)
     real = asker(site)({"op": "hint"})
@@ -428,9 +446,6 @@ def _beacon(node: Node, variant: str, granularity: str = "count", *, iid: str = 
     return "ok", int(next(iter(body["sums"].values()))[0])
 
 
-@pytest.mark.xfail(strict=True, reason="FINDING: the researcher picks the beacon's `iid` column; two approved "
-                                       "columns naming sample sets one apart (IID, FID) have the same non-null row "
-                                       "set, so the differencing guard passes and the two counts give s0's genotype")
 def test_the_beacon_sample_set_cannot_be_differenced_through_the_iid_column(beacon_node):
     first = _beacon(beacon_node, "1:1000:G:A", iid="IID")
     second = _beacon(beacon_node, "1:1000:G:A", iid="FID")
@@ -438,22 +453,13 @@ def test_the_beacon_sample_set_cannot_be_differenced_through_the_iid_column(beac
     assert second[0] == "refused" or second[1] == first[1]
 
 
-def test_the_differencing_guard_stops_a_blanked_id_within_one_study(beacon_node):
+def test_the_beacon_reads_only_the_plink_iid_column(beacon_node):
+    """A column with one id blanked (once stopped by the differencing guard alone) is refused
+    outright: the beacon's sample ids are the table's IID column, not the researcher's pick."""
     assert _beacon(beacon_node, "1:1000:G:A", iid="IID") == ("ok", 12)
-    assert _beacon(beacon_node, "1:1000:G:A", iid="IID2") == ("refused", "differencing")
+    assert _beacon(beacon_node, "1:1000:G:A", iid="IID2") == ("refused", "invalid_parameters")
 
 
-@pytest.mark.xfail(strict=True, reason="FINDING: the differencing guard keeps row sets per study, so the same "
-                                       "researcher's second study (another key) differences the beacon count freely")
-def test_the_beacon_cannot_be_differenced_across_two_studies_of_one_researcher(beacon_node):
-    first = _beacon(beacon_node, "1:1000:G:A", iid="IID", study="b1")
-    second = _beacon(beacon_node, "1:1000:G:A", iid="IID2", study="b2")
-    assert first == ("ok", 12)
-    assert second[0] == "refused" or second[1] == first[1]
-
-
-@pytest.mark.xfail(strict=True, reason="FINDING: the beacon suppresses only counts in 1..min-1, not their "
-                                       "complement: the REF allele's count is samples - (hom-ALT + missing), here 2")
 def test_the_beacon_does_not_publish_a_small_complement(beacon_node):
     samples = len(beacon_node.table)  # the cohort size, known from any count the researcher may run
     status, ref_carriers = _beacon(beacon_node, "1:1000:A:G")  # carriers of the REF allele

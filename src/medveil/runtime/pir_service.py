@@ -5,10 +5,15 @@ the site's approved PLINK genotypes and phenotype table: per variant, the carrie
 allele (dosage >= 1) in total, the homozygous-ALT carriers, the genotyped samples and the
 carriers in each phenotype group (0/1 indicator columns such as HPO terms, at most 24). A
 variant with fewer carriers than the site's minimum cell count (or a stricter `min_count`) gets
-no record at all, which reads exactly like a variant the site does not hold; a group or
-hom-ALT cell in 1..min-1, or whose complement among the carriers is, is stored as suppressed
-(and, for groups the steward declares a partition, secondary suppression hides enough other
-cells that no line total gives one away). The records go into a keyword PIR database
+no record at all, which reads exactly like a variant the site does not hold. A group or
+hom-ALT cell in 1..min-1, or whose complement among the carriers (total - cell) or among the
+group's listed samples (group size - cell: group sizes may be public) is, is stored as
+suppressed. Where the groups cover every carrier exactly once (the group cells sum to the
+total: detected per variant, whether or not the steward declared `partition`), secondary
+suppression hides enough other cells that the total minus the cells shown is never a small
+count. A variant whose non-carriers (listed samples - total, or genotyped - total) are 1..min-1
+keeps its record with every count suppressed: otherwise the few non-carriers would be published.
+The records go into a keyword PIR database
 (crypto/pir_keyword.py) and SimplePIR's hint is computed once (crypto/pir.py). Precondition:
 the PLINK data were normalised with `bcftools norm -f <ref.fa> -m -any` before conversion (keys
 are trimmed without a reference; left-alignment needs one).
@@ -21,7 +26,8 @@ older build is refused `pir_build_changed` (the client fetches the new hint), a 
 wrong size `pir_query_size`, a database built under a weaker policy than today's
 `pir_policy_changed`. Each vector costs one look-up from the researcher's total (never reset)
 budget `budget_group`, shared with the beacon (`variant_queries`), refused past it as
-`query_budget_exhausted`: a look-up is a thresholded count query (record present <=> at least
+`query_budget_exhausted`; the limit is the option `queries_total` capped by the policy's
+`variant_query_budget`. A look-up is a thresholded count query (record present <=> at least
 min carriers), so it counts as a beacon probe does.
 
 What each party learns:
@@ -30,11 +36,18 @@ What each party learns:
   over the whole database. Its audit log holds a keyed digest of each query.
 - The researcher learns, per vector, a whole column: about N/m records (at most `slots`,
   ~192 on average at full size), each a disclosure-checked aggregate one count query would
-  reveal, and tags that are a public hash of enumerable keys. A vector crafted with Delta in
-  two positions reads two columns at once, inherent to SimplePIR and bounded in the same way.
-  The hint is a public linear function of the database (it reveals all of it when m <= 1024),
-  so SimplePIR gives no database privacy: only suppressed aggregates are ever stored, and no
-  suppressed count or sub-threshold variant can be recovered from anything sent.
+  reveal, and tags that are a public hash of enumerable keys. A crafted vector reads up to
+  `COLUMNS_PER_VECTOR` = 4 columns exactly and no more: an answer is l entries mod 2^32 and a
+  database entry is 8 bits, so a noiseless vector A s + sum_j 2^(8j) u_(c_j), j < 4, packs four
+  columns into the four bytes of each answer entry (a fifth shift, 2^32, is 0); any vector's
+  answer holds at most 32 bits per database row, four columns' worth. The budget counts vectors,
+  so it bounds the columns read by 4 x budget (docs/pir.md). The hint H = D A (l x n) is a public
+  linear function of the database; every build has at least `MIN_COLUMNS` = 2n columns (empty
+  ones zero), so each row of D has m >= 2n unknowns against n hint equations and elimination
+  has no unique solution (with m <= n it gives the whole database). The entries are small and
+  mostly zero, so a lattice or support-guessing attack is not ruled out for a site with very
+  few records: SimplePIR gives no database privacy, only suppressed aggregates are ever stored,
+  and no suppressed count or sub-threshold variant can be recovered from anything sent.
 - The hub relays the vectors and answers (signed, not encrypted; pseudorandom to anyone without
   the client's secret): it learns who looked up how many variants at which site, when.
 Residual risk: a rebuild on changed data lets a client compare two builds' records.
@@ -63,6 +76,8 @@ from medveil.runtime.services import (
 )
 
 MAX_BATCH = 64
+MIN_COLUMNS = 2 * pir.LWE_N  # the hint then has fewer equations per database row than unknowns (see above)
+COLUMNS_PER_VECTOR = 4  # the most whole columns one crafted vector reads: 32-bit answers over 8-bit entries
 FRAMING_BYTES = 64 * 1024
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$"
 
@@ -130,7 +145,12 @@ def hidden_cells(cells: np.ndarray, totals: np.ndarray, minimum: int) -> np.ndar
     """Cells to suppress: a count in 1..min-1, or one whose complement among the variant's
     carriers (total - cell) is, since the total is released beside it."""
     rest = totals[:, None] - cells
-    return ((cells > 0) & (cells < minimum)) | ((rest > 0) & (rest < minimum))
+    return _small(cells, minimum) | _small(rest, minimum)
+
+
+def _small(counts: np.ndarray, minimum: int) -> np.ndarray:
+    """Counts in 1..minimum-1."""
+    return (counts > 0) & (counts < minimum)
 
 
 @register_service
@@ -152,18 +172,24 @@ class VariantProfile(Service):
         kept = totals >= minimum
         keys = [key for key, keep in zip(keys, kept) if keep]
         rows, totals = rows[kept], totals[kept]
-        cells, hom = counts[rows, 1:], hom[rows]
-        hidden = hidden_cells(cells, totals, minimum)
-        if options.partition and cells.shape[1] > 1:
-            policy = inputs.policy.model_copy(update={"min_cell_count": minimum})
-            for i in np.flatnonzero(hidden.any(axis=1)):
+        cells, hom, genotyped = counts[rows, 1:], hom[rows], genotyped[rows]
+        sizes = groups.sum(axis=1)
+        hidden = hidden_cells(cells, totals, minimum) | _small(sizes[None, :] - cells, minimum)
+        common = _small(len(samples) - totals, minimum) | _small(genotyped - totals, minimum)
+        policy = inputs.policy.model_copy(update={"min_cell_count": minimum})
+        lines = cells.sum(axis=1) == totals  # the groups cover each carrier once: the total is a line total
+        for i in np.flatnonzero(hidden.any(axis=1) & (lines | options.partition) & ~common):
+            if cells.shape[1] > 1:
                 hidden[i] = secondary_suppression(cells[i], hidden[i], policy)
-        hom_hidden = hidden_cells(hom[:, None], totals, minimum)[:, 0]
-        records = [pir_keyword.pack_record(b"\x01" * 8, int(total), None if hom_off else int(h), int(g),
-                                           [None if off else int(c) for c, off in zip(row, row_hidden)])
-                   for total, h, hom_off, g, row, row_hidden
-                   in zip(totals, hom, hom_hidden, genotyped[rows], cells, hidden)]
-        db, layout = pir_keyword.build_keyword_db(keys, records, options.slots)
+        hidden[common] = True
+        hom_hidden = hidden_cells(hom[:, None], totals, minimum)[:, 0] | common
+        records = [pir_keyword.pack_record(b"\x01" * 8, None if off else int(total), None if hom_off else int(h),
+                                           None if off else int(g),
+                                           [None if cell_off else int(c) for c, cell_off in zip(row, row_hidden)])
+                   for total, off, h, hom_off, g, row, row_hidden
+                   in zip(totals, common, hom, hom_hidden, genotyped, cells, hidden)]
+        m = max(MIN_COLUMNS, pir_keyword.column_count(len(keys), options.slots))
+        db, layout = pir_keyword.build_keyword_db(keys, records, options.slots, m=m)
         params, hint = pir.setup(db)
         build = hashlib.sha256(canonical_json({"params": params.to_dict(), "layout": layout,
                                                "groups": options.group_columns, "min_count": minimum})
@@ -201,11 +227,15 @@ class VariantProfile(Service):
         if any(len(vector) != size for vector in query.queries):
             raise Refusal("pir_query_size", f"each query vector is exactly {size} bytes (uint32 x m)")
 
-    def charge(self, query: Any, options: ServiceOptions) -> Charge:
+    def charge(self, query: Any, options: ServiceOptions, policy: DisclosurePolicy | None = None) -> Charge:
+        """A hint costs one of the day's hints; each vector one look-up of the total budget, whose
+        limit is the option `queries_total` capped by the policy's `variant_query_budget` (the
+        beacon's, sharing the counter): a service option never grants more than the policy."""
         assert isinstance(query, VariantProfileQuery) and isinstance(options, VariantProfileOptions)
         if query.op == "hint":
             return Charge(f"{self.name}:hint", 1, options.hints_per_day)
-        return Charge(options.budget_group, len(query.queries), options.queries_total, total=True)
+        limit = options.queries_total if policy is None else min(options.queries_total, policy.variant_query_budget)
+        return Charge(options.budget_group, len(query.queries), limit, total=True)
 
     def answer(self, state: dict[str, Any], query: BaseModel, options: ServiceOptions,
                policy: DisclosurePolicy) -> dict[str, Any]:
@@ -294,5 +324,5 @@ def _keys(variants: pd.DataFrame, ref_allele: str) -> tuple[list[str], np.ndarra
     return unique, np.asarray(rows, dtype=np.int64)[~repeated], not_keyed, int(repeated.sum())
 
 
-__all__ = ["MAX_BATCH", "VariantProfile", "VariantProfileOptions", "VariantProfileQuery", "hidden_cells",
+__all__ = ["COLUMNS_PER_VECTOR", "MAX_BATCH", "MIN_COLUMNS", "VariantProfile", "VariantProfileOptions", "VariantProfileQuery", "hidden_cells",
            "threshold"]

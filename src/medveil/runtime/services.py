@@ -171,8 +171,9 @@ class Service:
         """Refuse (raise a Refusal naming its rule) a schema-valid query the built state cannot
         answer, before it is charged."""
 
-    def charge(self, query: BaseModel, options: ServiceOptions) -> Charge:
-        """What the query costs: one of the researcher's `queries_per_day` for this service."""
+    def charge(self, query: BaseModel, options: ServiceOptions, policy: DisclosurePolicy | None = None) -> Charge:
+        """What the query costs: one of the researcher's `queries_per_day` for this service (the
+        node's `policy` may cap a service's limit)."""
         return Charge(self.name, 1, options.queries_per_day)
 
     def wire_query(self, query: BaseModel) -> dict[str, Any]:
@@ -528,7 +529,7 @@ class ServiceHost:
         query is charged to both: a study that names the same key under another name (or the
         same name with a new key) finds it as spent as the researcher left it."""
         spec, service, built = query.spec, query.service, query.built
-        cost = service.charge(query.query, built.options)
+        cost = service.charge(query.query, built.options, self.node.config.policy)
         day = None if cost.total else datetime.fromtimestamp(self.clock(), tz=UTC).date().isoformat()
         used, charged = charge_budget(self.node.store, cost.group, researcher_identities(spec), cost.amount,
                                       cost.limit, day=day)
