@@ -8,7 +8,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 import yaml
@@ -633,25 +633,37 @@ def service_build(name: str = typer.Argument(..., help="a registered service, e.
                   option: list[str] = typer.Option([], help="a build option KEY=VALUE (repeatable), e.g. "
                                                             "key_column=icd10 or queries_per_day=200")) -> None:
     """As the site's steward: build (or rebuild) a service from the site's own data."""
-    from medveil.crypto.signing import SignatureError
-    from medveil.runtime.services import ServiceError
+    site, manifest = _build_service(config, name, dataset, _build_options(option), steward_key)
+    console.print(f"{site} built service [bold]{name}[/] from {dataset}: {manifest['summary']}")
 
-    options = {}
+
+def _build_options(option: list[str], **fixed: str) -> dict[str, str]:
+    """--option KEY=VALUE pairs as a dict, on top of `fixed` ones."""
+    options = dict(fixed)
     for item in option:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise _fail(f"--option {item!r} is not KEY=VALUE")
         options[key.strip()] = value
+    return options
+
+
+def _build_service(config: Path, name: str, dataset: str, options: dict[str, str],
+                   steward_key: Path) -> tuple[str, dict[str, Any]]:
+    """Build a site service as its steward; returns (site, manifest), refusals as clean CLI errors."""
+    from medveil.crypto.signing import SignatureError
+    from medveil.runtime.services import ServiceError
+
     node = _open_node(config)
     try:
-        manifest = node.build_service(name, dataset, options, _load_key(steward_key))
+        with console.status(f"building {name}..."):
+            return node.site, node.build_service(name, dataset, options, _load_key(steward_key))
     except ServiceError as exc:
         raise _fail(f"[{exc.rule}] {exc}") from exc
     except SignatureError as exc:
         raise _fail(str(exc)) from exc
     finally:
         node.close()
-    console.print(f"{node.site} built service [bold]{name}[/] from {dataset}: {manifest['summary']}")
 
 
 @service_app.command("list")
@@ -689,27 +701,10 @@ def pir_build(config: Path = typer.Option(..., help="site YAML config"),
               option: list[str] = typer.Option([], help="a build option KEY=VALUE (repeatable), e.g. "
                                                         "group_columns=HP_0001250,HP_0001263 or iid_column=IID")) -> None:
     """As the site's steward: build (or rebuild) the variant_profile service and its PIR hint."""
-    from medveil.crypto.signing import SignatureError
-    from medveil.runtime.services import ServiceError
-
-    options: dict[str, str] = {"genotypes": genotypes}
-    for item in option:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise _fail(f"--option {item!r} is not KEY=VALUE")
-        options[key.strip()] = value
-    node = _open_node(config)
-    try:
-        with console.status("building the look-up database and its hint..."):
-            manifest = node.build_service(PIR_SERVICE, dataset, options, _load_key(steward_key))
-    except ServiceError as exc:
-        raise _fail(f"[{exc.rule}] {exc}") from exc
-    except SignatureError as exc:
-        raise _fail(str(exc)) from exc
-    finally:
-        node.close()
+    site, manifest = _build_service(config, PIR_SERVICE, dataset, _build_options(option, genotypes=genotypes),
+                                    steward_key)
     summary = manifest["summary"]
-    console.print(f"{node.site} built [bold]{PIR_SERVICE}[/] from {dataset} + {genotypes}: {summary['records']:,} "
+    console.print(f"{site} built [bold]{PIR_SERVICE}[/] from {dataset} + {genotypes}: {summary['records']:,} "
                   f"records of {summary['variants']:,} variants, build {summary['build'][:12]}")
 
 
