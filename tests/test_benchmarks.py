@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +26,10 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
     ("psi.py", ["--sizes", "8"]),
     ("vertical.py", ["--rows", "3000", "--label", "3", "--features", "3"]),
     ("paillier.py", ["--rows", "2000", "--label-columns", "3", "--feature-columns", "3", "--samples", "4"]),
-    ("fl.py", ["--sites", "3", "--rows", "200", "--features", "5", "--hidden", "16", "--rounds", "2", "--no-flower"]),
+    pytest.param("fl.py", ["--sites", "3", "--rows", "200", "--features", "5", "--hidden", "16", "--rounds", "2",
+                           "--no-flower"],
+                 marks=pytest.mark.skipif(importlib.util.find_spec("torch") is None,
+                                          reason="the FL benchmark needs torch (the ml extra)")),
     ("pir.py", ["--records", "5000", "--keyword-cols", "64", "--repeats", "1"]),
 ])
 def test_benchmark_runs(script, args):

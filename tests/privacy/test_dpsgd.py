@@ -27,7 +27,7 @@ def test_dpsgd_rho_is_the_composed_gaussian_mechanism():
 
 @pytest.mark.parametrize("z, q, steps, delta", [(1.0, 0.01, 1000, 1e-5), (0.7, 0.1, 37, 1e-6), (2.5, 1.0, 5, 1e-3)])
 def test_opacus_epsilon_equals_the_rdp_accountant_stepped(z, q, steps, delta):
-    from opacus.accountants import RDPAccountant
+    RDPAccountant = pytest.importorskip("opacus.accountants").RDPAccountant
 
     accountant = RDPAccountant()
     for _ in range(steps):

@@ -59,8 +59,6 @@ def dpsgd_rho(noise_multiplier: float, steps: int) -> float:
 def opacus_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
     """Epsilon at `delta` of `steps` DP-SGD steps with Poisson sampling rate `sample_rate`, by
     Opacus' RDP accountant (which credits amplification by subsampling)."""
-    from opacus.accountants import RDPAccountant
-
     z = _positive("noise_multiplier", noise_multiplier)
     q = _positive("sample_rate", sample_rate)
     if q > 1:
@@ -68,6 +66,8 @@ def opacus_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delt
     steps, delta = _steps(steps), _delta(delta)
     if steps == 0:
         return 0.0
+    from opacus.accountants import RDPAccountant  # the ml extra; checked arguments need none
+
     accountant = RDPAccountant()
     accountant.history = [(z, q, steps)]
     return float(accountant.get_epsilon(delta=delta))
