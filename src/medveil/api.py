@@ -596,11 +596,10 @@ def _train_with_bar(session: ResearcherSession, params: dict[str, Any], dataset:
         def observe(round_no: int, aggregated: Any) -> None:
             bar.update(task, description=round_summary(aggregated.sums, noisy=params["dp"] is not None))
 
-        def report(round_no: int, done: tuple[int, int] | None) -> None:
-            if done is not None:
-                bar.update(task, completed=done[0], total=done[1])
+        def advance(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
 
-        return session.run("fl_train", params, dataset, progress=report, observe=observe)
+        return session.run("fl_train", params, dataset, progress=_variant_progress(advance), observe=observe)
 
 
 def _variant_progress(callback: Callable[[int, int], None]) -> Callable[[int, tuple[int, int] | None], None]:
